@@ -1,0 +1,39 @@
+"""Shared test helpers: run a script as a user would, and small generated fixtures."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script, *args, timeout=300, env=None):
+    """Run `python <script> <args>` from the repository root, as a user would; never raises."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_user_error(result, *words):
+    """A user's mistake: exit status 2, exactly one line on stderr that names the problem."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+
+
+@pytest.fixture
+def names_file(tmp_path):
+    """A tiny list of names, enough for every names stage to train a few steps."""
+    names = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper",
+             "evelyn", "abigail", "liam", "noah", "william", "james", "oliver", "benjamin",
+             "elijah", "lucas", "mason", "logan", "zoe", "quinn", "jax", "yara", "kai"] * 8
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return path
