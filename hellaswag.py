@@ -1,0 +1,416 @@
+"""hellaswag.py: score a language model on HellaSwag, the common-sense sentence-completion benchmark.
+
+HellaSwag (Zellers et al. 2019, "HellaSwag: Can a Machine Really Finish Your Sentence?") gives a
+context and four endings, one of them right; the wrong ones were machine-written to fool models.
+A language model answers with no training for the task: it scores each ending by how likely it
+finds the ending's tokens after the context, and picks the most likely one. Random guessing gets
+0.25; people get 0.95. gpt2.py calls `evaluate()` during training; this file's command line scores
+any checkpoint or OpenAI's GPT-2 weights.
+
+Rendering (as GPT-2-style evaluations do it): the tokens of `ctx`, then " " + ending. Only the
+ending's tokens are scored, by the cross-entropy of predicting each from everything before it:
+- acc:            the ending with the lowest summed loss (total log-likelihood);
+- acc_norm:       the lowest mean loss per token (what GPT-2 reproductions report);
+- acc_norm_chars: the highest log-likelihood per character of the ending (lm-evaluation-harness's
+                  acc_norm), to compare with its leaderboards.
+
+Run (from the repository root):
+    python hellaswag.py --hf-model gpt2                         # OpenAI GPT-2 124M (transformers)
+    python hellaswag.py --checkpoint out/gpt2/model.pt          # a gpt2.py checkpoint
+    python hellaswag.py --hf-model gpt2 --data my_copy.jsonl --limit 500 --device cuda
+The official val split (10,042 examples) is downloaded from the dataset's GitHub repository on
+first use into --cache-dir and checked against its published size and sha256; --data scores a
+local copy instead (works offline).
+
+Expected: OpenAI GPT-2 124M acc 0.2859, acc_norm 0.2955 with this method (1.5B: 0.3842 / 0.4893);
+with the harness's character normalization 0.3114 (1.5B: 0.5089).
+
+Speed: many examples per forward pass, sorted by length so that little is padding, and logits
+computed only at the positions that are scored (when the model offers `hidden_states` and
+`lm_head`): with GPT-2's 50K-word vocabulary the output layer is most of the work of a small
+model. Measured with `python bench.py hellaswag --threads 1` (4 layers, 256 wide, vocabulary
+50,304, random weights; 2 CPU cores shared with other jobs; the designs take turns on chunks of
+500 examples) against one forward pass per example with full logits: 27.1 vs 10.5 examples/s on
+the first 500 examples (2.6x, CPU time 2.6x), the same picks for every example. A full-set run of
+an earlier version (10,042 examples, no turns) gave 7.0 vs 3.8 examples/s (1.9x) with identical
+picks, but the two designs ran 25 and 45 minutes apart under very different loads.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import fineweb
+
+# Accuracy of OpenAI's GPT-2 with exactly this method (acc, acc_norm) and with
+# lm-evaluation-harness's character normalization (acc_norm_chars); public evaluations.
+REFERENCE = {"gpt2": {"acc": 0.2859, "acc_norm": 0.2955, "acc_norm_chars": 0.3114},
+             "gpt2-xl": {"acc": 0.3842, "acc_norm": 0.4893, "acc_norm_chars": 0.5089}}
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+# Size in bytes and sha256 of the official files, as recorded by the Hugging Face `hellaswag`
+# dataset script (datasets/hellaswag/dataset_infos.json, download_checksums) for these URLs.
+CHECKSUMS = {
+    "train": (47496131, "dae5e69249868cb9fe4e23ff925c60b66169564cfb7072d793cd7356a2b69f8d"),
+    "val": (12246618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
+    "test": (11752147, "da082b00543e422b8d25394614d102944586986def4de5cd1bd36d86bcb76261"),
+}
+LOGITS_PER_CHUNK = 1024  # scored positions per output-layer call: bounds the (N, vocab) logits
+
+
+def die(message):
+    print(f"hellaswag.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class DataError(Exception):
+    """Anything wrong with the HellaSwag data; the message is one line for the user."""
+
+
+# --- config
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = die
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a checkpoint written by gpt2.py")
+    model.add_argument("--hf-model", help="a Hugging Face GPT-2 by name (gpt2, gpt2-xl, ...) or local "
+                                          "folder; needs `pip install transformers`")
+    parser.add_argument("--split", default="val", choices=["val", "train"],
+                        help="official split to download and score (test has no labels)")
+    parser.add_argument("--data", help="score this local .jsonl file instead of downloading")
+    parser.add_argument("--cache-dir", default="data/hellaswag", help="where downloads are kept")
+    parser.add_argument("--out-dir", default="out/hellaswag", help="where metrics.json is written")
+    parser.add_argument("--predictions", help="also write one JSON line per example to this file")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast dtype for the forward pass (float32: no autocast)")
+    args = parser.parse_args(argv)
+    if args.limit < 0:
+        die(f"--limit must be 0 (all) or positive, got {args.limit}")
+    if args.batch_size < 1:
+        die(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, path in [("--data", args.data), ("--checkpoint", args.checkpoint)]:
+        if path is not None and not Path(path).is_file():
+            die(f"{flag} {path}: no such file")
+    if args.hf_model is not None and args.hf_model.startswith((".", "/")) and not Path(args.hf_model).is_dir():
+        die(f"--hf-model {args.hf_model}: no such folder")
+    return args
+
+
+# --- data
+
+def download(split, cache_dir="data/hellaswag"):
+    """The official file of `split` in cache_dir, downloaded and checked on first use."""
+    size, sha256 = CHECKSUMS[split]
+    path = Path(cache_dir) / f"hellaswag_{split}.jsonl"
+    if path.is_file() and path.stat().st_size == size and _sha256(path) == sha256:
+        return path
+    url = URL.format(split=split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as file:
+            while chunk := response.read(1 << 20):
+                file.write(chunk)
+    except (urllib.error.URLError, OSError) as error:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot download {url} ({getattr(error, 'reason', error)}); "
+                        f"check the network, or score a local copy with --data")
+    if tmp.stat().st_size != size or _sha256(tmp) != sha256:
+        tmp.unlink()
+        raise DataError(f"{url} did not match its published size and sha256; try again later")
+    os.replace(tmp, path)  # atomic: the cache never holds half a file
+    return path
+
+
+def _sha256(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _parse_example(line, where):
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not a JSON object: {error.msg}")
+    if not isinstance(example, dict):
+        raise DataError(f"{where}: not a JSON object")
+    if not isinstance(example.get("ctx"), str):
+        raise DataError(f"{where}: no text field 'ctx'")
+    endings = example.get("endings")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise DataError(f"{where}: 'endings' must be a list of 4 strings")
+    label = example.get("label")
+    if isinstance(label, str) and label.isdigit():  # some copies store the label as text
+        label = int(label)
+    if not (isinstance(label, int) and 0 <= label < 4):
+        raise DataError(f"{where}: 'label' must be 0, 1, 2 or 3 (the official test split has no labels)")
+    return {**example, "label": label}
+
+
+def load_examples(split="val", path=None, cache_dir="data/hellaswag"):
+    """HellaSwag examples (dicts with ctx, endings, label, ...) from `path` or the official split."""
+    if path is None:
+        if split not in CHECKSUMS:
+            raise DataError(f"unknown split {split!r}; use one of {', '.join(CHECKSUMS)}")
+        path = download(split, cache_dir)
+    examples = []
+    try:
+        with open(path, "rb") as file:
+            for line_number, raw in enumerate(file, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{line_number}: not UTF-8 text")
+                if line.strip():
+                    examples.append(_parse_example(line, f"{path}:{line_number}"))
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}")
+    if not examples:
+        raise DataError(f"{path}: no examples in the file")
+    return examples
+
+
+def render_example(example, enc):
+    """(tokens, mask, label): the 4 rows ctx + " " + ending, (4, T) each, right-padded with 0.
+
+    mask is 1 on the ending's tokens, the only ones scored.
+    """
+    ctx = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    T = len(ctx) + max(len(e) for e in endings)
+    tokens = torch.zeros((4, T), dtype=torch.long)  # (4, T)
+    mask = torch.zeros((4, T), dtype=torch.long)  # (4, T)
+    for i, ending in enumerate(endings):
+        row = ctx + ending
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx):len(row)] = 1
+    return tokens, mask, example["label"]
+
+
+# --- scoring
+
+def _has_fast_path(model):
+    return callable(getattr(model, "hidden_states", None)) and isinstance(getattr(model, "lm_head", None),
+                                                                         torch.nn.Module)
+
+
+def ending_losses(model, tokens, mask, autocast_dtype=None):
+    """Summed cross-entropy over each row's masked tokens: (R,) float64, for (R, T) tokens and mask.
+
+    Token t is predicted from position t - 1, so a scored token at t uses the output at t - 1.
+    """
+    rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # (N,), (N,): outputs that predict a scored token
+    targets = tokens[rows, positions + 1]  # (N,)
+    device_type = tokens.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    losses = []
+    with autocast:
+        if _has_fast_path(model):
+            # The output layer maps every position to a vocabulary-sized row of logits, but only
+            # the positions that predict ending tokens are scored: skip all the others.
+            hidden = model.hidden_states(tokens)[rows, positions]  # (N, C)
+            for start in range(0, len(rows), LOGITS_PER_CHUNK):
+                logits = model.lm_head(hidden[start:start + LOGITS_PER_CHUNK]).float()  # (n, V)
+                losses.append(F.cross_entropy(logits, targets[start:start + LOGITS_PER_CHUNK], reduction="none"))
+        else:
+            # Any model(idx) -> logits (or a tuple starting with them): a few rows per call, so
+            # that the (rows, T, V) logits stay a few hundred MB.
+            step = max(1, 1024 // tokens.shape[1])
+            for start in range(0, tokens.shape[0], step):
+                out = model(tokens[start:start + step])
+                logits = out[0] if isinstance(out, (tuple, list)) else out  # (r, T, V)
+                keep = (rows >= start) & (rows < start + step)
+                logits = logits[rows[keep] - start, positions[keep]].float()  # (n, V)
+                losses.append(F.cross_entropy(logits, targets[keep], reduction="none"))
+    loss = torch.cat(losses).double()  # (N,)
+    return torch.zeros(tokens.shape[0], dtype=torch.float64, device=loss.device).index_add_(0, rows, loss)
+
+
+def choose(sums, counts, chars):
+    """The picks of one example from its 4 summed losses, token counts and ending lengths in chars.
+
+    Ties go to the first ending, the same way in every code path.
+    """
+    def lowest(values):
+        return min(range(4), key=lambda i: values[i])
+    return (lowest(sums), lowest([s / n for s, n in zip(sums, counts)]),
+            lowest([s / max(c, 1) for s, c in zip(sums, chars)]))
+
+
+def score_examples(model, examples, device="cpu", enc=None, batch_size=32, autocast_dtype=None,
+                   progress=False):
+    """Per-example results (in the order given): label, the 3 picks, the 4 summed and mean losses."""
+    enc = enc or fineweb.get_encoding()
+    rendered = [render_example(example, enc) for example in examples]
+    # Examples of similar length share a batch, so that little of each forward pass is padding.
+    order = sorted(range(len(examples)), key=lambda i: rendered[i][0].shape[1])
+    results = [None] * len(examples)
+    bar = tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not progress)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            T = max(rendered[i][0].shape[1] for i in batch)
+            tokens = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
+            mask = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
+            for j, i in enumerate(batch):
+                tokens[4 * j:4 * j + 4, :rendered[i][0].shape[1]] = rendered[i][0]
+                mask[4 * j:4 * j + 4, :rendered[i][1].shape[1]] = rendered[i][1]
+            sums = ending_losses(model, tokens.to(device), mask.to(device), autocast_dtype).cpu()  # (4B,)
+            counts = mask.sum(dim=1)  # (4B,)
+            for j, i in enumerate(batch):
+                s, n = sums[4 * j:4 * j + 4].tolist(), counts[4 * j:4 * j + 4].tolist()
+                chars = [len(ending) for ending in examples[i]["endings"]]
+                pred, pred_norm, pred_norm_chars = choose(s, n, chars)
+                results[i] = {"ind": examples[i].get("ind", i), "label": rendered[i][2], "pred": pred,
+                              "pred_norm": pred_norm, "pred_norm_chars": pred_norm_chars,
+                              "loss_sum": s, "loss_mean": [a / b for a, b in zip(s, n)]}
+            bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def summarize(results):
+    """Counts and accuracies of per-example results (before any all-reduce)."""
+    counts = {"n": len(results),
+              "correct": sum(r["pred"] == r["label"] for r in results),
+              "correct_norm": sum(r["pred_norm"] == r["label"] for r in results),
+              "correct_norm_chars": sum(r["pred_norm_chars"] == r["label"] for r in results)}
+    return _accuracies(counts)
+
+
+def _accuracies(counts):
+    n = max(counts["n"], 1)
+    return {**counts, "acc": counts["correct"] / n, "acc_norm": counts["correct_norm"] / n,
+            "acc_norm_chars": counts["correct_norm_chars"] / n}
+
+
+def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, world_size=1, autocast_dtype=None):
+    """HellaSwag accuracies of `model` on `examples`; with several ranks each scores its share.
+
+    Rank r scores examples[r::world_size]; when torch.distributed is initialized the counts are
+    summed over the ranks, so that every rank returns the result on all the examples.
+    Runs in the model's current mode: the caller sets model.eval().
+    """
+    results = score_examples(model, examples[rank::world_size], device, enc, batch_size, autocast_dtype)
+    counts = summarize(results)
+    keys = ["n", "correct", "correct_norm", "correct_norm_chars"]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        totals = torch.tensor([counts[k] for k in keys], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        counts = dict(zip(keys, totals.tolist()))
+    return _accuracies({k: counts[k] for k in keys})
+
+
+# --- models for the command line
+
+class HFGPT2(torch.nn.Module):
+    """A transformers GPT2LMHeadModel behind the interface evaluate() expects (with the fast path)."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+        self.lm_head = hf_model.lm_head
+
+    def hidden_states(self, idx):
+        return self.hf_model.transformer(idx).last_hidden_state  # (B, T, C), after ln_f
+
+    def forward(self, idx):
+        return self.hf_model(idx).logits  # (B, T, V)
+
+
+def load_model(args, device):
+    if args.checkpoint:
+        # gpt2.py is a stage, which leaf modules never import at the top; only this command-line
+        # path needs it, so it is imported here. gpt2.load_model returns a GPT in eval mode.
+        try:
+            import gpt2
+        except ImportError as error:
+            die(f"--checkpoint needs gpt2.py next to hellaswag.py ({error})")
+        try:
+            return gpt2.load_model(args.checkpoint, device)
+        except Exception as error:  # a corrupt or foreign file: one line for the user, whatever broke
+            die(f"cannot load checkpoint {args.checkpoint}: {error}")
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        die("--hf-model needs transformers: run `pip install transformers`")
+    try:
+        hf_model = GPT2LMHeadModel.from_pretrained(args.hf_model)
+    except OSError as error:  # transformers reports unknown names and no network as OSError
+        die(f"cannot load {args.hf_model!r} with transformers: {str(error).splitlines()[0]}")
+    return HFGPT2(hf_model).to(device).eval()
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        die(f"--device {name} is not usable here ({str(error).splitlines()[0]}); try --device cpu")
+    return device
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- main
+
+def main(args):
+    print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+    device = pick_device(args.device)
+    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}")
+    try:
+        examples = load_examples(args.split, args.data, args.cache_dir)
+    except DataError as error:
+        die(str(error))
+    if args.limit:
+        examples = examples[:args.limit]
+    model = load_model(args, device)
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    results = score_examples(model, examples, device, batch_size=args.batch_size, autocast_dtype=dtype,
+                             progress=True)
+    metrics = summarize(results)
+    source = args.data or f"official {args.split} split"
+    print(f"{metrics['n']} examples of {source}: acc {metrics['acc']:.4f}  acc_norm {metrics['acc_norm']:.4f}"
+          f"  acc_norm_chars {metrics['acc_norm_chars']:.4f}")
+    reference = REFERENCE.get(Path(args.hf_model).name.lower()) if args.hf_model else None
+    if reference:
+        print(f"reference for OpenAI {Path(args.hf_model).name} on all 10,042 val examples: "
+              f"acc {reference['acc']:.4f}  acc_norm {reference['acc_norm']:.4f}  "
+              f"acc_norm_chars {reference['acc_norm_chars']:.4f}")
+    write_atomic(Path(args.out_dir) / "metrics.json",
+                 json.dumps({**metrics, "model": args.checkpoint or args.hf_model, "data": source}, indent=1) + "\n")
+    if args.predictions:
+        write_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in results))
+        print(f"wrote {len(results)} predictions to {args.predictions}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,340 @@
+"""hellaswag.py: rendering, the three scores, batched = per-example, data errors, download, CLI."""
+import hashlib
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import ROOT, assert_user_error, run_script
+
+sys.path.insert(0, str(ROOT))
+import fineweb  # noqa: E402
+import hellaswag  # noqa: E402
+
+VOCAB = 50257
+
+# Handmade examples (not from the dataset).
+EXAMPLES = [
+    {"ind": 0, "ctx": "The chef cracks two eggs into the bowl. She", "label": 1,
+     "endings": ["flies to the moon on a spoon.", "whisks them with a fork.", "sings.", "is a bowl of eggs eggs eggs."]},
+    {"ind": 1, "ctx": "A boy kicks the ball toward the goal and", "label": 2,
+     "endings": ["it melts.", "the goal kicks back at the boy hard.", "scores.", "the referee eats the ball whole."]},
+    {"ind": 2, "ctx": "Rain starts to fall, so the woman", "label": 0,
+     "endings": ["opens her umbrella.", "yes yes yes", "paints the rain blue with a very small brush.", "runs"]},
+]
+
+
+def write_examples(path, examples=EXAMPLES):
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+class UnigramLM(nn.Module):
+    """A model that ignores context: every position predicts log_probs over the vocabulary.
+
+    It has both interfaces: model(idx) -> (logits, None), and hidden_states + lm_head.
+    """
+
+    def __init__(self, log_probs):
+        super().__init__()
+        self.lm_head = nn.Linear(1, VOCAB)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            self.lm_head.bias.copy_(log_probs)
+
+    def hidden_states(self, idx):
+        return torch.zeros(*idx.shape, 1)  # (B, T, 1)
+
+    def forward(self, idx):
+        return self.lm_head(self.hidden_states(idx)), None  # (B, T, V)
+
+
+class TinyCausalLM(nn.Module):
+    """A small random model whose outputs depend on the whole prefix (a causal running mean)."""
+
+    def __init__(self, seed=0, width=16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.wte = nn.Embedding(VOCAB, width)
+        self.mix = nn.Linear(width, width)
+        self.lm_head = nn.Linear(width, VOCAB, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=1.0)
+
+    def hidden_states(self, idx):
+        x = self.wte(idx)  # (B, T, C)
+        steps = torch.arange(1, idx.shape[1] + 1).view(1, -1, 1)  # (1, T, 1)
+        return torch.tanh(self.mix(x.cumsum(dim=1) / steps))  # (B, T, C)
+
+    def forward(self, idx):
+        return self.lm_head(self.hidden_states(idx))  # (B, T, V): plain logits, no tuple
+
+
+class NoFastPath(nn.Module):
+    """The same model seen only through model(idx): evaluate must take the generic path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return fineweb.get_encoding()
+
+
+def test_render_puts_context_then_space_ending_and_masks_only_the_ending(enc):
+    example = EXAMPLES[0]
+    tokens, mask, label = hellaswag.render_example(example, enc)
+    ctx = enc.encode(example["ctx"])
+    endings = [enc.encode(" " + e) for e in example["endings"]]
+    T = len(ctx) + max(map(len, endings))
+    assert tokens.shape == mask.shape == (4, T) and tokens.dtype == torch.long and label == 1
+    for i, ending in enumerate(endings):
+        n = len(ctx) + len(ending)
+        assert tokens[i, :n].tolist() == ctx + ending
+        assert tokens[i, n:].tolist() == [0] * (T - n)  # right padding
+        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(ending) + [0] * (T - n)
+    assert enc.decode(tokens[1, :len(ctx) + len(endings[1])].tolist()) == example["ctx"] + " " + example["endings"][1]
+
+
+def test_scoring_picks_the_ending_the_model_prefers(enc):
+    # A model that finds " yes" far likelier than anything else must pick "yes yes yes".
+    log_probs = torch.full((VOCAB,), -20.0)
+    log_probs[enc.encode(" yes")[0]] = 0.0
+    results = hellaswag.score_examples(UnigramLM(log_probs), [EXAMPLES[2]], enc=enc)
+    assert results[0]["pred"] == results[0]["pred_norm"] == results[0]["pred_norm_chars"] == 1
+
+
+def test_the_three_accuracies_by_hand(enc):
+    # A context-free model's loss for a token is just -log_probs[token], so every score and pick
+    # can be worked out directly from the token lists, independently of hellaswag.py's batching.
+    torch.manual_seed(1)
+    log_probs = torch.log_softmax(torch.randn(VOCAB) * 3, dim=0)
+    results = hellaswag.score_examples(UnigramLM(log_probs), EXAMPLES, enc=enc, batch_size=2)
+    correct = {"acc": 0, "acc_norm": 0, "acc_norm_chars": 0}
+    for example, result in zip(EXAMPLES, results):
+        sums = [-sum(log_probs[t].item() for t in enc.encode(" " + e)) for e in example["endings"]]
+        means = [s / len(enc.encode(" " + e)) for s, e in zip(sums, example["endings"])]
+        per_char = [s / len(e) for s, e in zip(sums, example["endings"])]
+        assert result["loss_sum"] == pytest.approx(sums, rel=1e-5)
+        for key, values, pick in [("acc", sums, "pred"), ("acc_norm", means, "pred_norm"),
+                                  ("acc_norm_chars", per_char, "pred_norm_chars")]:
+            assert result[pick] == values.index(min(values))
+            correct[key] += values.index(min(values)) == example["label"]
+    metrics = hellaswag.evaluate(UnigramLM(log_probs), EXAMPLES, enc=enc)
+    assert metrics["n"] == 3
+    assert metrics["correct"] == correct["acc"] and metrics["acc"] == correct["acc"] / 3
+    assert metrics["correct_norm"] == correct["acc_norm"] and metrics["acc_norm"] == correct["acc_norm"] / 3
+    assert metrics["correct_norm_chars"] == correct["acc_norm_chars"]
+    assert metrics["acc_norm_chars"] == correct["acc_norm_chars"] / 3
+
+
+def test_choose_sum_mean_and_per_character_rules_can_disagree():
+    # ending 0: 1 token, 10 chars, loss 3   -> sum 3 (lowest), mean 3,   per char 0.3
+    # ending 1: 4 tokens, 40 chars, loss 4  -> sum 4,           mean 1 (lowest), per char 0.1
+    # ending 2: 2 tokens, 60 chars, loss 5  -> sum 5,           mean 2.5, per char 0.083 (lowest)
+    # ending 3: 3 tokens, 9 chars, loss 3   -> ties ending 0 on the sum: the first one wins
+    assert hellaswag.choose([3.0, 4.0, 5.0, 3.0], [1, 4, 2, 3], [10, 40, 60, 9]) == (0, 1, 2)
+
+
+def per_example_reference(model, examples, enc):
+    """One forward pass per example, full logits, masked losses: the plain way to score."""
+    picks, sums = [], []
+    for example in examples:
+        tokens, mask, _ = hellaswag.render_example(example, enc)
+        logits = model(tokens)
+        logits = logits[0] if isinstance(logits, tuple) else logits  # (4, T, V)
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # (4, T-1)
+        s = (losses * mask[:, 1:]).sum(dim=1).double().tolist()
+        sums.append(s)
+        picks.append(hellaswag.choose(s, mask.sum(dim=1).tolist(), [len(e) for e in example["endings"]]))
+    return picks, sums
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_batched_scoring_equals_one_example_at_a_time(enc, fast_path):
+    model = TinyCausalLM().eval()
+    examples = EXAMPLES * 3
+    with torch.no_grad():
+        picks, sums = per_example_reference(model, examples, enc)
+        scored = model if fast_path else NoFastPath(model)
+        results = hellaswag.score_examples(scored, examples, enc=enc, batch_size=4)
+    assert hellaswag._has_fast_path(scored) == fast_path
+    assert [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in results] == picks
+    for r, s in zip(results, sums):
+        assert r["loss_sum"] == pytest.approx(s, rel=1e-5)
+
+
+def test_ranks_score_disjoint_shares_that_add_up(enc):
+    model = TinyCausalLM().eval()
+    examples = EXAMPLES * 3
+    whole = hellaswag.evaluate(model, examples, enc=enc)
+    parts = [hellaswag.evaluate(model, examples, enc=enc, rank=r, world_size=2) for r in range(2)]
+    assert [p["n"] for p in parts] == [5, 4]
+    for key in ["n", "correct", "correct_norm", "correct_norm_chars"]:
+        assert parts[0][key] + parts[1][key] == whole[key]
+
+
+def _gloo_worker(rank, world_size, port, examples, queue):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = TinyCausalLM().eval()
+        queue.put((rank, hellaswag.evaluate(model, examples, rank=rank, world_size=world_size)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_counts_are_all_reduced_across_processes(enc):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    examples = EXAMPLES * 3
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_gloo_worker, args=(r, 2, port, examples, queue)) for r in range(2)]
+    for w in workers:
+        w.start()
+    results = dict(queue.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    whole = hellaswag.evaluate(TinyCausalLM().eval(), examples, enc=enc)
+    assert results[0] == results[1] == whole
+
+
+BAD_LINES = [
+    ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n{"ctx": "b", "endings": ', "bad.jsonl:2", "json"),
+    ('{"ctx": "a", "endings": ["1", "2", "3"], "label": 0}\n', "bad.jsonl:1", "4 strings"),
+    ('{"endings": ["1", "2", "3", "4"], "label": 0}\n', "bad.jsonl:1", "ctx"),
+    ('\n{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 4}\n', "bad.jsonl:2", "label"),
+    ('{"ctx": "a", "endings": ["1", "2", "3", "4"]}\n', "bad.jsonl:1", "label"),
+    ('["ctx", "endings"]\n', "bad.jsonl:1", "json object"),
+    ("\n\n", "bad.jsonl", "no examples"),
+]
+
+
+@pytest.mark.parametrize("content, where, word", BAD_LINES)
+def test_a_bad_line_names_the_file_and_line(tmp_path, content, where, word):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(hellaswag.DataError) as error:
+        hellaswag.load_examples(path=path)
+    assert where in str(error.value) and word.lower() in str(error.value).lower()
+
+
+def test_non_utf8_and_label_as_text(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "2"}\n{"ctx": "caf\xe9"}\n')
+    with pytest.raises(hellaswag.DataError, match="latin1.jsonl:2: not UTF-8"):
+        hellaswag.load_examples(path=path)
+    path.write_bytes(b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "2"}\n')
+    assert hellaswag.load_examples(path=path)[0]["label"] == 2
+
+
+def test_download_is_checked_atomic_and_cached(tmp_path, monkeypatch):
+    official = write_examples(tmp_path / "official.jsonl")
+    data = official.read_bytes()
+    monkeypatch.setattr(hellaswag, "URL", official.as_uri().replace("official", "{split}"))
+    (tmp_path / "val.jsonl").write_bytes(data)
+    monkeypatch.setitem(hellaswag.CHECKSUMS, "val", (len(data), hashlib.sha256(data).hexdigest()))
+    cache = tmp_path / "cache"
+    assert hellaswag.load_examples("val", cache_dir=cache) == hellaswag.load_examples(path=official)
+    assert (cache / "hellaswag_val.jsonl").read_bytes() == data
+    (tmp_path / "val.jsonl").unlink()  # cached now: no second download needed
+    assert len(hellaswag.load_examples("val", cache_dir=cache)) == 3
+
+    (tmp_path / "train.jsonl").write_bytes(data + b"\n")  # not the published bytes
+    monkeypatch.setitem(hellaswag.CHECKSUMS, "train", (len(data), hashlib.sha256(data).hexdigest()))
+    with pytest.raises(hellaswag.DataError, match="sha256"):
+        hellaswag.load_examples("train", cache_dir=cache)
+    with pytest.raises(hellaswag.DataError, match="cannot download"):
+        hellaswag.load_examples("test", cache_dir=cache)  # no such "remote" file
+    assert sorted(p.name for p in cache.iterdir()) == ["hellaswag_val.jsonl"]  # nothing half-written
+
+
+def fake_gpt2_module(model):
+    """Stand-in for gpt2.py until it exists: load_model(path, device) -> a model in eval mode."""
+    module = types.ModuleType("gpt2")
+    module.load_model = lambda path, device: model.to(device).eval()
+    return module
+
+
+def test_cli_scores_a_checkpoint_and_writes_predictions(tmp_path, monkeypatch, enc, capsys):
+    data = write_examples(tmp_path / "mine.jsonl", EXAMPLES * 2)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"stand-in")
+    model = TinyCausalLM()
+    monkeypatch.setitem(sys.modules, "gpt2", fake_gpt2_module(model))
+    args = hellaswag.parse_args(["--checkpoint", str(checkpoint), "--data", str(data), "--limit", "5",
+                                 "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+                                 "--predictions", str(tmp_path / "pred.jsonl"), "--batch-size", "2"])
+    metrics = hellaswag.main(args)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {key: saved[key] for key in metrics} == metrics
+    lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [p["ind"] for p in lines] == [0, 1, 2, 0, 1]
+    assert set(lines[0]) >= {"ind", "label", "pred", "pred_norm", "pred_norm_chars", "loss_sum", "loss_mean"}
+    assert metrics["n"] == 5 and metrics["correct"] == sum(p["pred"] == p["label"] for p in lines)
+    assert "acc_norm" in capsys.readouterr().out
+
+
+def test_cli_scores_a_local_hugging_face_gpt2_with_reference_numbers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=128)
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "gpt2"  # named like OpenAI's model, so the reference line is printed
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    data = write_examples(tmp_path / "mine.jsonl")
+    hellaswag.main(hellaswag.parse_args(["--hf-model", str(hf_dir), "--data", str(data), "--device", "cpu",
+                                         "--out-dir", str(tmp_path / "out")]))
+    out = capsys.readouterr().out
+    assert "3 examples" in out and "acc_norm 0.2955" in out
+    # The adapter's fast path gives the same picks as its plain logits.
+    model = hellaswag.HFGPT2(transformers.GPT2LMHeadModel.from_pretrained(hf_dir)).eval()
+    fast = hellaswag.score_examples(model, EXAMPLES)
+    slow = hellaswag.score_examples(NoFastPath(model), EXAMPLES)
+    for r, s in zip(fast, slow):
+        assert r["loss_sum"] == pytest.approx(s["loss_sum"], rel=1e-5)
+        assert (r["pred"], r["pred_norm"], r["pred_norm_chars"]) == (s["pred"], s["pred_norm"], s["pred_norm_chars"])
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n', encoding="utf-8")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    cases = [
+        (["--data", str(bad), "--checkpoint", str(ckpt)], ["bad.jsonl:2"]),
+        (["--data", str(tmp_path / "none.jsonl"), "--checkpoint", str(ckpt)], ["--data", "no such file"]),
+        (["--checkpoint", str(tmp_path / "none.pt")], ["--checkpoint", "no such file"]),
+        (["--data", str(bad)], ["--checkpoint", "--hf-model"]),
+        (["--checkpoint", str(ckpt), "--hf-model", "gpt2"], ["not allowed"]),
+        (["--checkpoint", str(ckpt), "--limit", "-1"], ["--limit"]),
+        (["--checkpoint", str(ckpt), "--batch-size", "0"], ["--batch-size"]),
+        (["--checkpoint", str(ckpt), "--split", "test"], ["--split"]),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            hellaswag.main(hellaswag.parse_args(argv))
+        captured = capsys.readouterr()
+        assert_user_error(SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out,
+                                          stderr=captured.err), *words)
+
+
+def test_cli_bad_line_in_a_real_process(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n', encoding="utf-8")
+    result = run_script("hellaswag.py", "--data", bad, "--hf-model", "gpt2", "--out-dir", tmp_path / "out")
+    assert_user_error(result, "bad.jsonl:2")
+    assert not (tmp_path / "out").exists()
