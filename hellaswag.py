@@ -16,7 +16,7 @@ ending's tokens are scored, by the cross-entropy of predicting each from everyth
 
 Run (from the repository root):
     python hellaswag.py --hf-model gpt2                         # OpenAI GPT-2 124M (transformers)
-    python hellaswag.py --checkpoint out/gpt2/model.pt          # a gpt2.py checkpoint
+    python hellaswag.py --checkpoint out/gpt2/checkpoint.pt     # a gpt2.py checkpoint
     python hellaswag.py --hf-model gpt2 --data my_copy.jsonl --limit 500 --device cuda
 The official val split (10,042 examples) is downloaded from the dataset's GitHub repository on
 first use into --cache-dir and checked against its published size and sha256; --data scores a
@@ -120,7 +120,7 @@ def download(split, cache_dir="data/hellaswag"):
         return path
     url = URL.format(split=split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race here
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as file:
             while chunk := response.read(1 << 20):
@@ -374,7 +374,7 @@ def pick_device(name):
 def write_atomic(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race here
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

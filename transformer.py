@@ -70,7 +70,7 @@ STAGE = "transformer"
 # the lecture's scale (nanoGPT's GPU configuration for this corpus).
 PRESETS = {
     "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-                  lr=3e-3, warmup_steps=100, max_steps=1500, eval_every=250),
+                  lr=3e-3, warmup_steps=100, max_steps=1400, eval_every=350),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=24, dropout=0.0,
                 lr=3e-3, warmup_steps=100, max_steps=1800, eval_every=300),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
