@@ -34,21 +34,7 @@ BENCHMARKS; adding one is adding a line there.
   runs in a fresh Python process without torch, the best round counts, and the peak memory of
   the process and its workers together is sampled from /proc (Linux).
 
-Measured on 2 CPU cores shared with other jobs (load average ~5, so absolute numbers are several
-times below a quiet machine's; the ratios are what counts), fp32, 4 layers, 4 heads, 256 wide,
-vocabulary 50,304:
-    python bench.py train --steps 3 --rounds 4   # micro-batch 8 x 256
-        gpt2.py 242 tokens/s, reference 184 tokens/s: 1.31x (same first loss, 10.870085)
-    python bench.py sample                       # 512 new tokens after a 16-token prompt
-        KV cache 19.5 tokens/s, recomputation 3.6 tokens/s: 5.5x, greedy tokens identical
-gpt2.py's edge in training: the fused linear + cross-entropy (LinearCrossEntropy) and the fused
-CPU AdamW kernel; the rest is the same math in the same order.
-    python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl --threads 1
-        (see README)
-    python bench.py transformer --threads 1
-        (see README)
-    python bench.py fineweb
-        (see README)
+The figures measured with each subcommand, and the machine, are in README.md (Performance).
 """
 import argparse
 import contextlib

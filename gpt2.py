@@ -34,12 +34,12 @@ stopped. Other modes:
 Reference results (OpenAI GPT-2 124M, and the reproduction this stage follows, 10B tokens of
 FineWeb-Edu in about 2 hours on 8xA100): HellaSwag acc_norm 0.2955 (OpenAI) and 0.3009
 (reproduction); FineWeb-Edu val loss 3.2924 (OpenAI), min val loss 3.0944 (reproduction).
-Measured here on 2 CPU cores shared with other jobs (load average ~5; a quiet machine is several
-times faster): the quick start above (359,202 tokens of Shakespeare; 200 steps of 2,048 tokens)
-took train loss 10.81 -> 5.65 and val loss 10.82 -> 6.19 at ~240 tokens/s (26 minutes here,
-interrupted by SIGTERM at step 12 and resumed). `python bench.py train`: 1.31x the training
-tokens/s of a straightforward implementation of the same math; `python bench.py sample`: the KV
-cache generates 512 tokens 5.5x faster than recomputation. Not yet measured on a GPU.
+Measured here on a quiet 2-core CPU: the quick start above (359,202 tokens of Shakespeare; 200
+steps of 2,048 tokens) takes 268 s at about 1,650 tokens/s, train loss 10.81 -> 5.65, val loss
+10.82 -> 6.19. `python bench.py train`: 1.27x the training tokens/s of a straightforward
+implementation of the same math (1,704 vs 1,346); `python bench.py sample`: the KV cache
+generates 512 tokens 13.7x faster than recomputing the whole sequence through model(idx) each
+step. Not yet measured on a GPU.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (one object per step: step, train_loss, lr,
 grad_norm, ms, tokens_per_s, mfu; one per evaluation: val_loss and/or hellaswag), metrics.json,

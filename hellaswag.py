@@ -28,12 +28,11 @@ with the harness's character normalization 0.3114 (1.5B: 0.5089).
 Speed: many examples per forward pass, sorted by length so that little is padding, and logits
 computed only at the positions that are scored (when the model offers `hidden_states` and
 `lm_head`): with GPT-2's 50K-word vocabulary the output layer is most of the work of a small
-model. Measured with `python bench.py hellaswag --threads 1` (4 layers, 256 wide, vocabulary
-50,304, random weights; 2 CPU cores shared with other jobs; the designs take turns on chunks of
-500 examples) against one forward pass per example with full logits: 27.1 vs 10.5 examples/s on
-the first 500 examples (2.6x, CPU time 2.6x), the same picks for every example. A full-set run of
-an earlier version (10,042 examples, no turns) gave 7.0 vs 3.8 examples/s (1.9x) with identical
-picks, but the two designs ran 25 and 45 minutes apart under very different loads.
+model. Measured with `python bench.py hellaswag --data hellaswag_val.jsonl --limit 0` on all
+10,042 validation examples (4 layers, 256 wide, vocabulary 50,304, random weights; 2 CPU cores,
+2 threads; the two designs take turns on chunks of 250 examples) against one forward pass per
+example with full logits: 22.06 vs 7.30 examples/s, 3.02x (CPU time 3.01x), the same picks for
+every example.
 """
 import argparse
 import contextlib

@@ -24,16 +24,15 @@ Run:
     python transformer.py --attention manual # the written-out attention (same numbers, slower)
 
 Measured on the canonical tiny-Shakespeare (1,115,394 characters; first 90% train, last 10%
-val), with 1 thread on a 2-core machine busy with other jobs (times are pessimistic; README has
-the quiet-machine times):
-    --preset quick: val 1.8319 after 1,500 steps of 12 x 64 characters; 138 s of training here
-    --preset cpu:   val 1.6084 after 1,800 steps of 24 x 128 characters; 720 s of training here
-    at the recipe's configuration one training iteration takes 0.99x the recipe's wall time
-    (0.96x its CPU time; bench_parts/transformer.py alternates the two), so on the quiet
-    machine where the recipe runs at 25 ms an iteration, quick should train for about 37 s and
-    cpu (4.35x quick's time a step here) for about 3 minutes.
+val) on a quiet 2-core CPU (2 threads), default flags:
+    --preset quick: val 1.8643 after 1,400 steps of 12 x 64 characters; 38.1 s of training
+                    (42.0 s with evaluation)
+    --preset cpu:   val 1.6084 after 1,800 steps of 24 x 128 characters; 196 s of training
+                    (224 s in all)
+    at the recipe's configuration one training iteration takes 27.6 ms against the recipe
+    design's 27.7 ms (`python bench.py transformer`, the two taking turns).
 On the bundled data/shakespeare.txt (1,180,688 characters; its last 10% is the end of Richard
-II and all of The Tempest, harder to predict): quick val 1.8697, cpu val 1.7184.
+II and all of The Tempest, harder to predict): quick val 1.8864, cpu val 1.7184.
 Anchors: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 steps,
 lr 1e-3, no dropout) reaches val 1.8857 in about 58 s on that machine (this script at that
 configuration: 1.8797); its GPU configuration (the --preset gpu scale) reaches 1.4697 on one
