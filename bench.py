@@ -1,7 +1,10 @@
 """bench.py: the project's benchmarks, one subcommand each; a printed table and one JSON line.
 
-    python bench.py train        # training tokens/s (and MFU on GPU) of gpt2.py for a preset;
-                                 # on CPU side by side with a straightforward reference
+    python bench.py train        # training tokens/s (and MFU on GPU) of gpt2.py's own step
+                                 # against a straightforward one, side by side. On a GPU it
+                                 # times what gpt2.py runs there: the gpt2 preset, micro-batch
+                                 # 64 x 1024, 8 micro-steps (524,288 tokens), bf16, compiled,
+                                 # against build-nanogpt's step compiled the same way
     python bench.py sample       # generation tokens/s with and without the KV cache
     python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl
                                  # examples/s of hellaswag.evaluate's scoring against a loop
@@ -20,7 +23,8 @@ processes included). Every subcommand is a pair add_arguments(parser) / run(args
 BENCHMARKS; adding one is adding a line there.
 
 - train: reference_train_step below is the textbook GPT-2 (F.cross_entropy on the full logits,
-  the default AdamW); both start from the same weights and see the same batches.
+  AdamW: the default one on CPU, fused on CUDA as build-nanogpt picks it); both start from the
+  same weights, see the same micro-batches and take turns; the median step of each counts.
 - hellaswag: one gpt2.GPT (on CPU 4 layers, 4 heads, 256 wide, vocabulary 50,304, seed 0) is
   scored by hellaswag.score_examples, the work of hellaswag.evaluate (batches of examples sorted
   by length, logits only where scored), and by per_example_choices (the 4 rows of one example per
@@ -60,18 +64,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import fineweb
 import hellaswag
+from common import die
 # bench.py is not a stage: it imports the stages whose speed it measures.
 import gpt2
 import transformer
 
 ROOT = Path(__file__).resolve().parent
-
-
-def die(message):
-    print(f"bench.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def print_table(title, header, rows):
@@ -213,130 +214,169 @@ class ReferenceGPT(nn.Module):
         return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
 
 
-def reference_optimizer(model, lr, betas):
+def reference_optimizer(model, lr, betas, fused=None):
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
 
 
-def reference_train_step(model, optimizer, x, y):
+def reference_train_step(model, optimizer, batches, autocast=contextlib.nullcontext()):
+    """build-nanogpt's step: accumulate the micro-batches' losses, clip, step."""
     optimizer.zero_grad()
-    loss = model(x, y)
-    loss.backward()
+    total = 0.0
+    for x, y in batches:
+        with autocast:
+            loss = model(x, y) / len(batches)
+        total += loss.detach()
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return loss.detach()
+    return total
 
 
 # --- train: gpt2.py's training step against a straightforward one
 
-def ours_train_step(model, optimizer, x, y, autocast):
-    """gpt2.py's step with one micro-step: the same calls in the same order as its loop."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-        _, loss = model(x, y, return_logits=False)
-    loss.backward()
+class Batches:
+    """The same fixed micro-batches, over and over, behind ShardLoader's next_batch()."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self):
+        self.i = (self.i + 1) % len(self.batches)
+        return self.batches[self.i - 1]
+
+
+def ours_train_step(model, train_model, optimizer, scaler, loader, grad_accum, device, autocast):
+    """gpt2.py's optimizer step: its train_step (micro-steps, loss scaling) and what its loop
+    does after it (unscale, clip, step), in its order."""
+    loss = gpt2.train_step(train_model, optimizer, scaler, loader, grad_accum, False, device,
+                           autocast)
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
 
 
 def add_train_arguments(parser):
     add_model_arguments(parser, "cpu")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="micro-batch (default: 8 on CPU, 16 on CUDA)")
+                        help="micro-batch (default: 8 on CPU; the preset's on CUDA, 64 for gpt2)")
+    parser.add_argument("--grad-accum", type=int, default=None,
+                        help="micro-steps per optimizer step (default: 1 on CPU; on CUDA what "
+                             "gpt2.py runs on one GPU: the preset's total batch / micro-batch)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: the preset's block size)")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed optimizer steps per round and implementation (default: 3)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds; each times ours, then the reference (default: 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps per round and implementation (default: 3 on "
+                             "CPU, 2 on CUDA)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds; each times ours, then the reference; the result is the "
+                             "median step (default: 3 on CPU, 5 on CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile ours (default: on with CUDA)")
-    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time the reference (default: on CPU)")
+                        help="torch.compile both (default: on with CUDA)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the reference (default: on)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="GPU peak for MFU (default: gpt2.py's table)")
+                        help="GPU peak for MFU (default: common.py's table)")
 
 
 def run_train(args):
-    device = gpt2.pick_device(args.device)
-    dtype = gpt2.pick_dtype(args.dtype, device)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
     config = model_config(args, device)
+    cuda = device.type == "cuda"
     seq_len = args.seq_len or config.block_size
-    if args.batch_size is None:
-        args.batch_size = 16 if device.type == "cuda" else 8
-    require_positive(args, "batch_size", "steps", "rounds")
+    preset = gpt2.PRESETS[args.preset]
+    defaults = dict(batch_size=preset["batch_size"] if cuda else 8, steps=2 if cuda else 3,
+                    rounds=5 if cuda else 3)
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.grad_accum is None:
+        args.grad_accum = (max(1, preset["total_batch_size"] // (args.batch_size * seq_len))
+                           if cuda else 1)
+    require_positive(args, "batch_size", "grad_accum", "steps", "rounds")
     if seq_len > config.block_size:
         die(f"--seq-len {seq_len} is longer than the block size {config.block_size}")
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    with_reference = device.type == "cpu" if args.reference is None else args.reference
-    if device.type == "cuda":
+    use_compile = cuda if args.compile is None else args.compile
+    if cuda:
+        torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     torch.manual_seed(args.seed)
     ours = gpt2.GPT(config).to(device)
     ours_opt = gpt2.make_optimizer(ours, 6e-4, 0.1, device)
-    ours_fn = torch.compile(ours) if use_compile else ours
-    if with_reference:
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    _, ours_train_model = gpt2.training_models(ours, device, dtype, use_compile)
+    if args.reference:
         reference = ReferenceGPT(config).to(device)
         reference.load_state_dict(ours.state_dict())
-        reference_opt = reference_optimizer(reference, 6e-4, betas=(0.9, 0.95))
+        # What a user would pick instead: build-nanogpt's recipe, compiled where ours is, with
+        # its fused AdamW on CUDA.
+        reference_opt = reference_optimizer(reference, 6e-4, (0.9, 0.95), fused=cuda or None)
+        reference_fn = torch.compile(reference) if use_compile else reference
     generator = torch.Generator().manual_seed(args.seed)
     batches = [torch.randint(0, 50257, (args.batch_size, seq_len + 1), generator=generator)
-               for _ in range(args.steps)]
+               for _ in range(args.grad_accum)]
     batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device))
                for b in batches]
-    tokens_per_round = args.batch_size * seq_len * len(batches)
+    loader = Batches(batches)
+    tokens_per_step = args.batch_size * seq_len * args.grad_accum
 
-    def step_ours(x, y):
-        return ours_train_step(ours_fn, ours_opt, x, y, autocast)
+    def step_ours():
+        return ours_train_step(ours, ours_train_model, ours_opt, scaler, loader, args.grad_accum,
+                               device, autocast)
 
-    def step_reference(x, y):
-        return reference_train_step(reference, reference_opt, x, y)
+    def step_reference():
+        return reference_train_step(reference_fn, reference_opt, batches, autocast)
 
-    def rate(step_fn):
-        _, seconds, _ = timed(lambda: [step_fn(x, y) for x, y in batches], synchronizer(device))
-        return tokens_per_round / seconds
+    def step_seconds(step_fn):
+        _, seconds, _ = timed(lambda: [step_fn() for _ in range(args.steps)], synchronizer(device))
+        return seconds / args.steps
 
-    # Untimed first steps: allocation, kernels' first use, compilation. They also show that
-    # both implementations compute the same loss from the same weights and batch.
-    first_ours = step_ours(*batches[0]).item()
-    first_reference = step_reference(*batches[0]).item() if with_reference else None
-    rates = {"ours": [], "reference": []}
-    for _ in range(args.rounds):
-        rates["ours"].append(rate(step_ours))
-        if with_reference:
-            rates["reference"].append(rate(step_reference))
-    ours_rate = statistics.median(rates["ours"])
-    peak = args.peak_tflops or gpt2.gpu_peak_tflops(device)
+    # Untimed first steps: allocation, kernels' first use, compilation (a second step on CUDA:
+    # the first optimizer step with state compiles again). They also show that both
+    # implementations compute the same loss from the same weights and batches.
+    first_ours = step_ours().item()
+    first_reference = step_reference().item() if args.reference else None
+    if cuda:
+        step_ours()
+        if args.reference:
+            step_reference()
+    seconds = {"ours": [], "reference": []}
+    for _ in range(args.rounds):  # taking turns, so that the machine's noise hits both alike
+        seconds["ours"].append(step_seconds(step_ours))
+        if args.reference:
+            seconds["reference"].append(step_seconds(step_reference))
+    peak = args.peak_tflops or common.gpu_peak_tflops(device)
     flops = gpt2.flops_per_token(config, seq_len)
     result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-              "compile": use_compile, "config": asdict(config),
-              "batch_size": args.batch_size, "seq_len": seq_len,
-              "ours_tokens_per_s": round(ours_rate, 1),
-              "ours_rounds": [round(r, 1) for r in rates["ours"]],
-              "first_loss_ours": first_ours}
-    rows = [["gpt2.py", f"{ours_rate:,.0f}", f"{1000 * args.batch_size * seq_len / ours_rate:.1f}",
-             f"{first_ours:.6f}"]]
-    if peak:
-        result["mfu"] = flops * ours_rate / (peak * 1e12)
-        rows[0].append(f"{100 * result['mfu']:.1f}%")
-    if with_reference:
-        ref_rate = statistics.median(rates["reference"])
-        result.update(reference_tokens_per_s=round(ref_rate, 1),
-                      reference_rounds=[round(r, 1) for r in rates["reference"]],
-                      first_loss_reference=first_reference, speedup=ours_rate / ref_rate)
-        rows.append(["reference", f"{ref_rate:,.0f}",
-                     f"{1000 * args.batch_size * seq_len / ref_rate:.1f}",
-                     f"{first_reference:.6f}"] + (["-"] if peak else []))
+              "compile": use_compile, "config": asdict(config), "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum, "seq_len": seq_len}
     header = ["implementation", "tokens/s", "ms/step", "first loss"] + (["MFU"] if peak else [])
-    print_table(f"training, {config}, micro-batch {args.batch_size} x {seq_len}, "
-                f"{args.rounds} rounds of {args.steps} steps (median), {result['device']}, "
-                f"{result['dtype']}", header, rows)
-    if with_reference:
+    rows = []
+    for name, first in (("ours", first_ours), ("reference", first_reference)):
+        if not seconds[name]:
+            continue
+        rate = tokens_per_step / statistics.median(seconds[name])
+        result.update({f"{name}_tokens_per_s": round(rate, 1), f"first_loss_{name}": first,
+                       f"{name}_rounds": [round(tokens_per_step / s, 1) for s in seconds[name]]})
+        rows.append([{"ours": "gpt2.py", "reference": "reference"}[name], f"{rate:,.0f}",
+                     f"{1000 * tokens_per_step / rate:.1f}", f"{first:.6f}"])
+        if peak:
+            result[f"{name}_mfu"] = flops * rate / (peak * 1e12)
+            rows[-1].append(f"{100 * result[f'{name}_mfu']:.1f}%")
+    if peak:
+        result["mfu"] = result["ours_mfu"]
+    print_table(f"training, {config}, micro-batch {args.batch_size} x {seq_len} x "
+                f"{args.grad_accum} micro-steps, {args.rounds} rounds of {args.steps} steps "
+                f"(median), {result['device']}, {result['dtype']}, compile {use_compile}",
+                header, rows)
+    if args.reference:
+        result["speedup"] = result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
         print(f"gpt2.py / reference: {result['speedup']:.2f}x")
     return result
 
@@ -354,8 +394,8 @@ def add_sample_arguments(parser):
 
 
 def run_sample(args):
-    device = gpt2.pick_device(args.device)
-    dtype = gpt2.pick_dtype(args.dtype, device)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
     require_positive(args, "new_tokens", "prompt_tokens", "num_samples")
     # A block that holds prompt and continuation, so that the cache is used throughout.
     config = model_config(args, device)
@@ -366,8 +406,10 @@ def run_sample(args):
     prompt = torch.randint(0, 50257, (args.num_samples, args.prompt_tokens), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    # All three on the kernels gpt2.py samples with: every step is a new length, and a new
+    # cuDNN attention plan per length would make the GPU numbers about plan building.
     def generate(use_cache):
-        with autocast:  # greedy: both ways must give the same tokens
+        with autocast, gpt2.variable_length_attention():  # greedy: the same tokens both ways
             out, seconds, _ = timed(lambda: model.generate(
                 prompt, args.new_tokens, temperature=0, use_cache=use_cache), synchronizer(device))
         return args.new_tokens * args.num_samples / seconds, out
@@ -381,7 +423,7 @@ def run_sample(args):
                 logits, _ = model(idx[:, -config.block_size:])  # (B, T, V)
                 idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
             return idx
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, gpt2.variable_length_attention():
             out, seconds, _ = timed(work, synchronizer(device))
         return args.new_tokens * args.num_samples / seconds, out
 
@@ -446,8 +488,8 @@ def per_example_choices(model, examples, enc, device, autocast):
 
 
 def run_hellaswag(args):
-    device = gpt2.pick_device(args.device)
-    dtype = gpt2.pick_dtype(args.dtype, device)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
     require_positive(args, "chunk", "batch_size")
     if args.limit < 0:
         die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
@@ -457,7 +499,7 @@ def run_hellaswag(args):
         die(f"HellaSwag: {err}; pass --data with a local hellaswag_val.jsonl")
     examples = examples[:args.limit or None]
     if args.init_from:
-        model = gpt2.load_model_or_die(args.init_from, device)
+        model = gpt2.load_model(args.init_from, device)
     else:
         torch.manual_seed(args.seed)
         # GPT-2's 1024 positions hold every HellaSwag example; the speed depends on the width.
@@ -546,7 +588,7 @@ def recipe_stepper(data):
         x = torch.stack([torch.from_numpy(array[i:i + T].astype(np.int64)) for i in starts])
         y = torch.stack([torch.from_numpy(array[i + 1:i + 1 + T].astype(np.int64))
                          for i in starts])  # (B, T) each
-        return reference_train_step(model, optimizer, x, y)
+        return reference_train_step(model, optimizer, [(x, y)])
 
     return step
 
@@ -560,12 +602,7 @@ def transformer_stepper(data, attention):
 
     def step():
         x, y = transformer.get_batch(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], generator)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        return loss.detach()
+        return transformer.train_step(model, optimizer, x, y, 1.0)[0]
 
     return step
 
@@ -833,7 +870,8 @@ BENCHMARKS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="The project's benchmarks.")
+    common.PROG = "bench.py"
+    parser = argparse.ArgumentParser(prog="bench.py", description="The project's benchmarks.")
     parser.error = die
     subparsers = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, (add_arguments, run, help_text) in BENCHMARKS.items():

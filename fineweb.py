@@ -49,6 +49,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+import common
+
 EOT = 50256  # GPT-2's <|endoftext|> token: starts every document in the shards
 EOT_TEXT = "<|endoftext|>"
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -290,12 +292,17 @@ def encode_documents(documents):
 
 def _batches(documents):
     batch, chars = [], 0
-    for doc in documents:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= CHARS_PER_TASK:
+    try:
+        for doc in documents:
+            batch.append(doc)
+            chars += len(doc)
+            if chars >= CHARS_PER_TASK:
+                yield batch
+                batch, chars = [], 0
+    except SourceError:
+        if batch:  # the documents read before a bad row still count: see tokenize_in_order
             yield batch
-            batch, chars = [], 0
+        raise
     if batch:
         yield batch
 
@@ -303,15 +310,22 @@ def _batches(documents):
 def tokenize_in_order(documents, workers):
     """Yield encode_documents() of consecutive batches, in source order, `workers` threads busy.
 
-    At most 2 tasks per thread are in flight, so memory does not grow with the corpus.
+    At most 2 tasks per thread are in flight, so memory does not grow with the corpus. A bad
+    row (SourceError) is raised only after every document before it has been yielded, so that
+    the shards written before the error are the same whatever the number of workers.
     """
     with ThreadPoolExecutor(workers) as pool:
         pending = collections.deque()
         try:
-            for batch in _batches(documents):
-                pending.append(pool.submit(encode_documents, batch))
-                if len(pending) >= 2 * workers:
+            try:
+                for batch in _batches(documents):
+                    pending.append(pool.submit(encode_documents, batch))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+            except SourceError:
+                while pending:
                     yield pending.popleft().result()
+                raise
             while pending:
                 yield pending.popleft().result()
         finally:  # stopped early (--max-tokens, an error): drop the queued tasks
@@ -410,6 +424,40 @@ def read_manifest(out_dir, command):
             break
         intact.append(shard)
     return intact, complete
+
+
+# --- reading shards (gpt2.py and bench.py)
+
+SHARD_HINT = ("make shards with fineweb.py, e.g. `python fineweb.py --dataset data/shakespeare.txt "
+              "--out-dir data/shards/shakespeare --shard-size 50000` (any local text) or "
+              "`python fineweb.py --streaming` (FineWeb-Edu into data/shards)")
+
+
+def open_shards(data_dir, split, window):
+    """Memory-mapped uint16 token arrays of one split; a missing, malformed or too-short shard
+    ends the run (through common.die, in the caller's name) with a line that says how to make
+    shards. `window`: the tokens one batch of all ranks needs."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        common.die(f"--data {data_dir} is not a directory of shards; {SHARD_HINT}")
+    paths = sorted(data_dir.glob(f"*_{split}_*.npy"))
+    if not paths:
+        common.die(f"no {split} shards (*_{split}_*.npy) in {data_dir}; {SHARD_HINT}")
+    shards = []
+    for path in paths:
+        try:
+            tokens = np.load(path, mmap_mode="r")  # pages come from disk when read, not now
+        except (OSError, ValueError) as err:
+            common.die(f"shard {path} is not a readable .npy file ({err}); {SHARD_HINT}")
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            common.die(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not a 1-D "
+                       f"uint16 token array; {SHARD_HINT}")
+        if len(tokens) < window:
+            common.die(f"shard {path} has {len(tokens):,} tokens, fewer than one batch window "
+                       f"of {window:,} (batch-size x seq-len x ranks + 1); lower --batch-size "
+                       f"or --seq-len, or make longer shards: {SHARD_HINT}")
+        shards.append(tokens)
+    return shards
 
 
 # --- main

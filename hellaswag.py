@@ -4,8 +4,8 @@ HellaSwag (Zellers et al. 2019, "HellaSwag: Can a Machine Really Finish Your Sen
 context and four endings, one of them right; the wrong ones were machine-written to fool models.
 A language model answers with no training for the task: it scores each ending by how likely it
 finds the ending's tokens after the context, and picks the most likely one. Random guessing gets
-0.25; people get 0.95. gpt2.py calls `evaluate()` during training; this file's command line scores
-any checkpoint or OpenAI's GPT-2 weights.
+0.25; people get 0.95. gpt2.py calls `evaluate()` during training and scores its checkpoints with
+`python gpt2.py --eval-hellaswag`; this file's command line scores Hugging Face GPT-2 weights.
 
 Rendering (as GPT-2-style evaluations do it): the tokens of `ctx`, then " " + ending. Only the
 ending's tokens are scored, by the cross-entropy of predicting each from everything before it:
@@ -16,7 +16,7 @@ ending's tokens are scored, by the cross-entropy of predicting each from everyth
 
 Run (from the repository root):
     python hellaswag.py --hf-model gpt2                         # OpenAI GPT-2 124M (transformers)
-    python hellaswag.py --checkpoint out/gpt2/checkpoint.pt     # a gpt2.py checkpoint
+    python gpt2.py --eval-hellaswag --init-from out/gpt2/checkpoint.pt   # a gpt2.py checkpoint
     python hellaswag.py --hf-model gpt2 --data my_copy.jsonl --limit 500 --device cuda
 The official val split (10,042 examples) is downloaded from the dataset's GitHub repository on
 first use into --cache-dir and checked against its published size and sha256; --data scores a
@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import sys
 import urllib.error
 import urllib.request
@@ -47,9 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import common
 import fineweb
+from common import die
 
 # Accuracy of OpenAI's GPT-2 with exactly this method (acc, acc_norm) and with
 # lm-evaluation-harness's character normalization (acc_norm_chars); public evaluations.
@@ -63,12 +65,9 @@ CHECKSUMS = {
     "val": (12246618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
     "test": (11752147, "da082b00543e422b8d25394614d102944586986def4de5cd1bd36d86bcb76261"),
 }
+VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH]
 LOGITS_PER_CHUNK = 1024  # scored positions per output-layer call: bounds the (N, vocab) logits
-
-
-def die(message):
-    print(f"hellaswag.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 class DataError(Exception):
@@ -81,8 +80,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = die
+    common.PROG = "hellaswag.py"
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a checkpoint written by gpt2.py")
+    model.add_argument("--checkpoint", help="a gpt2.py checkpoint: scored by `python gpt2.py "
+                                            "--eval-hellaswag --init-from CHECKPOINT` instead")
     model.add_argument("--hf-model", help="a Hugging Face GPT-2 by name (gpt2, gpt2-xl, ...) or local "
                                           "folder; needs `pip install transformers`")
     parser.add_argument("--split", default="val", choices=["val", "train"],
@@ -101,9 +102,13 @@ def parse_args(argv=None):
         die(f"--limit must be 0 (all) or positive, got {args.limit}")
     if args.batch_size < 1:
         die(f"--batch-size must be at least 1, got {args.batch_size}")
-    for flag, path in [("--data", args.data), ("--checkpoint", args.checkpoint)]:
-        if path is not None and not Path(path).is_file():
-            die(f"{flag} {path}: no such file")
+    if args.checkpoint is not None:
+        # gpt2.py imports this file; this file imports no stage, so gpt2.py scores its own.
+        die(f"hellaswag.py scores Hugging Face models; score a gpt2.py checkpoint with `python "
+            f"gpt2.py --eval-hellaswag --init-from {args.checkpoint}` (--hellaswag-data FILE, "
+            "--hellaswag-limit N)")
+    if args.data is not None and not Path(args.data).is_file():
+        die(f"--data {args.data}: no such file")
     if args.hf_model is not None and args.hf_model.startswith((".", "/")) and not Path(args.hf_model).is_dir():
         die(f"--hf-model {args.hf_model}: no such folder")
     return args
@@ -260,7 +265,9 @@ def score_examples(model, examples, device="cpu", enc=None, batch_size=32, autoc
     order = sorted(range(len(examples)), key=lambda i: rendered[i][0].shape[1])
     results = [None] * len(examples)
     bar = tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not progress)
-    with torch.no_grad():
+    # Every batch has a new length: keep off cuDNN's attention, which builds a plan per shape
+    # (0.1 s each on an H100); flash and memory-efficient attention have no such cost.
+    with torch.no_grad(), sdpa_kernel(VARIABLE_LENGTH_ATTENTION):
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             T = max(rendered[i][0].shape[1] for i in batch)
@@ -333,17 +340,6 @@ class HFGPT2(torch.nn.Module):
 
 
 def load_model(args, device):
-    if args.checkpoint:
-        # gpt2.py is a stage, which leaf modules never import at the top; only this command-line
-        # path needs it, so it is imported here. gpt2.load_model returns a GPT in eval mode.
-        try:
-            import gpt2
-        except ImportError as error:
-            die(f"--checkpoint needs gpt2.py next to hellaswag.py ({error})")
-        try:
-            return gpt2.load_model(args.checkpoint, device)
-        except Exception as error:  # a corrupt or foreign file: one line for the user, whatever broke
-            die(f"cannot load checkpoint {args.checkpoint}: {error}")
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -355,35 +351,11 @@ def load_model(args, device):
     return HFGPT2(hf_model).to(device).eval()
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as error:
-        die(f"--device {name} is not usable here ({str(error).splitlines()[0]}); try --device cpu")
-    return device
-
-
-def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race here
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --- main
 
 def main(args):
-    print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
-    device = pick_device(args.device)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}")
+    device = common.pick_device(args.device)
+    common.print_header(device)
     try:
         examples = load_examples(args.split, args.data, args.cache_dir)
     except DataError as error:
@@ -403,10 +375,11 @@ def main(args):
         print(f"reference for OpenAI {Path(args.hf_model).name} on all 10,042 val examples: "
               f"acc {reference['acc']:.4f}  acc_norm {reference['acc_norm']:.4f}  "
               f"acc_norm_chars {reference['acc_norm_chars']:.4f}")
-    write_atomic(Path(args.out_dir) / "metrics.json",
-                 json.dumps({**metrics, "model": args.checkpoint or args.hf_model, "data": source}, indent=1) + "\n")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    common.write_json(Path(args.out_dir) / "metrics.json", {**metrics, "model": args.hf_model, "data": source})
     if args.predictions:
-        write_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in results))
+        common.write_atomic(args.predictions, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in results), encoding="utf-8"))
         print(f"wrote {len(results)} predictions to {args.predictions}")
     return metrics
 

@@ -3,54 +3,37 @@
 wavenet.py grew the context by merging neighbouring characters level by level, through a fixed
 tree. A Transformer lets every position look at every earlier position at once and decide by
 itself, from the data, which ones matter: self-attention ("Attention Is All You Need", Vaswani
-et al., 2017), in the decoder-only form of GPT ("Improving Language Understanding by Generative
-Pre-Training", Radford et al., 2018) with GPT-2's pre-LayerNorm blocks (Radford et al., 2019).
-The model: token + position embeddings, N blocks of [LayerNorm -> causal multi-head
-self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a final
-LayerNorm and a linear head over the characters. Attention is written out step by step
-(q, k, v, scores / sqrt(head size), causal mask, softmax, weighted sum); by default the same
-computation runs through torch's fused F.scaled_dot_product_attention, which a test checks
-gives the same outputs. The modules carry GPT-2's names (wte, wpe, h, ln_1, attn, c_attn,
-c_proj, ln_2, mlp, c_fc, ln_f, lm_head), so `diff transformer.py gpt2.py` shows only what the
-next stage adds. Training: AdamW, linear warmup then cosine decay, gradient clipping, dropout;
-loss on fixed train and val batches every --eval-every steps; the best checkpoint is kept.
+et al., 2017), in the decoder-only form of GPT (Radford et al., 2018) with GPT-2's pre-LayerNorm
+blocks (Radford et al., 2019): token + position embeddings, N blocks of [LayerNorm -> causal
+multi-head self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a
+final LayerNorm and a linear head over the characters. Attention is written out step by step
+(--attention manual); by default the same computation runs in torch's fused kernel, which a
+test checks gives the same outputs. The modules carry GPT-2's names, so that `diff
+transformer.py gpt2.py` shows only what the next stage adds. Training: AdamW, linear warmup then
+cosine decay, gradient clipping, dropout; the loss on fixed train and val batches every
+--eval-every steps; the best checkpoint is kept.
 
 Run:
     python transformer.py --preset quick     # CPU, about half a minute
     python transformer.py                    # --preset cpu: CPU, a few minutes
     python transformer.py --preset gpu       # one GPU: 6 layers, 6 heads, 384 wide, block 256
     python transformer.py --data ../shared/data/tinyshakespeare.txt   # the canonical corpus
-    python transformer.py --sample --prompt "ROMEO:" --num-chars 500 --top-k 20
-    python transformer.py --attention manual # the written-out attention (same numbers, slower)
+    python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
-Measured on the canonical tiny-Shakespeare (1,115,394 characters; first 90% train, last 10%
-val) on a quiet 2-core CPU (2 threads), default flags:
-    --preset quick: val 1.8643 after 1,400 steps of 12 x 64 characters; 38.1 s of training
-                    (42.0 s with evaluation)
-    --preset cpu:   val 1.6084 after 1,800 steps of 24 x 128 characters; 196 s of training
-                    (224 s in all)
-    at the recipe's configuration one training iteration takes 27.6 ms against the recipe
-    design's 27.7 ms (`python bench.py transformer`, the two taking turns).
-On the bundled data/shakespeare.txt (1,180,688 characters; its last 10% is the end of Richard
-II and all of The Tempest, harder to predict): quick val 1.8864, cpu val 1.7184.
-Anchors: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 steps,
-lr 1e-3, no dropout) reaches val 1.8857 in about 58 s on that machine (this script at that
-configuration: 1.8797); its GPU configuration (the --preset gpu scale) reaches 1.4697 on one
-A100 in about 3 minutes.
+Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10%
+val) on a quiet 2-core CPU (2 threads), default flags: --preset quick: val 1.8643 after 1,400
+steps of 12 x 64 characters, 38.1 s of training (42.0 s with evaluation); --preset cpu: val
+1.6084 after 1,800 steps of 24 x 128 characters, 196 s of training (224 s in all). On the
+bundled data/shakespeare.txt (its last 10%, Richard II and The Tempest, is harder to predict):
+quick 1.8864, cpu 1.7184. Anchors: nanoGPT's CPU recipe reaches val 1.8857 in about 58 s on that
+machine; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in about 3 minutes.
 
-Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_loss,
-val_loss, lr at every evaluation), metrics.json, loss.png (the loss curves), ckpt.pt (the best
-checkpoint: model, optimizer, step, config and vocabulary; --sample reads it).
+Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_loss, val_loss,
+lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best model, optimizer, step,
+config and vocabulary; --sample reads it).
 """
-import argparse
-import json
 import math
-import os
-import pickle
-import platform
-import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,214 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+from common import die
+
 STAGE = "transformer"
-
-# The presets set the model size and the training length; any flag given on the command line
-# overrides its preset value. quick is the model and batch of nanoGPT's CPU recipe (4 layers,
-# 4 heads, 128 wide, block 64, batch 12) trained with 3x its learning rate for 3/4 of its steps:
-# a model this small tolerates a large step, and gets further in less time. cpu keeps that
-# width but doubles the context and the batch: on a CPU a 128-character window costs hardly more
-# per character than a 64-character one, and the longer context is worth a lot of loss. gpu is
-# the lecture's scale (nanoGPT's GPU configuration for this corpus).
-PRESETS = {
-    "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-                  lr=3e-3, warmup_steps=100, max_steps=1400, eval_every=350),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=24, dropout=0.0,
-                lr=3e-3, warmup_steps=100, max_steps=1800, eval_every=300),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
-                lr=1e-3, warmup_steps=100, max_steps=5000, eval_every=250),
-}
-
-
-def die(message):
-    print(f"{STAGE}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-# --- config
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="A character-level GPT trained on Shakespeare; --sample generates text.")
-    parser.error = die
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="model size and training length: quick (about 30 s on a laptop "
-                             "CPU), cpu (a few minutes) or gpu (the lecture's scale, one GPU); "
-                             "any flag below overrides its preset value (default: %(default)s)")
-    parser.add_argument("--data", type=Path, default=Path("data/shakespeare.txt"),
-                        help="UTF-8 text to learn; first 90%% train, last 10%% val "
-                             "(default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("out") / STAGE,
-                        help="where log.jsonl, metrics.json, loss.png and ckpt.pt go "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=1337,
-                        help="seed of the initial weights, the batches and the samples")
-    group = parser.add_argument_group("model and training (default: the preset's value)")
-    group.add_argument("--n-layer", type=int, help="Transformer blocks")
-    group.add_argument("--n-head", type=int, help="attention heads per block")
-    group.add_argument("--n-embd", type=int, help="width of the residual stream")
-    group.add_argument("--block-size", type=int, help="context length in characters")
-    group.add_argument("--dropout", type=float, help="dropout probability (0 = none)")
-    group.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
-                       help="sdpa: torch's fused F.scaled_dot_product_attention; manual: the "
-                            "same computation written out, to read (default: %(default)s)")
-    group.add_argument("--max-steps", type=int, help="optimizer steps")
-    group.add_argument("--batch-size", type=int, help="sequences per step")
-    group.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    group.add_argument("--min-lr-ratio", type=float, default=0.1,
-                       help="the cosine decays the learning rate to this fraction of --lr "
-                            "(default: %(default)s)")
-    group.add_argument("--warmup-steps", type=int,
-                       help="steps of linear warmup from 0 to --lr")
-    group.add_argument("--weight-decay", type=float, default=0.1,
-                       help="AdamW weight decay of the matrices (default: %(default)s)")
-    group.add_argument("--grad-clip", type=float, default=1.0,
-                       help="clip the gradient's global norm to this (0 = off; "
-                            "default: %(default)s)")
-    group.add_argument("--eval-every", type=int,
-                       help="steps between loss estimates and checkpoints (0 = only at the end)")
-    group.add_argument("--eval-batches", type=int, default=50,
-                       help="batches of --batch-size sequences per loss estimate; the same "
-                            "batches every time (default: %(default)s)")
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--sample", action="store_true",
-                       help="do not train: load --checkpoint and generate text")
-    group.add_argument("--checkpoint", type=Path, default=None,
-                       help="checkpoint for --sample (default: <out-dir>/ckpt.pt)")
-    group.add_argument("--prompt", default="\n",
-                       help="text the sample starts from; every character must occur in the "
-                            "training text (default: a newline)")
-    group.add_argument("--num-chars", type=int, default=500,
-                       help="characters to generate (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=1.0,
-                       help="divide the logits by this before sampling; lower is more "
-                            "conservative (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=0,
-                       help="sample among the k likeliest characters only (0 = all; "
-                            "default: %(default)s)")
-    args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-    def positive_int(name, value):
-        if value <= 0:
-            die(f"--{name} must be a positive integer, got {value}")
-
-    def finite(name, value, low, high, what):
-        if not (low <= value <= high) or math.isnan(value):
-            die(f"--{name} must be {what}, got {value}")
-
-    for name in ("n-layer", "n-head", "n-embd", "block-size", "max-steps", "batch-size",
-                 "eval-batches"):
-        positive_int(name, getattr(args, name.replace("-", "_")))
-    if args.n_embd % args.n_head:
-        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
-            "(each head gets n_embd / n_head channels)")
-    finite("dropout", args.dropout, 0.0, 0.99, "in [0, 1)")
-    finite("lr", args.lr, 1e-12, 10.0, "a positive number at most 10")
-    finite("min-lr-ratio", args.min_lr_ratio, 0.0, 1.0, "in [0, 1]")
-    finite("weight-decay", args.weight_decay, 0.0, 10.0, "0 or a positive number at most 10")
-    finite("grad-clip", args.grad_clip, 0.0, math.inf, "0 (off) or a positive number")
-    finite("temperature", args.temperature, 1e-6, 100.0, "a positive number at most 100")
-    for name in ("warmup-steps", "eval-every", "top-k", "num-chars"):
-        if getattr(args, name.replace("-", "_")) < 0:
-            die(f"--{name} must be 0 or positive, got {getattr(args, name.replace('-', '_'))}")
-    if not args.prompt:
-        die("--prompt must not be empty; give at least one character to start from")
-    if args.checkpoint is None:
-        args.checkpoint = args.out_dir / "ckpt.pt"
-    return args
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        die("--device mps was asked for but MPS is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        die(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-# --- data
-
-def read_text(path):
-    """The whole file as a string; a missing, unreadable, non-UTF-8 or empty file ends the run."""
-    if not path.exists():
-        die(f"data file {path} does not exist; pass --data with a UTF-8 text file")
-    if not path.is_file():
-        die(f"data path {path} is not a file; pass --data with a UTF-8 text file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        die(f"cannot read data file {path} (permission denied); fix its permissions or copy it")
-    except OSError as err:
-        die(f"cannot read data file {path} ({err.strerror}); pass --data with a readable file")
-    except UnicodeDecodeError as err:
-        die(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
-            "re-encode it as UTF-8")
-    if not text:
-        die(f"data file {path} is empty; pass --data with some text to learn")
-    return text
-
-
-class Vocab:
-    """The characters of the training text, sorted; a character's index is its token."""
-
-    def __init__(self, chars):
-        self.chars = "".join(chars)
-        self.index = {ch: i for i, ch in enumerate(self.chars)}
-
-    def __len__(self):
-        return len(self.chars)
-
-    def encode(self, text):
-        return [self.index[ch] for ch in text]
-
-    def decode(self, tokens):
-        return "".join(self.chars[t] for t in tokens)
-
-    def check_prompt(self, prompt):
-        """die() naming the prompt's characters that the model has never seen."""
-        unknown = sorted(set(prompt) - set(self.chars))
-        if unknown:
-            shown = " ".join(repr(ch) for ch in unknown)
-            die(f"--prompt has characters not in the vocabulary of the training text: {shown}; "
-                "use only characters that occur in the text")
-
-
-def split_tokens(text, vocab, block_size):
-    """First 90% train, last 10% val (the customary split for this corpus, so numbers compare)."""
-    n = int(0.9 * len(text))
-    need = block_size + 1
-    if n < need or len(text) - n < need:
-        die(f"the data has {len(text)} characters: too short for --block-size {block_size}, "
-            f"which needs {need} in each split (about {math.ceil(need / 0.1)} in all); "
-            "use a longer text or a smaller --block-size")
-    data = torch.tensor(vocab.encode(text), dtype=torch.long)  # (N,)
-    return data[:n], data[n:]
-
-
-def get_batch(data, batch_size, block_size, generator):
-    """`batch_size` random windows of `block_size` characters and the same windows shifted by
-    one: the target of every position is the next character."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    positions = starts[:, None] + torch.arange(block_size)  # (B, T)
-    # One gather each instead of B slices stacked; both come out contiguous, as the model wants.
-    return data[positions], data[positions + 1]  # (B, T) inputs, (B, T) next characters
 
 
 # --- model
@@ -288,10 +67,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.attention = config.attention
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout, self.attention = config.dropout, config.attention
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
@@ -310,8 +88,7 @@ class CausalSelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
             scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))  # no peeking ahead
             weights = F.softmax(scores, dim=-1)  # (B, nh, T, T), each row sums to 1
-            weights = self.attn_dropout(weights)
-            y = weights @ v  # (B, nh, T, hs)
+            y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
         else:
             # The same four lines in one fused kernel that never stores the (T, T) weights.
             y = F.scaled_dot_product_attention(
@@ -383,8 +160,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -394,23 +170,73 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, num_new, temperature=1.0, top_k=0, generator=None):
-        """Append `num_new` sampled tokens to idx (B, T), one at a time, each conditioned on the
-        last block_size tokens."""
-        for _ in range(num_new):
-            context = idx[:, -self.config.block_size:]  # (B, <=block)
-            logits, _ = self(context)
-            logits = logits[:, -1, :] / temperature  # (B, V), the next token only
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)  # (B, V)
-            next_token = torch.multinomial(probs.cpu(), 1, generator=generator)  # (B, 1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Append `max_new_tokens` tokens to idx (B, T), sampled one at a time (temperature 0:
+        the likeliest), each from the logits of the last block_size tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :]  # (B, V), the next token only
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)  # (B, V)
+                next_token = torch.multinomial(probs.cpu(), 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, next_token.to(idx.device)], dim=1)  # (B, T+1)
         return idx
 
 
-# --- training and evaluation helpers
+# --- data
+
+class Vocab:
+    """The characters of the training text, sorted; a character's index is its token."""
+
+    def __init__(self, chars):
+        self.chars = "".join(chars)
+        self.index = {ch: i for i, ch in enumerate(self.chars)}
+
+    def __len__(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        return [self.index[ch] for ch in text]
+
+    def decode(self, tokens):
+        return "".join(self.chars[t] for t in tokens)
+
+    def check_prompt(self, prompt):
+        """die() naming the prompt's characters that the model has never seen."""
+        unknown = sorted(set(prompt) - set(self.chars))
+        if unknown:
+            die(f"--prompt has characters not in the vocabulary of the training text: "
+                f"{' '.join(map(repr, unknown))}; use only characters that occur in the text")
+
+
+def split_tokens(text, vocab, block_size):
+    """First 90% train, last 10% val (the customary split for this corpus, so numbers compare)."""
+    n = int(0.9 * len(text))
+    need = block_size + 1
+    if n < need or len(text) - n < need:
+        die(f"the data has {len(text)} characters: too short for --block-size {block_size}, "
+            f"which needs {need} in each split (about {math.ceil(need / 0.1)} in all); "
+            "use a longer text or a smaller --block-size")
+    data = torch.tensor(vocab.encode(text), dtype=torch.long)  # (N,)
+    return data[:n], data[n:]
+
+
+def get_batch(data, batch_size, block_size, generator):
+    """`batch_size` random windows of `block_size` characters and the same windows shifted by
+    one: the target of every position is the next character."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    positions = starts[:, None] + torch.arange(block_size)  # (B, T)
+    # One gather each instead of B slices stacked; both come out contiguous, as the model wants.
+    return data[positions], data[positions + 1]  # (B, T) inputs, (B, T) next characters
+
+
+# --- training
 
 def make_optimizer(model, lr, weight_decay, device):
     """AdamW; only matrices decay (GPT-2's rule), biases and LayerNorm gains do not. The fused
@@ -423,159 +249,103 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 
 
-def learning_rate(step, args):
-    """Linear warmup to --lr over --warmup-steps, then a cosine down to lr * min_lr_ratio at
-    --max-steps."""
-    min_lr = args.lr * args.min_lr_ratio
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return min_lr + 0.5 * (args.lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup to max_lr over warmup_steps, then a cosine down to max_lr * min_lr_ratio
+    at max_steps (and flat after it)."""
+    min_lr = max_lr * min_lr_ratio
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(model, optimizer, x, y, grad_clip):
+    """One optimizer step on one batch; returns the loss (a tensor) and the gradient's norm."""
+    optimizer.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
+    optimizer.step()
+    return loss.detach(), norm
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, args, device):
-    """Mean loss over --eval-batches batches per split. The batches are drawn with a fixed seed,
-    so every estimate of a run sees the same text and two estimates differ only by the model."""
+def estimate_loss(model, splits, batches, batch_size, block_size, device):
+    """Mean loss over `batches` batches per split. They are drawn with a fixed seed, so every
+    estimate of a run sees the same text and two estimates differ only by the model."""
     model.eval()
     losses = {}
     for name, data in splits.items():
         generator = torch.Generator().manual_seed(0)
         total = 0.0
-        for _ in range(args.eval_batches):
-            x, y = get_batch(data, args.batch_size, args.block_size, generator)
+        for _ in range(batches):
+            x, y = get_batch(data, batch_size, block_size, generator)
             total += model(x.to(device), y.to(device))[1].item()
-        losses[name] = total / args.eval_batches
+        losses[name] = total / batches
     model.train()
     return losses
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, vocab, args):
-    """Everything needed to sample or to resume, in types that torch.load(weights_only=True)
-    accepts; written to a temporary name, then renamed, so a crash never leaves half a file."""
-    checkpoint = {
-        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "step": step, "val_loss": val_loss, "config": asdict(model.config),
-        "vocab": vocab.chars, "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    """(model, vocab, checkpoint) from a file save_checkpoint wrote; anything else ends the run
-    with a clear error."""
-    if not path.exists():
-        die(f"checkpoint {path} does not exist; train first (python transformer.py) or pass "
-            "--checkpoint")
-    if not path.is_file():
-        die(f"checkpoint path {path} is not a file; pass --checkpoint with a ckpt.pt")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except PermissionError:
-        die(f"cannot read checkpoint {path} (permission denied); fix its permissions")
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:
-        die(f"checkpoint {path} is not a readable PyTorch checkpoint "
-            f"({type(err).__name__}); it may be truncated or corrupt: train again")
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != STAGE:
-        stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
-        die(f"checkpoint {path} was not written by transformer.py"
-            + (f" but by {stage}.py" if stage else "")
-            + "; pass a checkpoint from a transformer.py run")
-    missing = {"model", "optimizer", "step", "val_loss", "config", "vocab"} - set(checkpoint)
-    if missing:
-        die(f"checkpoint {path} is incomplete (no {', '.join(sorted(missing))}); train again")
-    try:
-        config = GPTConfig(**checkpoint["config"])
-        model = GPT(config)
-        model.load_state_dict(checkpoint["model"])
-        vocab = Vocab(checkpoint["vocab"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} is incomplete or does not match this transformer.py "
-            f"({type(err).__name__}); train again")
-    return model.to(device), vocab, checkpoint
-
-
-def sample_text(model, vocab, prompt, num_chars, temperature, top_k, seed, device):
-    """The prompt followed by `num_chars` generated characters; the same seed, the same text."""
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([vocab.encode(prompt)], dtype=torch.long, device=device)  # (1, T)
+def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, generator, decode):
+    """`count` continuations of the prompt's tokens, as text; the same seed, the same text."""
+    idx = torch.tensor([tokens] * count, dtype=torch.long,
+                       device=next(model.parameters()).device)  # (count, T)
     model.eval()
-    out = model.generate(idx, num_chars, temperature, top_k, generator)  # (1, T + num_chars)
-    return vocab.decode(out[0].tolist())
+    out = model.generate(idx, max_new_tokens, temperature, top_k or None, generator)
+    model.train()
+    return [decode(row) for row in out.tolist()]
 
 
-def write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def draw_losses(path, rows, title):
-    """Train and val loss against step; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def draw_figure(path, records, title):
+    """Train and val loss against step."""
+    plt = common.pyplot()
+    if plt is None:
+        return common.no_figure()
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [row["step"] for row in rows]
-    ax.plot(steps, [row["train_loss"] for row in rows], marker="o", label="train")
-    ax.plot(steps, [row["val_loss"] for row in rows], marker="o", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per character)")
-    ax.set_title(title)
+    for key in ("train_loss", "val_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), marker="o", label=key.removesuffix("_loss"))
+    ax.set(xlabel="step", ylabel="loss (nats per character)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    return common.save_figure(fig, path)
 
 
-def prepare_out_dir(path):
-    if path.exists() and not path.is_dir():
-        die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
+def load_model(path, device="cpu"):
+    """(GPT in eval mode, Vocab) from a checkpoint this script wrote; anything else dies."""
+    hint = "pass --init-from with a checkpoint.pt from a transformer.py run"
+    checkpoint = common.load_checkpoint(path, STAGE, hint)
+    missing = {"model", "config", "vocab"} - set(checkpoint)
+    if missing:
+        die(f"checkpoint {path} is incomplete (no {', '.join(sorted(missing))}); {hint}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        die(f"cannot create --out-dir {path} ({err.strerror}); choose another --out-dir")
-
-
-def print_header(device):
-    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}, "
-          f"{torch.get_num_threads()} CPU threads")
-
-
-def sample_main(args, device):
-    """--sample: generate from a checkpoint; nothing is written."""
-    model, vocab, checkpoint = load_checkpoint(args.checkpoint, device)
-    vocab.check_prompt(args.prompt)
-    print_header(device)
-    print(f"checkpoint {args.checkpoint}: step {checkpoint['step']}, "
-          f"val loss {checkpoint['val_loss']:.4f}")
-    text = sample_text(model, vocab, args.prompt, args.num_chars, args.temperature, args.top_k,
-                       args.seed, device)
-    print(text)
-    return {"sample": text}
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as err:
+        die(f"checkpoint {path} does not match this transformer.py ({type(err).__name__}); "
+            f"{hint}")
+    return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
 
 
 def main(args):
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     if args.sample:
-        return sample_main(args, device)
-    text = read_text(args.data)
+        model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt",
+                                              device)
+        vocab.check_prompt(args.prompt)
+        common.print_header(device)
+        print(f"checkpoint of step {checkpoint['step']}, val loss {checkpoint['val_loss']:.4f}")
+        text = sample_texts(model, vocab.encode(args.prompt), 1, args.sample_tokens,
+                            args.temperature, args.top_k,
+                            torch.Generator().manual_seed(args.seed), vocab.decode)[0]
+        print(text)
+        return {"sample": text}
+    text = common.read_text(args.data, "a UTF-8 text file")
     vocab = Vocab(sorted(set(text)))
     vocab.check_prompt(args.prompt)  # before training, not after it
-    train_data, val_data = split_tokens(text, vocab, args.block_size)
-    prepare_out_dir(args.out_dir)
-    print_header(device)
-
+    splits = dict(zip(("train", "val"), split_tokens(text, vocab, args.block_size)))
+    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
+    common.print_header(device)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
@@ -583,85 +353,153 @@ def main(args):
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(text):,} characters from {args.data}: {len(train_data):,} train, "
-          f"{len(val_data):,} val; vocabulary of {len(vocab)} characters")
-    print(f"preset {args.preset}: {config}; {n_params:,} parameters")
-    print(f"{args.max_steps} steps of {args.batch_size} x {args.block_size} characters, "
-          f"lr {args.lr:g} (warmup {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), "
-          f"weight decay {args.weight_decay:g}, grad clip {args.grad_clip:g}")
-    print(f"loss at init should be about ln({len(vocab)}) = {math.log(len(vocab)):.4f}")
-
-    splits = {"train": train_data, "val": val_data}
-    batch_gen = torch.Generator().manual_seed(args.seed)
-    log = open(args.out_dir / "log.jsonl", "w", encoding="utf-8")
-    rows, best = [], None
-    train_seconds = 0.0  # the optimizer steps only, without evaluation and checkpoints
-    started = time.time()
+    print(f"{len(text):,} characters from {args.data}: {len(splits['train']):,} train, "
+          f"{len(splits['val']):,} val; vocabulary of {len(vocab)} characters\n"
+          f"preset {args.preset}: {config}; {n_params:,} parameters\n"
+          f"{args.max_steps} steps of {args.batch_size} x {args.block_size} characters, lr "
+          f"{args.lr:g} (warmup {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), weight "
+          f"decay {args.weight_decay:g}, grad clip {args.grad_clip:g}\n"
+          f"loss at init should be about ln({len(vocab)}) = {math.log(len(vocab)):.4f}")
+    log = common.Log(args.out_dir / "log.jsonl")
+    batch_generator = torch.Generator().manual_seed(args.seed)
+    best, train_seconds, started = None, 0.0, time.time()  # train_seconds: the steps alone
     for step in range(args.max_steps + 1):
         last = step == args.max_steps
         if last or (args.eval_every and step % args.eval_every == 0):
-            losses = estimate_loss(model, splits, args, device)
-            row = {"step": step, "seconds": round(time.time() - started, 3),
-                   "train_seconds": round(train_seconds, 3), "train_loss": losses["train"],
-                   "val_loss": losses["val"], "lr": learning_rate(min(step, args.max_steps - 1),
-                                                                  args)}
-            rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if step > 0 and (best is None or row["val_loss"] < best["val_loss"]):
-                best = row
-                save_checkpoint(args.out_dir / "ckpt.pt", model, optimizer, step,
-                                row["val_loss"], vocab, args)
-            print(f"step {step:5d}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
-                  f"lr {row['lr']:.2e}  {row['train_seconds']:7.1f} s training "
-                  f"({row['seconds']:.1f} s with evaluation)")
+            lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
+                               args.max_steps, args.min_lr_ratio)
+            losses = estimate_loss(model, splits, args.eval_batches, args.batch_size,
+                                   args.block_size, device)
+            record = {"step": step, "seconds": round(time.time() - started, 3),
+                      "train_seconds": round(train_seconds, 3), "train_loss": losses["train"],
+                      "val_loss": losses["val"], "lr": lr}
+            log(record)
+            print(f"step {step:5d}  train {losses['train']:.4f}  val {losses['val']:.4f}  lr "
+                  f"{lr:.2e}  {train_seconds:7.1f} s training ({record['seconds']:.1f} s with "
+                  "evaluation)")
+            if step > 0 and (best is None or record["val_loss"] < best["val_loss"]):
+                best = record
+                common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+                    "stage": STAGE, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "val_loss": record["val_loss"], "config": asdict(config),
+                    "vocab": vocab.chars, "args": {k: str(v) for k, v in vars(args).items()}})
         if last:
             break
-        step_started = time.time()
-        lr = learning_rate(step, args)
+        t0 = time.time()
+        lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, args.batch_size, args.block_size, batch_gen)
-        _, loss = model(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip, foreach=True)
-        optimizer.step()
+        x, y = get_batch(splits["train"], args.batch_size, args.block_size, batch_generator)
+        train_step(model, optimizer, x.to(device), y.to(device), args.grad_clip)
         if device.type == "cuda":
-            torch.cuda.synchronize()  # so that train_seconds measures work, not queueing
-        train_seconds += time.time() - step_started
+            torch.cuda.synchronize()  # so that the time measures work, not queueing
+        train_seconds += time.time() - t0
     log.close()
     seconds = time.time() - started
 
-    model, _, _ = load_checkpoint(args.out_dir / "ckpt.pt", device)
-    sample = sample_text(model, vocab, args.prompt, args.num_chars, args.temperature,
-                         args.top_k, args.seed, device)
-    print(f"--- a sample from the best checkpoint (step {best['step']}):")
-    print(sample)
-    print("---")
-
-    figure = args.out_dir / "loss.png"
-    title = f"transformer.py --preset {args.preset} on {args.data.name}"
-    if not draw_losses(figure, rows, title):
-        figure = None
-        print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
+    model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
+    sample = sample_texts(model, vocab.encode(args.prompt), 1, args.sample_tokens,
+                          args.temperature, args.top_k, torch.Generator().manual_seed(args.seed),
+                          vocab.decode)[0]
+    print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
+    figure = draw_figure(args.out_dir / "loss.png", log.records,
+                         f"transformer.py --preset {args.preset} on {args.data.name}")
     metrics = {
         "stage": STAGE, "preset": args.preset, "config": asdict(config), "params": n_params,
         "steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
         "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3),
         "ms_per_step": round(1000 * train_seconds / args.max_steps, 3),
         "best_step": best["step"], "best_val_loss": best["val_loss"],
-        "final_train_loss": rows[-1]["train_loss"], "final_val_loss": rows[-1]["val_loss"],
-        "vocab_size": len(vocab), "device": str(device), "threads": torch.get_num_threads(),
-        "data": str(args.data), "seed": args.seed, "figure": figure and str(figure),
-        "sample": sample,
-    }
-    write_json_atomic(args.out_dir / "metrics.json", metrics)
-    print(f"best val loss {best['val_loss']:.4f} at step {best['step']}; "
-          f"{train_seconds:.1f} s of training ({1000 * train_seconds / args.max_steps:.1f} ms a "
-          f"step), {seconds:.1f} s with evaluation; outputs in {args.out_dir}")
+        "final_train_loss": log.records[-1]["train_loss"],
+        "final_val_loss": log.records[-1]["val_loss"], "vocab_size": len(vocab),
+        "device": str(device), "threads": torch.get_num_threads(), "data": str(args.data),
+        "seed": args.seed, "figure": figure, "sample": sample}
+    common.write_json(args.out_dir / "metrics.json", metrics)
+    print(f"best val loss {best['val_loss']:.4f} at step {best['step']}; {train_seconds:.1f} s "
+          f"of training, {seconds:.1f} s with evaluation; outputs in {args.out_dir}")
     return metrics
+
+
+# --- command line
+
+# The presets set the model size and the training length; any flag given on the command line
+# overrides its preset value. quick is the model and batch of nanoGPT's CPU recipe (4 layers,
+# 4 heads, 128 wide, block 64, batch 12) trained with 3x its learning rate for 3/4 of its steps:
+# a model this small tolerates a large step, and gets further in less time. cpu keeps that
+# width but doubles the context and the batch: on a CPU a 128-character window costs hardly more
+# per character than a 64-character one, and the longer context is worth a lot of loss. gpu is
+# the lecture's scale (nanoGPT's GPU configuration for this corpus).
+PRESETS = {
+    "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+                  lr=3e-3, warmup_steps=100, max_steps=1400, eval_every=350),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=24, dropout=0.0,
+                lr=3e-3, warmup_steps=100, max_steps=1800, eval_every=300),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+                lr=1e-3, warmup_steps=100, max_steps=5000, eval_every=250),
+}
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(STAGE, "A character-level GPT trained on Shakespeare; --sample "
+                                "generates text.", "data/shakespeare.txt",
+                                "UTF-8 text to learn; first 90%% train, last 10%% val", seed=1337)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="model size and training length: quick (about 30 s on a laptop "
+                             "CPU), cpu (a few minutes) or gpu (the lecture's scale, one GPU); "
+                             "any flag below overrides its preset value (default: %(default)s)")
+    model = parser.add_argument_group("model (default: the preset's value)")
+    for flag, text in (("--n-layer", "Transformer blocks"), ("--n-head", "attention heads"),
+                       ("--n-embd", "width of the residual stream"),
+                       ("--block-size", "context length in characters")):
+        model.add_argument(flag, type=int, help=text)
+    model.add_argument("--dropout", type=float, help="dropout probability (0 = none)")
+    model.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
+                       help="sdpa: torch's fused F.scaled_dot_product_attention; manual: the "
+                            "same computation written out, to read (default: %(default)s)")
+    model.add_argument("--init-from", "--checkpoint", type=Path, default=None, help="checkpoint "
+                       "for --sample (default: <out-dir>/checkpoint.pt)")
+    train = parser.add_argument_group("training (default: the preset's value)")
+    train.add_argument("--batch-size", type=int, help="sequences per step")
+    train.add_argument("--max-steps", type=int, help="optimizer steps")
+    train.add_argument("--warmup-steps", type=int, help="steps of linear warmup to --lr")
+    train.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine ends at lr x this (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.1,
+                       help="AdamW weight decay of the matrices (default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's "
+                       "global norm to this (0 = off; default: %(default)s)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh even though --out-dir holds a checkpoint, replacing it")
+    evals = parser.add_argument_group("evaluation and samples")
+    evals.add_argument("--eval-every", type=int, help="steps between loss estimates and "
+                       "checkpoints during training (0 = off: once, at the end)")
+    evals.add_argument("--eval-batches", type=int, default=50, help="batches per split in each "
+                       "loss estimate, the same ones every time (default: %(default)s)")
+    evals.add_argument("--sample", action="store_true",
+                       help="do not train: generate text from --init-from")
+    evals.add_argument("--prompt", default="\n", help="text the sample starts from; every "
+                       "character must occur in the training text (default: a newline)")
+    evals.add_argument("--sample-tokens", "--num-chars", type=int, default=500,
+                       dest="sample_tokens", help="characters to generate (default: %(default)s)")
+    evals.add_argument("--temperature", type=float, default=1.0, help="divide the logits by "
+                       "this before sampling; 0 = greedy (default: %(default)s)")
+    evals.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest "
+                       "characters only (0 = all; default: %(default)s)")
+    args = common.apply_preset(parser.parse_args(argv), PRESETS)
+    common.check_args(
+        args, positive=("n_layer", "n_head", "n_embd", "block_size", "max_steps", "batch_size",
+                        "eval_batches", "lr"),
+        non_negative=("warmup_steps", "eval_every", "top_k", "sample_tokens"),
+        ranges=(("dropout", 0, 0.99), ("lr", 0, 10), ("min_lr_ratio", 0, 1),
+                ("weight_decay", 0, 10), ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
+    if args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
+            "(each head gets n_embd / n_head channels)")
+    if not args.prompt:
+        die("--prompt must not be empty; give at least one character to start from")
+    return args
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import gpt2
 from conftest import ROOT, assert_user_error, run_script
 
@@ -95,24 +96,22 @@ def test_gpt2_124m_shape_tying_and_init():
 def test_linear_cross_entropy_equals_plain_cross_entropy():
     """The CPU training path's fused, chunked loss has F.cross_entropy's value and gradients."""
     model = tiny_model().train()
-    model.LOSS_CHUNK = 5  # several chunks, the last one partial
+    fused_model = gpt2.FusedLossGPT(model)
+    fused_model.CHUNK = 5  # several chunks, the last one partial
+    assert list(fused_model.parameters()) == list(model.parameters())  # no weights of its own
     x = torch.randint(0, VOCAB, (3, 7))
     y = torch.randint(0, VOCAB, (3, 7))
-    logits, loss = model(x, y, return_logits=False)
+    logits, loss = fused_model(x, y)
     assert logits is None
     loss.backward()
     fused = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    logits, _ = model(x, y)  # the default keeps the interface: logits with the loss
+    logits, plain = model(x, y)  # the plain path: logits, then F.cross_entropy
     assert logits.shape == (3, 7, VOCAB)
-    plain = F.cross_entropy(logits.view(-1, VOCAB), y.view(-1))
     plain.backward()
     assert loss.item() == pytest.approx(plain.item(), abs=1e-6)
     for a, p in zip(fused, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():  # evaluation takes the plain path and returns logits
-        logits, loss_eval = model(x, y, return_logits=False)
-    assert logits.shape == (3, 7, VOCAB) and loss_eval.item() == pytest.approx(plain.item())
 
 
 def test_hidden_states_times_lm_head_are_the_logits():
@@ -181,7 +180,7 @@ def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ckpt = tmp_path / "checkpoint.pt"
-    gpt2.save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
+    common.save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
                                 "config": vars(model.config).copy()})
     train(["--init-from", ckpt, "--export-hf", tmp_path / "export"])
     assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
@@ -346,40 +345,39 @@ def test_resume_is_exact(tmp_path, shards):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash in the middle of saving leaves the previous checkpoint whole and loadable."""
     path = tmp_path / "checkpoint.pt"
-    gpt2.save_checkpoint(path, {"stage": "gpt2", "step": 1, "w": torch.ones(3)})
+    common.save_checkpoint(path, {"stage": "gpt2", "step": 1, "w": torch.ones(3)})
 
     def crash(obj, f, *args, **kwargs):
         with open(f, "wb") as file:
             file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(gpt2.torch, "save", crash)
+    monkeypatch.setattr(common.torch, "save", crash)
     with pytest.raises(OSError):
-        gpt2.save_checkpoint(path, {"stage": "gpt2", "step": 2, "w": torch.zeros(3)})
-    assert gpt2.load_checkpoint(path)["step"] == 1
+        common.save_checkpoint(path, {"stage": "gpt2", "step": 2, "w": torch.zeros(3)})
+    assert common.load_checkpoint(path, "gpt2", "")["step"] == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, monkeypatch, capsys):
     """A non-finite loss ends the run with a clear message and no new checkpoint."""
     out = tmp_path / "out"
-    forward = gpt2.GPT.forward
+    forward = gpt2.FusedLossGPT.forward  # the CPU float32 training step's model
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, return_logits=True):
-        logits, loss = forward(self, idx, targets, return_logits)
-        if targets is not None and torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] > 6:  # steps 0-2 are fine (2 micro-steps each), step 3 is not
-                loss = loss * float("nan")
+    def poisoned(self, idx, targets):
+        logits, loss = forward(self, idx, targets)
+        calls["n"] += 1
+        if calls["n"] > 6:  # steps 0-2 are fine (2 micro-steps each), step 3 is not
+            loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(gpt2.GPT, "forward", poisoned)
+    monkeypatch.setattr(gpt2.FusedLossGPT, "forward", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         train(TINY + ["--data", shards, "--out-dir", out, "--checkpoint-every", "2"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 3" in err and "last good checkpoint" in err
-    assert gpt2.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert common.load_checkpoint(out / "checkpoint.pt", "gpt2", "")["step"] == 2
 
 
 @pytest.mark.slow
@@ -401,7 +399,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, shards):
         proc.kill()
     assert proc.returncode == 0, err
     assert "received SIGTERM" in rest
-    step = gpt2.load_checkpoint(out / "checkpoint.pt")["step"]
+    step = common.load_checkpoint(out / "checkpoint.pt", "gpt2", "")["step"]
     assert step >= 3 and len(train_losses(out)) == step
 
 
@@ -518,7 +516,7 @@ def test_bad_flags(tmp_path, shards, capsys):
                                tmp_path / "missing.jsonl"], "hellaswag", out_dir=out)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    user_error(capsys, ["--sample", "--init-from", bad], "cannot load")
+    user_error(capsys, ["--sample", "--init-from", bad], "not a readable")
     user_error(capsys, ["--sample", "--init-from", tmp_path / "none"], "cannot load")
 
 
@@ -540,3 +538,60 @@ def test_inline_hellaswag_with_the_real_evaluator(tmp_path, shards):
     scores = [r for r in read_log(out / "log.jsonl") if "hellaswag" in r]
     assert [r["step"] for r in scores] == [0, 1]
     assert all(r["hellaswag_n"] == 6 and 0 <= r["hellaswag"] <= 1 for r in scores)
+
+
+# --- what a practitioner relies on
+
+def test_a_finished_run_is_not_overwritten_without_a_flag(tmp_path, shards, capsys):
+    """The same --out-dir again without --resume stops before touching the checkpoint, naming
+    both ways on; --overwrite starts afresh and replaces it."""
+    out = tmp_path / "out"
+    train(TINY + ["--data", shards, "--out-dir", out, "--max-steps", "2"])
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train(TINY + ["--data", shards, "--out-dir", out, "--max-steps", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0], err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert len(train_losses(out)) == 2  # the log is untouched too
+    train(TINY + ["--data", shards, "--out-dir", out, "--max-steps", "3", "--overwrite"])
+    assert common.load_checkpoint(out / "checkpoint.pt", "gpt2", "")["step"] == 3
+
+
+def test_eval_hellaswag_mode_scores_a_checkpoint(tmp_path, shards, capsys):
+    """--eval-hellaswag scores --init-from on a local HellaSwag file with all three rules."""
+    out = tmp_path / "out"
+    train(TINY + ["--data", shards, "--out-dir", out, "--vocab-size", "50304", "--max-steps", "1"])
+    capsys.readouterr()
+    result = train(["--eval-hellaswag", "--init-from", out / "checkpoint.pt", "--device", "cpu",
+                    "--hellaswag-data", hellaswag_file(tmp_path, 7), "--hellaswag-limit", "5"])
+    assert result["n"] == 5 and set(result) >= {"acc", "acc_norm", "acc_norm_chars"}
+    assert result["correct_norm"] == round(result["acc_norm"] * 5)
+    assert "HellaSwag, 5 examples: acc " in capsys.readouterr().out
+
+
+def test_evaluation_and_sampling_keep_off_cudnn_attention(tmp_path, monkeypatch):
+    """Training may use cuDNN's attention (one fixed shape); sampling and HellaSwag, whose
+    lengths change at every call, must not (a new cuDNN plan per length)."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(gpt2.F, "scaled_dot_product_attention", spy)
+    model = tiny_model(vocab=50304)
+    model.train()
+    model(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8)))
+    assert seen and all(seen)  # training: torch's own choice, cuDNN allowed
+    seen.clear()
+    gpt2.sample_texts(model, [1, 2, 3], 2, 4, 1.0, 5, torch.Generator().manual_seed(0),
+                      lambda tokens: str(tokens))
+    import fineweb
+    examples = [{"ctx": "A man", "endings": ["runs.", "sits.", "eats.", "a b c"], "label": 0}]
+    gpt2.score_hellaswag(model, examples, fineweb.get_encoding(), 0, 1, torch.device("cpu"),
+                         torch.float32)
+    assert seen and not any(seen)
+    assert model.training  # both put the model back in training mode

@@ -263,30 +263,29 @@ def test_download_is_checked_atomic_and_cached(tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == ["hellaswag_val.jsonl"]  # nothing half-written
 
 
-def fake_gpt2_module(model):
-    """Stand-in for gpt2.py until it exists: load_model(path, device) -> a model in eval mode."""
-    module = types.ModuleType("gpt2")
-    module.load_model = lambda path, device: model.to(device).eval()
-    return module
-
-
-def test_cli_scores_a_checkpoint_and_writes_predictions(tmp_path, monkeypatch, enc, capsys):
-    data = write_examples(tmp_path / "mine.jsonl", EXAMPLES * 2)
+def test_cli_sends_a_gpt2_checkpoint_to_gpt2_py(tmp_path, capsys):
+    """hellaswag.py imports no stage: for a gpt2.py checkpoint it names the command that scores
+    one, in one line, before reading anything."""
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"stand-in")
-    model = TinyCausalLM()
-    monkeypatch.setitem(sys.modules, "gpt2", fake_gpt2_module(model))
-    args = hellaswag.parse_args(["--checkpoint", str(checkpoint), "--data", str(data), "--limit", "5",
-                                 "--device", "cpu", "--out-dir", str(tmp_path / "out"),
-                                 "--predictions", str(tmp_path / "pred.jsonl"), "--batch-size", "2"])
-    metrics = hellaswag.main(args)
-    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {key: saved[key] for key in metrics} == metrics
-    lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
-    assert [p["ind"] for p in lines] == [0, 1, 2, 0, 1]
-    assert set(lines[0]) >= {"ind", "label", "pred", "pred_norm", "pred_norm_chars", "loss_sum", "loss_mean"}
-    assert metrics["n"] == 5 and metrics["correct"] == sum(p["pred"] == p["label"] for p in lines)
-    assert "acc_norm" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        hellaswag.parse_args(["--checkpoint", str(checkpoint)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt2.py --eval-hellaswag --init-from" in err[0]
+
+
+def test_leaf_modules_import_no_stage():
+    """No import circles: hellaswag.py, fineweb.py and common.py import no stage script."""
+    import ast
+    stages = {"bigram", "mlp", "wavenet", "transformer", "gpt2"}
+    for leaf in ("hellaswag.py", "fineweb.py", "common.py"):
+        tree = ast.parse((ROOT / leaf).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for alias in (node.names if isinstance(node, ast.Import) else
+                                  [type("A", (), {"name": node.module or ""})])}
+        assert not imported & stages, (leaf, imported & stages)
 
 
 def test_cli_scores_a_local_hugging_face_gpt2_with_reference_numbers(tmp_path, capsys):
@@ -296,10 +295,17 @@ def test_cli_scores_a_local_hugging_face_gpt2_with_reference_numbers(tmp_path, c
     hf_dir = tmp_path / "gpt2"  # named like OpenAI's model, so the reference line is printed
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
     data = write_examples(tmp_path / "mine.jsonl")
-    hellaswag.main(hellaswag.parse_args(["--hf-model", str(hf_dir), "--data", str(data), "--device", "cpu",
-                                         "--out-dir", str(tmp_path / "out")]))
+    metrics = hellaswag.main(hellaswag.parse_args([
+        "--hf-model", str(hf_dir), "--data", str(data), "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+        "--predictions", str(tmp_path / "pred.jsonl"), "--batch-size", "2"]))
     out = capsys.readouterr().out
     assert "3 examples" in out and "acc_norm 0.2955" in out
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {key: saved[key] for key in metrics} == metrics
+    lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [p["ind"] for p in lines] == [0, 1, 2]
+    assert set(lines[0]) >= {"ind", "label", "pred", "pred_norm", "pred_norm_chars", "loss_sum", "loss_mean"}
+    assert metrics["n"] == 3 and metrics["correct"] == sum(p["pred"] == p["label"] for p in lines)
     # The adapter's fast path gives the same picks as its plain logits.
     model = hellaswag.HFGPT2(transformers.GPT2LMHeadModel.from_pretrained(hf_dir)).eval()
     fast = hellaswag.score_examples(model, EXAMPLES)
@@ -315,14 +321,14 @@ def test_cli_user_errors(tmp_path, capsys):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"x")
     cases = [
-        (["--data", str(bad), "--checkpoint", str(ckpt)], ["bad.jsonl:2"]),
-        (["--data", str(tmp_path / "none.jsonl"), "--checkpoint", str(ckpt)], ["--data", "no such file"]),
-        (["--checkpoint", str(tmp_path / "none.pt")], ["--checkpoint", "no such file"]),
+        (["--data", str(bad), "--hf-model", "gpt2"], ["bad.jsonl:2"]),
+        (["--data", str(tmp_path / "none.jsonl"), "--hf-model", "gpt2"], ["--data", "no such file"]),
+        (["--hf-model", str(tmp_path / "none")], ["--hf-model", "no such folder"]),
         (["--data", str(bad)], ["--checkpoint", "--hf-model"]),
         (["--checkpoint", str(ckpt), "--hf-model", "gpt2"], ["not allowed"]),
-        (["--checkpoint", str(ckpt), "--limit", "-1"], ["--limit"]),
-        (["--checkpoint", str(ckpt), "--batch-size", "0"], ["--batch-size"]),
-        (["--checkpoint", str(ckpt), "--split", "test"], ["--split"]),
+        (["--hf-model", "gpt2", "--limit", "-1"], ["--limit"]),
+        (["--hf-model", "gpt2", "--batch-size", "0"], ["--batch-size"]),
+        (["--hf-model", "gpt2", "--split", "test"], ["--split"]),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_info:

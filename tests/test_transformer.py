@@ -1,4 +1,5 @@
 """transformer.py: the model's invariants, training, checkpoints, sampling and every user error."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import torch
 from conftest import ROOT, assert_user_error, run_script
 
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import transformer as tf  # noqa: E402  (the repository root is not on sys.path under plain pytest)
 
 SPEECHES = [
@@ -121,7 +123,7 @@ def test_overfits_a_tiny_text():
     generator = torch.Generator().manual_seed(0)
     for step in range(args.max_steps):
         for group in optimizer.param_groups:
-            group["lr"] = tf.learning_rate(step, args)
+            group["lr"] = tf.learning_rate(step, args.lr, args.warmup_steps, args.max_steps)
         x, y = tf.get_batch(data, 16, 16, generator)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -141,10 +143,10 @@ def test_batches_are_next_character_targets():
 def test_learning_rate_schedule():
     """Warmup rises linearly to --lr, the cosine ends at lr * min_lr_ratio."""
     args = tf.parse_args(["--lr", "1e-3", "--warmup-steps", "10", "--max-steps", "110"])
-    assert tf.learning_rate(0, args) == pytest.approx(1e-4)
-    assert tf.learning_rate(9, args) == pytest.approx(1e-3)
-    assert tf.learning_rate(60, args) == pytest.approx(0.55e-3)
-    assert tf.learning_rate(110, args) == pytest.approx(1e-4)
+    assert tf.learning_rate(0, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-4)
+    assert tf.learning_rate(9, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-3)
+    assert tf.learning_rate(60, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(0.55e-3)
+    assert tf.learning_rate(110, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-4)
 
 
 def test_presets_and_overrides():
@@ -160,7 +162,7 @@ def test_presets_and_overrides():
 # --- checkpoints and sampling
 
 def test_checkpoint_round_trip(tmp_path):
-    """save_checkpoint -> load_checkpoint restores the same weights, config, vocabulary and
+    """save_checkpoint -> load_model restores the same weights, config, vocabulary and
     optimizer state, through torch.load(weights_only=True)."""
     model = tiny_model()
     optimizer = tf.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
@@ -168,9 +170,12 @@ def test_checkpoint_round_trip(tmp_path):
     loss.backward()
     optimizer.step()
     vocab = tf.Vocab("abcdefghijklmnopqrst")
-    path = tmp_path / "ckpt.pt"
-    tf.save_checkpoint(path, model, optimizer, 7, 1.5, vocab, tf.parse_args([]))
-    loaded, loaded_vocab, checkpoint = tf.load_checkpoint(path, torch.device("cpu"))
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"stage": "transformer", "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "step": 7, "val_loss": 1.5,
+                                  "config": dataclasses.asdict(model.config),
+                                  "vocab": vocab.chars})
+    loaded, loaded_vocab, checkpoint = tf.load_model(path, torch.device("cpu"))
     assert loaded_vocab.chars == vocab.chars
     assert checkpoint["step"] == 7 and checkpoint["val_loss"] == 1.5
     assert loaded.config == model.config
@@ -186,17 +191,18 @@ def test_samples_are_deterministic_for_a_seed():
     """The same seed gives the same text; another seed gives another text."""
     model = tiny_model(vocab_size=26)
     vocab = tf.Vocab("abcdefghijklmnopqrstuvwxyz")
-    first = tf.sample_text(model, vocab, "ab", 40, 1.0, 0, 5, torch.device("cpu"))
-    again = tf.sample_text(model, vocab, "ab", 40, 1.0, 0, 5, torch.device("cpu"))
-    other = tf.sample_text(model, vocab, "ab", 40, 1.0, 0, 6, torch.device("cpu"))
-    assert first == again != other
+    def sample(seed, top_k=0, temperature=1.0):
+        return tf.sample_texts(model, vocab.encode("ab"), 1, 40, temperature, top_k,
+                               torch.Generator().manual_seed(seed), vocab.decode)[0]
+
+    first = sample(5)
+    assert first == sample(5) != sample(6)
     assert first.startswith("ab") and len(first) == 42
-    top1 = tf.sample_text(model, vocab, "ab", 40, 1.0, 1, 5, torch.device("cpu"))
-    assert top1 == tf.sample_text(model, vocab, "ab", 40, 1.0, 1, 9, torch.device("cpu"))
+    assert sample(5, top_k=1) == sample(9, top_k=1) == sample(3, temperature=0)  # greedy
 
 
 def test_training_run_outputs_and_sample_mode(tmp_path, play_file):
-    """A full run as a user would type it: log.jsonl, metrics.json, loss.png and ckpt.pt; the
+    """A full run as a user would type it: log.jsonl, metrics.json, loss.png and checkpoint.pt; the
     loss goes down; then --sample reloads the checkpoint and repeats the run's own sample."""
     out = tmp_path / "out"
     result = run_script("transformer.py", "--data", play_file, "--out-dir", out, *TINY,
@@ -213,7 +219,7 @@ def test_training_run_outputs_and_sample_mode(tmp_path, play_file):
     assert not list(out.glob("*.tmp"))
     assert metrics["sample"].startswith("ROMEO:") and metrics["sample"] in result.stdout
 
-    again = run_script("transformer.py", "--sample", "--checkpoint", out / "ckpt.pt",
+    again = run_script("transformer.py", "--sample", "--checkpoint", out / "checkpoint.pt",
                        "--prompt", "ROMEO:", "--num-chars", "30", "--device", "cpu",
                        env=ONE_THREAD)
     assert again.returncode == 0, again.stderr
@@ -252,7 +258,7 @@ def test_bad_flag_from_the_command_line(tmp_path, play_file):
     (["--dropout", "1"], ["--dropout"]),
     (["--lr", "0"], ["--lr"]),
     (["--lr", "nan"], ["--lr"]),
-    (["--temperature", "0"], ["--temperature"]),
+    (["--temperature", "-1"], ["--temperature"]),
     (["--top-k", "-1"], ["--top-k"]),
     (["--eval-every", "-5"], ["--eval-every"]),
     (["--eval-batches", "0"], ["--eval-batches"]),
@@ -308,7 +314,7 @@ def checkpoint(tmp_path, play_file):
     """A real checkpoint from a tiny training run, in-process to save a start-up."""
     args = train_args(tmp_path, play_file, "--num-chars", "0")
     tf.main(args)
-    return args.out_dir / "ckpt.pt"
+    return args.out_dir / "checkpoint.pt"
 
 
 def test_sample_mode_errors(tmp_path, checkpoint, capsys):
@@ -358,3 +364,23 @@ def test_make_shakespeare_reproduces_the_committed_file():
     result = subprocess.run([sys.executable, str(ROOT / "data" / "make_shakespeare.py"),
                              "--check"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_finished_run_is_not_overwritten_without_a_flag(tmp_path, play_file, capsys):
+    """The same --out-dir again stops before touching the checkpoint; --overwrite replaces it."""
+    tf.main(train_args(tmp_path, play_file, "--max-steps", "2"))
+    path = tmp_path / "out" / "checkpoint.pt"
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert_user_error_in_process(capsys, ["--data", play_file, "--out-dir", tmp_path / "out",
+                                          *TINY], "checkpoint.pt", "--overwrite")
+    assert path.read_bytes() == before
+    tf.main(train_args(tmp_path, play_file, "--overwrite"))
+    assert torch.load(path, weights_only=True)["step"] == 12
+
+
+def test_eval_every_0_means_no_evaluation_during_training(tmp_path, play_file):
+    """--eval-every 0: no estimates while training; the result is measured once, at the end."""
+    metrics = tf.main(train_args(tmp_path, play_file, "--eval-every", "0"))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [12] and metrics["best_step"] == 12

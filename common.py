@@ -1,0 +1,338 @@
+"""The plumbing every stage shares, so that the stages can be about their lesson.
+
+Nothing here is the lesson: the command line's shared flags and their checks, a user's mistake
+as one line on stderr and exit status 2, the choice of device and dtype, reading an input file
+with clear errors, atomic writes of outputs, the output folder (which never loses a checkpoint
+without --overwrite), the run's header, figures, log.jsonl, checkpoints loaded safely, every RNG
+state for exact resumes, stop signals, and the GPU peak that MFU is measured against. This
+module is a leaf: it imports no stage, and every stage (and fineweb.py, hellaswag.py, bench.py)
+may import it.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import signal
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROG = Path(sys.argv[0]).name  # replaced by the script's name once its parser is built
+
+
+def die(message):
+    """A user's mistake: one line that names the problem and the fix, exit status 2. Under
+    torchrun every rank checks the same inputs, and rank 0 alone prints the line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# --- the command line
+
+def make_parser(stage, description, data, data_help, seed):
+    """An argparse parser with the flags every stage has, in the same spelling and meaning:
+    --data, --out-dir (default out/<stage>), --device and --seed. argparse's own complaints
+    (an unknown flag, a value that is not a number) end through die() like every other mistake."""
+    global PROG
+    PROG = f"{stage}.py"
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
+    parser.error = die
+    parser.add_argument("--data", type=Path, default=Path(data),
+                        help=f"{data_help} (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("out") / stage,
+                        help="where log.jsonl, metrics.json, the figure and any checkpoint go "
+                             "(default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=int, default=seed,
+                        help="seed of everything random in the run (default: %(default)s)")
+    return parser
+
+
+def check_args(args, positive=(), non_negative=(), ranges=()):
+    """die() on the first flag out of its range. `ranges` holds (name, low, high); a value of
+    None is a flag left unset and is not checked."""
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            die(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in non_negative:
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            die(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {value}")
+    for name, low, high in ranges:
+        value = getattr(args, name)
+        if value is not None and (math.isnan(value) or not low <= value <= high):
+            die(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g}], got {value}")
+    return args
+
+
+def apply_preset(args, presets):
+    """Every flag the user left unset (None) takes its value from the chosen preset."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# --- device and dtype
+
+def pick_device(name="auto", local_rank=None):
+    """auto picks cuda, then mps, then cpu. A CUDA device always gets an index: cuda:LOCAL_RANK
+    under torchrun (one GPU per process), else the index given or the current GPU, so that
+    torch.cuda.set_device and DDP accept it whatever the user typed."""
+    if name == "auto":
+        name = ("cuda" if torch.cuda.is_available() else
+                "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        die(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type not in ("cpu", "cuda", "mps"):
+        die(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die("--device mps was asked for but MPS is not available; use --device cpu")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        die(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    index = local_rank if local_rank is not None else device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        die(f"--device {name}: GPU {index} does not exist, this machine has "
+            f"{torch.cuda.device_count()}; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def pick_dtype(name, device):
+    """The autocast dtype: bf16 where the GPU has it (Ampere and newer), fp16 on older GPUs
+    (it needs a gradient scaler), fp32 on CPU and MPS unless asked for."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if name == "float16" and device.type != "cuda":
+        die("--dtype float16 needs a CUDA GPU (it trains with a gradient scaler); "
+            "use --dtype bfloat16 or float32")
+    return getattr(torch, name)
+
+
+# Dense bf16 tensor-core peak in TFLOP/s per GPU (fp16 for cards without bf16), from the vendors'
+# data sheets; the first name found in torch.cuda.get_device_name() wins, so the more specific
+# names come first. Unknown cards get no MFU unless --peak-tflops is given.
+GPU_PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10G", 70.0), ("A10", 125.0), ("A6000", 155.0), ("RTX 6000 Ada", 364.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+]
+
+
+def gpu_peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+
+
+# --- files
+
+def read_text(path, what="a UTF-8 text file"):
+    """The whole file as a string; a missing, unreadable, non-UTF-8 or empty file ends the run
+    with a line that says what --data needs."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"data {'path' if path.exists() else 'file'} {path} "
+            f"{'is not a file' if path.exists() else 'does not exist'}; pass --data with {what}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except PermissionError:
+        die(f"cannot read data file {path} (permission denied); fix its permissions or copy it")
+    except OSError as err:
+        die(f"cannot read data file {path} ({err.strerror}); pass --data with a readable file")
+    except UnicodeDecodeError as err:
+        die(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
+            "re-encode it as UTF-8")
+    if not text.strip():
+        die(f"data file {path} is empty; pass --data with {what}")
+    return text
+
+
+def write_atomic(path, write):
+    """write(tmp) into a temporary name beside `path`, then rename: nobody ever sees half a file
+    (os.replace is atomic on one file system), and a crash leaves the previous version whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n",
+                                                  encoding="utf-8"))
+
+
+def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
+    """Create --out-dir. A `checkpoint` already in it is somebody's run, perhaps hours of it:
+    without --overwrite (or --resume, where the stage has it) the run stops before touching it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
+    if checkpoint is not None and (path / checkpoint).exists() and not overwrite:
+        die(f"--out-dir {path} already holds {checkpoint} from an earlier run; "
+            + ("continue it with --resume, or " if resume_flag else "choose another --out-dir, or ")
+            + "pass --overwrite to start afresh and replace it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        die(f"cannot create --out-dir {path} ({err.strerror}); choose another --out-dir")
+
+
+def print_header(device, world_size=1):
+    """The first lines of every run: the command line, the versions and the device."""
+    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
+          f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU threads")
+
+
+class Log:
+    """log.jsonl: one JSON object a line, flushed at once so that a crash loses nothing. `keep`
+    holds earlier records to write first (a resumed run keeps what came before its checkpoint)."""
+
+    def __init__(self, path, keep=(), write=True):
+        self.records = list(keep)
+        self.file = None
+        if write:
+            self.file = open(Path(path).with_name(Path(path).name + ".tmp"), "w", encoding="utf-8")
+            self.file.writelines(json.dumps(r) + "\n" for r in self.records)
+            self.file.flush()
+            os.replace(self.file.name, path)  # renamed while open: it grows under its real name
+
+    def __call__(self, record):
+        self.records.append(record)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def read_log(path):
+    """The records of a log.jsonl; a line cut short by a crash is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no window), or None where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    """The figure as a PNG, written atomically; returns the path as a string for metrics.json."""
+    import matplotlib.pyplot as plt
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+    print(f"figure: {path}")
+    return str(path)
+
+
+def no_figure():
+    print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
+
+
+# --- checkpoints
+
+def save_checkpoint(path, checkpoint):
+    write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, stage, hint):
+    """A checkpoint written by `stage`.py as a dict of tensors and plain values. It is loaded
+    with weights_only=True, so it never runs code from the file; anything but a whole checkpoint
+    of that stage ends the run with a line that ends with `hint`."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}; {hint}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        die(f"cannot read checkpoint {path} (permission denied); fix its permissions")
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        die(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(err).__name__}); "
+            f"it may be truncated or corrupt; {hint}")
+    written_by = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+    if written_by != stage:
+        die(f"checkpoint {path} was not written by {stage}.py"
+            + (f" but by {written_by}.py" if written_by else "") + f"; {hint}")
+    return checkpoint
+
+
+def rng_state():
+    """Every random-number generator's state, as tensors and numbers (what
+    torch.load(weights_only=True) accepts), so that a resumed run draws what an uninterrupted
+    one would have drawn."""
+    py_version, py_keys, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": [py_version, torch.tensor(py_keys, dtype=torch.int64), py_gauss],
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos,
+                       np_has_gauss, np_gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys.tolist()), gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+class StopSignals:
+    """SIGTERM (a spot instance going away, a scheduler's time limit) or SIGINT (Ctrl-C) only
+    set a flag; the loop finishes its step, saves a checkpoint and exits. A second signal acts
+    at once."""
+
+    def __enter__(self):
+        self.received, self.previous = None, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,81 @@
+"""common.py: device choice (every spelling, with and without torchrun, testable without a GPU),
+the shared flag checks, the output folder's protection of checkpoints, atomic writes."""
+import argparse
+
+import pytest
+import torch
+
+import common
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two CUDA GPUs, the second one current, as torch would report it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+
+
+def test_every_cuda_spelling_gets_an_index(two_gpus):
+    """torch.cuda.set_device and DDP need cuda:N: `python gpt2.py` (auto), --device cuda and
+    cuda:N without torchrun, and any of them under torchrun (cuda:LOCAL_RANK)."""
+    assert common.pick_device("auto") == torch.device("cuda", 1)
+    assert common.pick_device("cuda") == torch.device("cuda", 1)
+    assert common.pick_device("cuda:0") == torch.device("cuda", 0)
+    assert common.pick_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert common.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert common.pick_device("cpu") == torch.device("cpu")
+
+
+def user_error(capsys, call, *words):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for word in words:
+        assert word in err[0], (word, err[0])
+
+
+def test_bad_devices_are_one_line(two_gpus, capsys, monkeypatch):
+    user_error(capsys, lambda: common.pick_device("cuda:2"), "GPU 2 does not exist", "cuda:1")
+    user_error(capsys, lambda: common.pick_device("tpu"), "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    user_error(capsys, lambda: common.pick_device("cuda"), "CUDA is not available")
+
+
+def test_auto_without_a_gpu_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert common.pick_device("auto") == torch.device("cpu")
+
+
+def test_check_args(capsys):
+    args = argparse.Namespace(steps=3, every=0, lr=float("nan"), unset=None)
+    assert common.check_args(args, positive=("steps", "unset"), non_negative=("every",)) is args
+    user_error(capsys, lambda: common.check_args(args, positive=("every",)), "--every")
+    user_error(capsys, lambda: common.check_args(args, ranges=(("lr", 0, 1),)), "--lr", "nan")
+
+
+def test_a_checkpoint_in_the_out_dir_needs_a_flag(tmp_path, capsys):
+    out = tmp_path / "run"
+    common.prepare_out_dir(out, "checkpoint.pt")  # a new folder: nothing to protect
+    (out / "checkpoint.pt").write_bytes(b"hours of training")
+    user_error(capsys, lambda: common.prepare_out_dir(out, "checkpoint.pt", resume_flag=True),
+               "--resume", "--overwrite")
+    user_error(capsys, lambda: common.prepare_out_dir(out, "checkpoint.pt"), "--overwrite")
+    common.prepare_out_dir(out, "checkpoint.pt", overwrite=True)
+    assert (out / "checkpoint.pt").read_bytes() == b"hours of training"  # only checked, kept
+
+
+def test_write_atomic_keeps_the_old_file_on_a_crash(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"a": 1})
+
+    def crash(tmp):
+        tmp.write_text("{half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        common.write_atomic(path, crash)
+    assert path.read_text() == '{\n  "a": 1\n}\n'
