@@ -1,13 +1,7 @@
-"""The plumbing every stage shares, so that the stages can be about their lesson.
-
-Nothing here is the lesson: the command line's shared flags and their checks, a user's mistake
-as one line on stderr and exit status 2, the choice of device and dtype, reading an input file
-with clear errors, atomic writes of outputs, the output folder (which never loses a checkpoint
-without --overwrite), the run's header, figures, log.jsonl, checkpoints loaded safely, every RNG
-state for exact resumes, stop signals, and the GPU peak that MFU is measured against. This
-module is a leaf: it imports no stage, and every stage (and fineweb.py, hellaswag.py, bench.py)
-may import it.
-"""
+"""The plumbing every stage shares, so that the stages hold only their lesson: shared flags and
+their checks, a user's mistake as one line and exit status 2, device and dtype, input files,
+atomic outputs, the output folder, log.jsonl, figures, checkpoints, RNG states, stop signals,
+GPU peaks for MFU. A leaf: it imports no stage, and every script may import it."""
 import argparse
 import json
 import math
@@ -37,9 +31,8 @@ def die(message):
 # --- the command line
 
 def make_parser(stage, description, data, data_help, seed):
-    """An argparse parser with the flags every stage has, in the same spelling and meaning:
-    --data, --out-dir (default out/<stage>), --device and --seed. argparse's own complaints
-    (an unknown flag, a value that is not a number) end through die() like every other mistake."""
+    """A parser with the flags every stage has: --data, --out-dir (out/<stage>), --device,
+    --seed. argparse's own complaints end through die() like every other mistake."""
     global PROG
     PROG = f"{stage}.py"
     parser = argparse.ArgumentParser(prog=PROG, description=description)
@@ -57,8 +50,7 @@ def make_parser(stage, description, data, data_help, seed):
 
 
 def check_args(args, positive=(), non_negative=(), ranges=()):
-    """die() on the first flag out of its range. `ranges` holds (name, low, high); a value of
-    None is a flag left unset and is not checked."""
+    """die() on the first flag out of range; `ranges` holds (name, low, high); None is unset."""
     for name in positive:
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -75,7 +67,7 @@ def check_args(args, positive=(), non_negative=(), ranges=()):
 
 
 def apply_preset(args, presets):
-    """Every flag the user left unset (None) takes its value from the chosen preset."""
+    """Flags left unset (None) take the chosen preset's value."""
     for key, value in presets[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -85,9 +77,8 @@ def apply_preset(args, presets):
 # --- device and dtype
 
 def pick_device(name="auto", local_rank=None):
-    """auto picks cuda, then mps, then cpu. A CUDA device always gets an index: cuda:LOCAL_RANK
-    under torchrun (one GPU per process), else the index given or the current GPU, so that
-    torch.cuda.set_device and DDP accept it whatever the user typed."""
+    """auto: cuda, mps, cpu. A CUDA device always gets an index (cuda:LOCAL_RANK under torchrun,
+    else the index given or the current GPU): torch.cuda.set_device and DDP need one."""
     if name == "auto":
         name = ("cuda" if torch.cuda.is_available() else
                 "mps" if torch.backends.mps.is_available() else "cpu")
@@ -113,8 +104,8 @@ def pick_device(name="auto", local_rank=None):
 
 
 def pick_dtype(name, device):
-    """The autocast dtype: bf16 where the GPU has it (Ampere and newer), fp16 on older GPUs
-    (it needs a gradient scaler), fp32 on CPU and MPS unless asked for."""
+    """bf16 on GPUs that have it (Ampere on), fp16 (with a gradient scaler) on older ones, fp32
+    on CPU and MPS unless asked for."""
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
@@ -125,9 +116,8 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
-# Dense bf16 tensor-core peak in TFLOP/s per GPU (fp16 for cards without bf16), from the vendors'
-# data sheets; the first name found in torch.cuda.get_device_name() wins, so the more specific
-# names come first. Unknown cards get no MFU unless --peak-tflops is given.
+# Dense bf16 (else fp16) tensor-core TFLOP/s from the vendors' data sheets; the first name found
+# in the device's name wins, so the specific ones come first. Unknown cards: --peak-tflops.
 GPU_PEAK_TFLOPS = [
     ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
     ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0),
@@ -147,18 +137,15 @@ def gpu_peak_tflops(device):
 # --- files
 
 def read_text(path, what="a UTF-8 text file"):
-    """The whole file as a string; a missing, unreadable, non-UTF-8 or empty file ends the run
-    with a line that says what --data needs."""
+    """The whole file; a missing, unreadable, non-UTF-8 or empty one ends the run via die()."""
     path = Path(path)
     if not path.is_file():
         die(f"data {'path' if path.exists() else 'file'} {path} "
             f"{'is not a file' if path.exists() else 'does not exist'}; pass --data with {what}")
     try:
         text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        die(f"cannot read data file {path} (permission denied); fix its permissions or copy it")
-    except OSError as err:
-        die(f"cannot read data file {path} ({err.strerror}); pass --data with a readable file")
+    except OSError as err:  # permission denied, an I/O error
+        die(f"cannot read data file {path} ({err.strerror}); fix it or pass another --data")
     except UnicodeDecodeError as err:
         die(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
             "re-encode it as UTF-8")
@@ -168,8 +155,7 @@ def read_text(path, what="a UTF-8 text file"):
 
 
 def write_atomic(path, write):
-    """write(tmp) into a temporary name beside `path`, then rename: nobody ever sees half a file
-    (os.replace is atomic on one file system), and a crash leaves the previous version whole."""
+    """write(tmp) beside `path`, then rename (atomic): a crash leaves the old file whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -182,8 +168,8 @@ def write_json(path, obj):
 
 
 def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
-    """Create --out-dir. A `checkpoint` already in it is somebody's run, perhaps hours of it:
-    without --overwrite (or --resume, where the stage has it) the run stops before touching it."""
+    """Create --out-dir. A `checkpoint` in it is somebody's run, perhaps hours of it: without
+    --overwrite (or --resume, where the stage has it) the run stops before touching it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
@@ -206,8 +192,8 @@ def print_header(device, world_size=1):
 
 
 class Log:
-    """log.jsonl: one JSON object a line, flushed at once so that a crash loses nothing. `keep`
-    holds earlier records to write first (a resumed run keeps what came before its checkpoint)."""
+    """log.jsonl, a JSON object a line, flushed at once; `keep`: earlier records to write first
+    (a resumed run keeps what came before its checkpoint). Records stay in .records."""
 
     def __init__(self, path, keep=(), write=True):
         self.records = list(keep)
@@ -241,7 +227,7 @@ def read_log(path):
 
 
 def pyplot():
-    """matplotlib.pyplot drawing to files (no window), or None where matplotlib is missing."""
+    """matplotlib.pyplot drawing to files (no window), or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -251,17 +237,17 @@ def pyplot():
     return plt
 
 
+def no_figure():
+    print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
+
+
 def save_figure(fig, path, dpi=100):
-    """The figure as a PNG, written atomically; returns the path as a string for metrics.json."""
+    """The figure as a PNG, atomically; returns the path as a string for metrics.json."""
     import matplotlib.pyplot as plt
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
     print(f"figure: {path}")
     return str(path)
-
-
-def no_figure():
-    print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
 
 
 # --- checkpoints
@@ -271,16 +257,13 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, stage, hint):
-    """A checkpoint written by `stage`.py as a dict of tensors and plain values. It is loaded
-    with weights_only=True, so it never runs code from the file; anything but a whole checkpoint
-    of that stage ends the run with a line that ends with `hint`."""
+    """A checkpoint `stage`.py wrote; weights_only=True never runs code from the file. Anything
+    else ends the run with one line that ends with `hint`."""
     path = Path(path)
     if not path.is_file():
         die(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}; {hint}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        die(f"cannot read checkpoint {path} (permission denied); fix its permissions")
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as err:
         die(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(err).__name__}); "
@@ -293,9 +276,8 @@ def load_checkpoint(path, stage, hint):
 
 
 def rng_state():
-    """Every random-number generator's state, as tensors and numbers (what
-    torch.load(weights_only=True) accepts), so that a resumed run draws what an uninterrupted
-    one would have drawn."""
+    """Every RNG's state in types torch.load(weights_only=True) takes, so that a resumed run
+    draws what an uninterrupted one would have drawn."""
     py_version, py_keys, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
@@ -319,9 +301,8 @@ def set_rng_state(state):
 
 
 class StopSignals:
-    """SIGTERM (a spot instance going away, a scheduler's time limit) or SIGINT (Ctrl-C) only
-    set a flag; the loop finishes its step, saves a checkpoint and exits. A second signal acts
-    at once."""
+    """SIGTERM (a spot instance going away) or SIGINT (Ctrl-C) only set a flag: the loop ends
+    its step, saves a checkpoint and exits. A second signal acts at once."""
 
     def __enter__(self):
         self.received, self.previous = None, {}
