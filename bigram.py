@@ -1,24 +1,23 @@
-"""Stage 1: a bigram language model of first names, first by counting, then as a neural net.
+"""Stages 1 and 2: a bigram language model of first names, first by counting, then as a neural net.
 
-A bigram model predicts the next character from the current one only. Counting how often each
-character follows each other one (a (V, V) table, V = the characters of the data plus one token
-that marks both the start and the end of a name) and normalizing the rows gives the model that
-maximizes the likelihood of the training names. The second half trains the same model as the
-smallest possible neural network, one-hot input -> one (V, V) weight matrix -> softmax, by
-gradient descent on the negative log-likelihood, and shows that it arrives at the counts: the
-weights become the log-counts. Every later stage keeps this loss and this training loop and
-only changes the function from context to logits.
+A bigram model predicts the next character from the current one only. Stage 1 counts how often
+each character follows each other one (a (V, V) table, V = the characters of the data plus one
+token that marks both the start and the end of a name); normalizing the rows gives the model that
+maximizes the likelihood of the training names. Stage 2 trains the same model as the smallest
+possible neural network, one-hot input -> one (V, V) weight matrix -> softmax, by gradient descent
+on the negative log-likelihood, and shows that it arrives at the counts: the weights become the
+log-counts. Every later stage keeps this loss and this training loop and only changes the
+function from context to logits.
 
 Run (CPU, a few seconds; a GPU is never needed here):
     python bigram.py                                   # bundled data/names.txt
     python bigram.py --data ../shared/data/names.txt   # the canonical makemore list
     python bigram.py --smoothing 0                     # see why val NLL becomes inf
 
-Measured on the canonical list (32,033 names) on a quiet 2-core CPU, default flags:
+Measured on the canonical list (32,033 names), default flags, on a quiet 2-core CPU in 12 s:
     count model fit on all names, no smoothing: NLL 2.4540 (the number to beat with a bigram)
     count model (fit on train, smoothing 1): train 2.4548, val 2.4533, test 2.4584
     neural bigram after 200 steps of full-batch gradient descent: train 2.4627
-    whole run 12 s, figure included
 On the bundled data/names.txt (29,910 names): count model train 2.4542, val 2.4541; neural
 bigram train 2.4620.
 
@@ -26,156 +25,95 @@ Outputs in --out-dir (default out/bigram): log.jsonl (the neural bigram's losses
 metrics.json, bigram_counts.png (the count table, each cell with its pair and count).
 """
 import argparse
-import json
+import itertools
 import math
-import os
-import platform
 import random
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from common import (Log, check_args, die, make_parser, no_figure, pick_device, prepare_out_dir,
+                    print_header, pyplot, read_text, save_figure, write_json)
 
 STAGE = "bigram"
 
 
-def die(message):
-    print(f"{STAGE}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+# --- model
+
+def count_table(xs, ys, vocab_size):
+    """Stage 1: the (V, V) table counts[i, j] = how often token j follows token i."""
+    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.long)
+    counts.index_add_(0, xs * vocab_size + ys, torch.ones_like(xs))
+    return counts.view(vocab_size, vocab_size)  # (V, V)
 
 
-# --- config
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Bigram model of names: a count table, then the same model as a neural net.")
-    parser.error = die
-    parser.add_argument("--data", type=Path, default=Path("data/names.txt"),
-                        help="text file with one name per line (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("out") / STAGE,
-                        help="where log.jsonl, metrics.json and the figure go "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the split, the initial weights and the samples")
-    parser.add_argument("--smoothing", type=float, default=1.0,
-                        help="count added to every cell of the table before normalizing, so that "
-                             "no pair has probability 0 (0 = none; default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=200,
-                        help="gradient-descent steps of the neural bigram (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="pairs per step of the neural bigram (default: all training pairs, "
-                             "i.e. full-batch gradient descent)")
-    parser.add_argument("--lr", type=float, default=50.0,
-                        help="learning rate of the neural bigram's plain gradient descent; large "
-                             "because the gradient of a mean over one-hot rows is tiny "
-                             "(default: %(default)s)")
-    parser.add_argument("--l2", type=float, default=1e-4,
-                        help="weight of the penalty mean(W**2), the neural cousin of smoothing: "
-                             "it pulls the logits toward equal probabilities "
-                             "(default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=20,
-                        help="steps between log.jsonl lines of the neural bigram (0 = only the "
-                             "final one; default: %(default)s)")
-    parser.add_argument("--num-samples", type=int, default=10,
-                        help="names to sample from each model (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.max_steps <= 0:
-        die(f"--max-steps must be positive, got {args.max_steps}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        die(f"--batch-size must be positive, got {args.batch_size}")
-    if not args.lr > 0 or math.isinf(args.lr):
-        die(f"--lr must be a positive number, got {args.lr}")
-    if not args.smoothing >= 0 or math.isinf(args.smoothing):
-        die(f"--smoothing must be zero or a positive number, got {args.smoothing}")
-    if not args.l2 >= 0 or math.isinf(args.l2):
-        die(f"--l2 must be zero or a positive number, got {args.l2}")
-    if args.eval_every < 0:
-        die(f"--eval-every must be 0 (off) or positive, got {args.eval_every}")
-    if args.num_samples < 0:
-        die(f"--num-samples must be 0 or positive, got {args.num_samples}")
-    return args
+def count_probs(counts, smoothing):
+    """Rows of the count table normalized to next-token probabilities, after smoothing."""
+    table = counts.double() + smoothing
+    rows = table.sum(dim=1, keepdim=True)
+    # A token never seen in training has an empty row even without smoothing: a uniform guess.
+    return torch.where(rows > 0, table / rows.clamp(min=1e-300), 1.0 / counts.shape[1])  # (V, V)
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        die("--device mps was asked for but MPS is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        die(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
+def nll(probs, xs, ys):
+    """Average negative log-likelihood of the pairs; inf if one has probability 0."""
+    return -probs[xs, ys].log().mean().item()
+
+
+class NeuralBigram(nn.Module):
+    """Stage 2: the bigram model as a one-layer net, one-hot input -> (V, V) weights W -> logits.
+
+    Multiplying the one-hot row of the current token by W picks row W[current]: the net is a lookup
+    table of logits, and softmax turns a row into next-token probabilities. Read exp(W) as counts
+    and softmax as the normalization of a row, and this is the count model with log-counts for
+    weights; gradient descent on the same negative log-likelihood finds them without counting.
+    """
+
+    def __init__(self, vocab_size, generator):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.W = nn.Parameter(torch.randn(vocab_size, vocab_size, generator=generator))  # (V, V)
+
+    def forward(self, x):  # x: (N,) current tokens
+        xenc = F.one_hot(x, self.vocab_size).float()  # (N, V)
+        return xenc @ self.W  # (N, V) logits
+
+    def loss(self, x, y, l2=0.0):
+        """NLL of the pairs (x, y) plus l2 * mean(W**2), the neural cousin of smoothing: it pulls
+        every logit toward 0, i.e. every row toward equal probabilities."""
+        return F.cross_entropy(self(x), y) + l2 * (self.W ** 2).mean()
+
+    @torch.no_grad()
+    def descend(self, lr):
+        """One step of plain gradient descent, the optimizer every later stage refines."""
+        self.W -= lr * self.W.grad
+
+    @torch.no_grad()
+    def probs(self):
+        """The (V, V) next-token table, in float64 like the count model's so that they compare."""
+        return F.softmax(self.W, dim=1).double().cpu()
 
 
 # --- data
 
-def read_names(path):
-    """The names in `path`, one per line, blank lines skipped; a bad file ends the run via die()."""
-    if not path.exists():
-        die(f"data file {path} does not exist; pass --data with a text file of one name per line")
-    if not path.is_file():
-        die(f"data path {path} is not a file; pass --data with a text file of one name per line")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        die(f"cannot read data file {path} (permission denied); fix its permissions or copy it")
-    except OSError as err:
-        die(f"cannot read data file {path} ({err.strerror}); pass --data with a readable file")
-    except UnicodeDecodeError as err:
-        die(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
-            "re-encode it as UTF-8")
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        die(f"data file {path} holds no names; it needs one name per line")
-    return names
-
-
-def split_names(names, seed):
-    """A seeded shuffle cut 80/10/10 into train, val and test names."""
-    if len(names) < 10:
-        die(f"the data holds {len(names)} names; an 80/10/10 split needs at least 10")
-    names = list(names)
-    random.Random(seed).shuffle(names)
-    n1, n2 = int(0.8 * len(names)), int(0.9 * len(names))
-    return names[:n1], names[n1:n2], names[n2:]
-
-
-@dataclass
 class Vocab:
     """Characters of the data plus token 0, which marks both the start and the end of a name."""
-    chars: list
 
-    @property
-    def size(self):
-        return len(self.chars) + 1
+    def __init__(self, names):
+        self.chars = sorted(set("".join(names)))
+        self.size = len(self.chars) + 1
 
     def encode(self, name):
         return [self.chars.index(ch) + 1 for ch in name]
 
-    def label(self, index):
-        """How token `index` is drawn in the figure: '.' for the start/end token."""
-        return "." if index == 0 else self.chars[index - 1]
+    def decode(self, tokens):
+        return "".join(self.chars[i - 1] for i in tokens)
 
-    def decode(self, indices):
-        return "".join(self.chars[i - 1] for i in indices)
-
-
-def build_vocab(names):
-    return Vocab(sorted(set("".join(names))))
+    def label(self, token):
+        """How a token is drawn in the figure: '.' for the start/end token."""
+        return "." if token == 0 else self.chars[token - 1]
 
 
 def bigram_pairs(names, vocab):
@@ -188,53 +126,83 @@ def bigram_pairs(names, vocab):
     return torch.tensor(xs), torch.tensor(ys)  # (N,), (N,)
 
 
-# --- model
-
-def count_table(xs, ys, vocab_size):
-    """(V, V) table: counts[i, j] = how often token j follows token i."""
-    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.long)
-    counts.index_add_(0, xs * vocab_size + ys, torch.ones_like(xs))
-    return counts.view(vocab_size, vocab_size)  # (V, V)
-
-
-def count_probs(counts, smoothing):
-    """Rows of the count table normalized to next-token probabilities, after smoothing."""
-    table = counts.double() + smoothing
-    rows = table.sum(dim=1, keepdim=True)
-    # A token never seen in the training names has an empty row even without smoothing: give it
-    # a uniform guess instead of 0/0.
-    return torch.where(rows > 0, table / rows.clamp(min=1e-300), 1.0 / counts.shape[1])  # (V, V)
-
-
-def nll(probs, xs, ys):
-    """Average negative log-likelihood of the pairs; inf if one has probability 0."""
-    return -probs[xs, ys].log().mean().item()
+def load_data(args):
+    """The names of --data shuffled with --seed and cut 80/10/10; the vocabulary; the pairs of
+    each split; a line that describes them. Every input is checked before --out-dir is touched."""
+    text = read_text(args.data, "a text file of one name per line")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) < 10:
+        die(f"the data holds {len(names)} names; an 80/10/10 split needs at least 10")
+    shuffled = list(names)
+    random.Random(args.seed).shuffle(shuffled)
+    n1, n2 = int(0.8 * len(names)), int(0.9 * len(names))
+    members = {"train": shuffled[:n1], "val": shuffled[n1:n2], "test": shuffled[n2:]}
+    vocab = Vocab(names)
+    splits = {split: bigram_pairs(group, vocab) for split, group in members.items()}
+    about = (f"{len(names)} names from {args.data}: {n1} train, {n2 - n1} val, "
+             f"{len(names) - n2} test; vocabulary of {vocab.size} tokens (start/end + "
+             f"{vocab.size - 1} characters)")
+    return names, vocab, splits, about
 
 
-@dataclass
-class BigramConfig:
-    vocab_size: int
+# --- training
+
+def fit_counts(names, vocab, splits, smoothing):
+    """Stage 1. The NLL of counts fit on all names, unsmoothed (the best a bigram model does on
+    this data); then the smoothed counts of the training pairs and their NLL on every split."""
+    all_xs, all_ys = bigram_pairs(names, vocab)
+    full_nll = nll(count_probs(count_table(all_xs, all_ys, vocab.size), 0.0), all_xs, all_ys)
+    print(f"count model fit on all names, no smoothing: NLL {full_nll:.4f} "
+          f"(uniform guess: ln({vocab.size}) = {math.log(vocab.size):.4f})")
+    counts = count_table(*splits["train"], vocab.size)  # (V, V)
+    probs = count_probs(counts, smoothing)  # (V, V)
+    losses = {split: nll(probs, xs, ys) for split, (xs, ys) in splits.items()}
+    print(f"count model fit on train, smoothing {smoothing:g}: "
+          + ", ".join(f"{split} {loss:.4f}" for split, loss in losses.items()))
+    return counts, probs, losses, full_nll
 
 
-class NeuralBigram(torch.nn.Module):
-    """One-hot input -> (V, V) weights -> logits: a one-layer net that is only a lookup table."""
-
-    def __init__(self, config, generator):
-        super().__init__()
-        self.config = config
-        self.W = torch.nn.Parameter(torch.randn(config.vocab_size, config.vocab_size,
-                                                generator=generator))  # (V, V)
-
-    def forward(self, x):
-        # Multiplying a one-hot row by W picks one row of W: the logits are log-counts to learn.
-        xenc = F.one_hot(x, self.config.vocab_size).float()  # (N, V)
-        return xenc @ self.W  # (N, V) logits
+@torch.no_grad()
+def split_losses(model, splits):
+    """The neural bigram's NLL on each split, without the L2 term: what compares with counting."""
+    return {split: F.cross_entropy(model(x), y).item() for split, (x, y) in splits.items()}
 
 
-# --- training and evaluation helpers
+def train(model, splits, args, count_losses, started):
+    """Stage 2: --max-steps of gradient descent on the NLL (+ L2) of the training pairs, all of
+    them in every step unless --batch-size. Every --eval-every steps (0 = never) and after the
+    last one, the train and val NLL go to log.jsonl and the screen. Returns the final NLLs."""
+    splits = {split: (x.to(model.W.device), y.to(model.W.device))
+              for split, (x, y) in splits.items()}
+    X, Y = splits["train"]
+    batch_gen = torch.Generator().manual_seed(args.seed + 1)
+    log = Log(args.out_dir / "log.jsonl")
+    print(f"neural bigram: {model.W.numel()} weights, {args.max_steps} steps of "
+          f"{'full-batch' if args.batch_size is None else f'batch {args.batch_size}'} "
+          f"gradient descent at lr {args.lr:g}, L2 {args.l2:g}")
 
-def neural_loss(model, xs, ys):
-    return F.cross_entropy(model(xs), ys).item()
+    def report(step, losses):
+        log({"step": step, "seconds": round(time.time() - started, 3),
+             "train_loss": losses["train"], "val_loss": losses["val"]})
+        print(f"step {step:5d}  neural train {losses['train']:.4f}  val {losses['val']:.4f}"
+              f"   | count model train {count_losses['train']:.4f}  val {count_losses['val']:.4f}")
+
+    for step in range(args.max_steps):
+        if args.eval_every and step % args.eval_every == 0:
+            report(step, split_losses(model, {split: splits[split] for split in ("train", "val")}))
+        if args.batch_size is None:
+            loss = model.loss(X, Y, args.l2)  # full batch: every training pair in every step
+        else:
+            idx = torch.randint(0, len(X), (args.batch_size,), generator=batch_gen).to(X.device)
+            loss = model.loss(X[idx], Y[idx], args.l2)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        model.descend(args.lr)
+    final = split_losses(model, splits)
+    if args.eval_every:
+        report(args.max_steps, final)
+    log.close()
+    return final
 
 
 def sample(probs, vocab, num, generator, max_len=50):
@@ -251,150 +219,82 @@ def sample(probs, vocab, num, generator, max_len=50):
     return names
 
 
-def write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def draw_count_table(path, counts, vocab):
-    """The count table as a heatmap, each cell labelled with its pair and count; False without
-    matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """The count table as a heatmap, each cell labelled with its pair and count. Returns the
+    figure's path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return no_figure()
     V = vocab.size
     fig, ax = plt.subplots(figsize=(0.6 * V, 0.6 * V))
     ax.imshow(counts.numpy(), cmap="Blues")
-    for i in range(V):
-        for j in range(V):
-            ax.text(j, i, vocab.label(i) + vocab.label(j), ha="center", va="bottom",
-                    color="gray", fontsize=7)
-            ax.text(j, i, str(counts[i, j].item()), ha="center", va="top", color="gray",
-                    fontsize=7)
+    for i, j in itertools.product(range(V), repeat=2):
+        ax.text(j, i, vocab.label(i) + vocab.label(j), ha="center", va="bottom", color="gray",
+                fontsize=7)
+        ax.text(j, i, str(counts[i, j].item()), ha="center", va="top", color="gray", fontsize=7)
     ax.set_title("bigram counts on the training names: row = current, column = next character")
     ax.axis("off")
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
-def prepare_out_dir(path):
-    if path.exists() and not path.is_dir():
-        die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        die(f"cannot create --out-dir {path} ({err.strerror}); choose another --out-dir")
+    return save_figure(fig, path, dpi=80)
 
 
 def main(args):
     started = time.time()
     device = pick_device(args.device)
-    names = read_names(args.data)
-    train_names, val_names, test_names = split_names(names, args.seed)
+    names, vocab, splits, about_data = load_data(args)
     prepare_out_dir(args.out_dir)
-    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}")
+    print_header(device)
+    print(about_data)
 
-    vocab = build_vocab(names)
-    V = vocab.size
-    print(f"{len(names)} names from {args.data}: {len(train_names)} train, {len(val_names)} val, "
-          f"{len(test_names)} test; vocabulary of {V} tokens (start/end + {V - 1} characters)")
-    splits = {"train": bigram_pairs(train_names, vocab), "val": bigram_pairs(val_names, vocab),
-              "test": bigram_pairs(test_names, vocab)}
-
-    # 1. Counting. Fit and evaluated on all names without smoothing, this is the best NLL any
-    # bigram model can reach on the data; fit on train, it is what generalizes.
-    all_xs, all_ys = bigram_pairs(names, vocab)
-    full_nll = nll(count_probs(count_table(all_xs, all_ys, V), 0.0), all_xs, all_ys)
-    print(f"count model fit on all names, no smoothing: NLL {full_nll:.4f} "
-          f"(uniform guess: ln({V}) = {math.log(V):.4f})")
-    counts = count_table(*splits["train"], V)  # (V, V)
-    probs = count_probs(counts, args.smoothing)  # (V, V)
-    count_losses = {split: nll(probs, xs, ys) for split, (xs, ys) in splits.items()}
-    print(f"count model fit on train, smoothing {args.smoothing:g}: "
-          + ", ".join(f"{split} {loss:.4f}" for split, loss in count_losses.items()))
-
-    # 2. The same model as a neural net, trained by gradient descent on the same loss.
-    torch.manual_seed(args.seed)
-    init_gen = torch.Generator().manual_seed(args.seed)
-    model = NeuralBigram(BigramConfig(vocab_size=V), init_gen).to(device)
-    train_x, train_y = (t.to(device) for t in splits["train"])
-    val_x, val_y = (t.to(device) for t in splits["val"])
-    batch_gen = torch.Generator().manual_seed(args.seed + 1)
-    print(f"neural bigram: {V * V} weights, {args.max_steps} steps of "
-          f"{'full-batch' if args.batch_size is None else f'batch {args.batch_size}'} "
-          f"gradient descent at lr {args.lr:g}, L2 {args.l2:g}")
-
-    log = open(args.out_dir / "log.jsonl", "w", encoding="utf-8")
-
-    def evaluate(step):
-        with torch.no_grad():
-            row = {"step": step, "seconds": round(time.time() - started, 3),
-                   "train_loss": neural_loss(model, train_x, train_y),
-                   "val_loss": neural_loss(model, val_x, val_y)}
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"step {step:5d}  neural train {row['train_loss']:.4f}  val {row['val_loss']:.4f}"
-              f"   | count model train {count_losses['train']:.4f}  val {count_losses['val']:.4f}")
-
-    for step in range(args.max_steps):
-        if args.eval_every and step % args.eval_every == 0:
-            evaluate(step)
-        if args.batch_size is None:
-            xb, yb = train_x, train_y
-        else:
-            idx = torch.randint(0, len(train_x), (args.batch_size,), generator=batch_gen)
-            xb, yb = train_x[idx.to(device)], train_y[idx.to(device)]
-        loss = F.cross_entropy(model(xb), yb) + args.l2 * (model.W ** 2).mean()
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            model.W -= args.lr * model.W.grad
-    evaluate(args.max_steps)
-    log.close()
-
-    with torch.no_grad():
-        neural_losses = {"train": neural_loss(model, train_x, train_y),
-                         "val": neural_loss(model, val_x, val_y),
-                         "test": neural_loss(model, *(t.to(device) for t in splits["test"]))}
-        neural_probs = F.softmax(model.W, dim=1).double().cpu()  # (V, V)
-    gap = neural_losses["train"] - count_losses["train"]
-    print(f"neural bigram: train {neural_losses['train']:.4f} vs count model "
-          f"{count_losses['train']:.4f} (gap {gap:+.4f}); largest difference between the two "
-          f"probability tables: {(neural_probs - probs).abs().max().item():.4f}")
-
+    counts, probs, count_losses, full_nll = fit_counts(names, vocab, splits, args.smoothing)
+    model = NeuralBigram(vocab.size, torch.Generator().manual_seed(args.seed))
+    losses = train(model.to(device), splits, args, count_losses, started)
+    neural_probs = model.probs()  # (V, V)
+    print(f"neural bigram: train {losses['train']:.4f} vs count model {count_losses['train']:.4f} "
+          f"(gap {losses['train'] - count_losses['train']:+.4f}); largest difference between the "
+          f"two probability tables: {(neural_probs - probs).abs().max().item():.4f}")
     for label, table in (("count model", probs), ("neural bigram", neural_probs)):
         # The same seed for both: once the tables agree, so do the samples.
         samples = sample(table, vocab, args.num_samples, torch.Generator().manual_seed(args.seed))
         print(f"samples from the {label}:", " ".join(samples))
+    figure = draw_count_table(args.out_dir / "bigram_counts.png", counts, vocab)
 
-    figure = args.out_dir / "bigram_counts.png"
-    if draw_count_table(figure, counts, vocab):
-        print(f"figure: {figure}")
-    else:
-        figure = None
-        print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
-
-    metrics = {
-        "stage": STAGE, "params": V * V, "steps": args.max_steps,
-        "seconds": round(time.time() - started, 3),
-        "train_loss": neural_losses["train"], "val_loss": neural_losses["val"],
-        "test_loss": neural_losses["test"],
-        "count_train_loss": count_losses["train"], "count_val_loss": count_losses["val"],
-        "count_test_loss": count_losses["test"], "count_full_data_nll": full_nll,
-        "smoothing": args.smoothing, "vocab_size": V, "device": str(device),
-        "data": str(args.data), "seed": args.seed, "figure": figure and str(figure),
-    }
-    write_json_atomic(args.out_dir / "metrics.json", metrics)
+    metrics = {"stage": STAGE, "params": model.W.numel(), "steps": args.max_steps,
+               "seconds": round(time.time() - started, 3),
+               **{f"{split}_loss": loss for split, loss in losses.items()},
+               **{f"count_{split}_loss": loss for split, loss in count_losses.items()},
+               "count_full_data_nll": full_nll, "smoothing": args.smoothing,
+               "vocab_size": vocab.size, "device": str(device), "data": str(args.data),
+               "seed": args.seed, "figure": figure}
+    write_json(args.out_dir / "metrics.json", metrics)
     print(f"done in {metrics['seconds']:.1f} s; metrics in {args.out_dir / 'metrics.json'}")
     return metrics
+
+
+# --- command line
+
+def parse_args(argv=None):
+    parser = make_parser(STAGE, "Bigram model of names: a count table, then the same model as a "
+                         "neural net.", "data/names.txt", "text file with one name per line", 42)
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every help shows its default
+    add = parser.add_argument
+    add("--smoothing", type=float, default=1.0, help="count added to every cell of the table "
+        "before normalizing, so that no pair has probability 0 (0 = none)")
+    add("--max-steps", type=int, default=200, help="gradient-descent steps of the neural bigram")
+    add("--batch-size", type=int, help="pairs per step of the neural bigram; unset: all the "
+        "training pairs, i.e. full-batch gradient descent")
+    add("--lr", type=float, default=50.0, help="learning rate of the plain gradient descent; "
+        "large because the gradient of a mean over one-hot rows is tiny")
+    add("--l2", type=float, default=1e-4, help="weight of the penalty mean(W**2), the neural "
+        "cousin of smoothing: it pulls the logits toward equal probabilities")
+    add("--eval-every", type=int, default=20, help="steps between evaluations of the neural "
+        "bigram, logged and printed (0 = off: only the final losses)")
+    add("--num-samples", type=int, default=10, help="names to sample from each model")
+    args = check_args(parser.parse_args(argv), positive=("max_steps", "batch_size", "lr"),
+                      non_negative=("smoothing", "l2", "eval_every", "num_samples"))
+    for name in ("lr", "smoothing", "l2"):
+        if math.isinf(getattr(args, name)):
+            die(f"--{name} must be a finite number, got inf")
+    return args
 
 
 if __name__ == "__main__":

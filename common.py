@@ -3,6 +3,7 @@ their checks, a user's mistake as one line and exit status 2, device and dtype, 
 atomic outputs, the output folder, log.jsonl, figures, checkpoints, RNG states, stop signals,
 GPU peaks for MFU. A leaf: it imports no stage, and every script may import it."""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import platform
 import random
 import signal
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -192,14 +194,17 @@ def print_header(device, world_size=1):
 
 
 class Log:
-    """log.jsonl, a JSON object a line, flushed at once; `keep`: earlier records to write first
-    (a resumed run keeps what came before its checkpoint). Records stay in .records."""
+    """log.jsonl, a JSON object a line, flushed at once so that a crash loses nothing; the
+    records also stay in .records. A resumed run keeps the ones of the steps before its
+    checkpoint (`keep_before`); a line cut short by a crash is dropped."""
 
-    def __init__(self, path, keep=(), write=True):
-        self.records = list(keep)
-        self.file = None
+    def __init__(self, path, keep_before=0, write=True):
+        path, self.records, self.file = Path(path), [], None
+        for line in path.read_text(encoding="utf-8").splitlines() if keep_before else []:
+            with contextlib.suppress(json.JSONDecodeError):
+                self.records += [r for r in [json.loads(line)] if r["step"] < keep_before]
         if write:
-            self.file = open(Path(path).with_name(Path(path).name + ".tmp"), "w", encoding="utf-8")
+            self.file = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")
             self.file.writelines(json.dumps(r) + "\n" for r in self.records)
             self.file.flush()
             os.replace(self.file.name, path)  # renamed while open: it grows under its real name
@@ -215,15 +220,66 @@ class Log:
             self.file.close()
 
 
-def read_log(path):
-    """The records of a log.jsonl; a line cut short by a crash is skipped."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def summarize(records, out_dir):
+    """metrics.json's final and best train loss, val loss and HellaSwag, also printed."""
+    metrics, line = {}, [f"{sum('train_loss' in r for r in records)} steps"]
+    for key, best in (("train_loss", min), ("val_loss", min), ("hellaswag", max)):
+        values = [r[key] for r in records if key in r]
+        if values:
+            metrics[f"final_{key}"], metrics[f"{best.__name__}_{key}"] = values[-1], best(values)
+            line.append(f"{key.replace('_', ' ')} {values[-1]:.4f}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(", ".join(line) + f"; outputs in {out_dir}")
+    return metrics
+
+
+class StepTimer:
+    """Times each training step (after a GPU sync, so that it measures work, not queued
+    launches): tokens/s and, where the GPU's peak is known, MFU (model FLOPs utilisation)."""
+
+    def __init__(self, tokens, flops_per_token, peak_tflops):
+        self.tokens, self.flops, self.peak = tokens, flops_per_token, peak_tflops
+        self.rates, self.started, self.mfu = [], time.time(), None
+
+    def start(self):
+        self.t0 = time.time()
+
+    def stop(self, step):
+        """The step's timing fields for log.jsonl."""
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.ms = 1000 * (time.time() - self.t0)
+        self.rates.append(1000 * self.tokens / self.ms)
+        record = {"ms": round(self.ms, 2), "tokens_per_s": round(self.rates[-1], 1),
+                  "tokens": (step + 1) * self.tokens}
+        if self.peak:
+            record["mfu"] = self.mfu = self.flops * self.rates[-1] / (self.peak * 1e12)
+        return record
+
+    def __str__(self):
+        return (f"{self.ms:8.1f} ms | {self.rates[-1]:9,.0f} tok/s"
+                + (f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""))
+
+    def seconds(self):
+        return round(time.time() - self.started, 3)
+
+    def median(self):  # tokens/s of the median step: the first ones include compilation
+        return float(np.median(self.rates)) if self.rates else None
+
+
+def stop_on_bad_loss(loss, step, checkpoint, log):
+    """A NaN or infinite loss ends the run at once (exit status 1), without saving: the last
+    good checkpoint is kept."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
+                else "no checkpoint was written")
+        print(f"{PROG}: error: the loss is {loss} at step {step}; stopping without saving "
+              f"({kept}); resume from it with a lower --lr or a longer --warmup-steps",
+              file=sys.stderr)
+    log.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(1)
 
 
 def pyplot():

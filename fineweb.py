@@ -428,6 +428,16 @@ def read_manifest(out_dir, command):
 
 # --- reading shards (gpt2.py and bench.py)
 
+def dataset_name(out_dir):
+    """The dataset shards were made from (a hub name, or a local file's name, from the
+    manifest), else the folder's name."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
+        return Path(manifest["command"]["dataset"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(out_dir).name
+
+
 SHARD_HINT = ("make shards with fineweb.py, e.g. `python fineweb.py --dataset data/shakespeare.txt "
               "--out-dir data/shards/shakespeare --shard-size 50000` (any local text) or "
               "`python fineweb.py --streaming` (FineWeb-Edu into data/shards)")

@@ -1,40 +1,35 @@
 """Stage 6: GPT-2 (124M), pre-trained on FineWeb-Edu, from one CPU to many GPUs.
 
-transformer.py trained a character-level GPT on one small text on one device. This stage is the
-same model grown to GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et
-al., 2019) and trained the way GPT-2-sized models are trained (the GPT-3 paper's recipe, Brown
-et al., 2020): GPT-2's BPE tokens (50,257, padded to 50,304 so the matmuls tile well) read from
-token shards (fineweb.py writes them), GPT-2's initialisation and weight tying, a 524,288-token
-batch by gradient accumulation, bf16 autocast, torch.compile, data-parallel training on many
-GPUs (DDP), checkpoints that resume exactly, HellaSwag during training (hellaswag.py), a KV
-cache for sampling, and import/export of Hugging Face GPT-2 weights.
+transformer.py trained a character-level GPT on one small text on one device. This stage grows
+the same model to GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al.,
+2019) and trains it the way GPT-2-sized models are trained (the GPT-3 paper's recipe): GPT-2's
+BPE tokens (50,257, padded to 50,304 so that the matmuls tile well) read from token shards
+(fineweb.py writes them), GPT-2's initialisation and weight tying, a 524,288-token batch by
+gradient accumulation, bf16 autocast, torch.compile, data-parallel training on many GPUs (DDP),
+checkpoints that resume exactly, HellaSwag during training, a KV cache for sampling, and the
+Hugging Face GPT-2 weights in and out.
 
 Run (CPU quick start: Shakespeare, a small model, a few minutes; the loss falls from ~10.8):
     python fineweb.py --dataset data/shakespeare.txt --out-dir data/shards/shakespeare \\
         --shard-size 50000
     python gpt2.py --preset cpu --data data/shards/shakespeare
     python gpt2.py --sample --init-from out/gpt2/checkpoint.pt --prompt "ROMEO:"
-One GPU (GPT-2 124M on FineWeb-Edu 10B tokens; accumulation reaches 524,288 tokens a step):
-    python fineweb.py --streaming          # the 10B-token sample -> data/shards (~20 GB)
-    python gpt2.py
-Eight GPUs on one machine (about 2 hours on 8xA100 80GB for the 19,073 steps = 10B tokens):
-    torchrun --standalone --nproc_per_node=8 gpt2.py
-Two machines of 8 GPUs (the same line on both; HOST is the first machine's address; shards and
-checkpoints must live where all machines see them, only rank 0 writes):
+GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` makes the shards):
+    python gpt2.py                                     # one GPU: 8 micro-steps a step
+    torchrun --standalone --nproc_per_node=8 gpt2.py   # 8 GPUs: about 2 hours on 8xA100
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         --rdzv_id=gpt2 gpt2.py --batch-size 32 --data /shared/shards --out-dir /shared/out/gpt2
-After a preemption, the same command with --resume continues exactly where it stopped. Other
-modes: --sample (text), --eval-hellaswag (score weights on HellaSwag), --export-hf DIR.
+(the same line on both machines; HOST is the first one). After a preemption, the same command
+with --resume continues exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
-Reference results (OpenAI GPT-2 124M, and the reproduction this stage follows, 10B tokens of
-FineWeb-Edu in about 2 hours on 8xA100): HellaSwag acc_norm 0.2955 (OpenAI) and 0.3009
-(reproduction); FineWeb-Edu val loss 3.2924 (OpenAI), min val loss 3.0944 (reproduction).
-Measured on one H100 80GB (torch 2.11, micro-batch 64, bf16, compile): 474,668 tokens/s, 41%
-MFU. Measured on a quiet 2-core CPU: the quick start above (359,202 tokens of Shakespeare, 200
-steps of 2,048 tokens) at about 1,650 tokens/s, train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
+FineWeb-Edu; the reproduction this stage follows (10B tokens, 8xA100) reached 0.3009 and a min
+val loss of 3.0944. Measured on one H100 80GB (torch 2.11, micro-batch 64, bf16, compile):
+474,668 tokens/s, 41% MFU. On a quiet 2-core CPU the quick start (359,202 tokens, 200 steps of
+2,048) runs at about 1,650 tokens/s, train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: step, train_loss, lr,
-grad_norm, ms, tokens_per_s, mfu; one an evaluation: val_loss and/or hellaswag), metrics.json,
+grad_norm, ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json,
 loss.png, checkpoint.pt (model, optimizer, step, config, loader position, RNG states).
 """
 import argparse
@@ -235,81 +230,62 @@ class GPT(nn.Module):
 
     # Hugging Face's GPT-2 stores these four weights as Conv1D, (in, out): nn.Linear's transpose.
     CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the HF hub
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """GPT-2 weights in the Hugging Face layout: a hub name (gpt2, gpt2-medium, gpt2-large,
-        gpt2-xl; downloaded once into the HF cache, which also serves offline runs) or a local
-        directory with config.json and model.safetensors or pytorch_model.bin. Logits equal
-        those of transformers' GPT2LMHeadModel on the same weights."""
+        """OpenAI's weights (a hub name, downloaded once into the HF cache, which also serves
+        offline runs) or a local Hugging Face directory (config.json and model.safetensors or
+        pytorch_model.bin); the logits equal transformers' GPT2LMHeadModel's."""
         directory = Path(name_or_dir)
         if not directory.is_dir():
-            if name_or_dir not in HF_NAMES:
+            if name_or_dir not in cls.HUB:
                 raise FileNotFoundError(f"{name_or_dir} is neither a directory nor one of "
-                                        f"{', '.join(sorted(HF_NAMES))}")
+                                        f"{', '.join(cls.HUB)}")
             from huggingface_hub import snapshot_download
             directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
                                                allow_patterns=["config.json", "model.safetensors"]))
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} has no config.json (a Hugging Face GPT-2 "
-                                    "directory has config.json and model.safetensors)")
         hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        if (hf.get("model_type", "gpt2") != "gpt2"
-                or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")
-                or hf.get("n_inner") not in (None, 4 * hf["n_embd"])
-                or hf.get("layer_norm_epsilon", 1e-5) != 1e-5
-                or hf.get("scale_attn_by_inverse_layer_idx", False)
-                or not hf.get("scale_attn_weights", True)):
-            raise ValueError(f"{directory}/config.json is not a GPT-2 this model implements "
-                             "(model type, activation, MLP width, LayerNorm eps or attention "
-                             "scaling differ from GPT-2's)")
+        if (hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new"),
+                hf.get("n_inner") or 4 * hf["n_embd"], hf.get("layer_norm_epsilon", 1e-5),
+                hf.get("scale_attn_by_inverse_layer_idx", False),
+                hf.get("scale_attn_weights", True)) not in [
+                    ("gpt2", act, 4 * hf["n_embd"], 1e-5, False, True)
+                    for act in ("gelu_new", "gelu_pytorch_tanh")]:
+            raise ValueError(f"{directory}/config.json is not a GPT-2 this model implements")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
         if (directory / "model.safetensors").is_file():
             from safetensors.torch import load_file
             weights = load_file(directory / "model.safetensors")
-        elif (directory / "pytorch_model.bin").is_file():
-            weights = torch.load(directory / "pytorch_model.bin", map_location="cpu",
-                                 weights_only=True)
         else:
-            raise FileNotFoundError(f"{directory} has neither model.safetensors nor "
-                                    "pytorch_model.bin")
+            weights = torch.load(directory / "pytorch_model.bin", weights_only=True)
         # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not.
         weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
         model = cls(config)
         with torch.no_grad():
             for key, param in model.state_dict().items():
-                hf_key = key.removeprefix("transformer.")
-                if key == "lm_head.weight":
-                    continue  # tied to wte
-                if hf_key not in weights:
-                    raise ValueError(f"{directory} lacks the weight {hf_key}")
-                tensor = weights[hf_key].t() if key.endswith(cls.CONV1D) else weights[hf_key]
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{directory}: {hf_key} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                param.copy_(tensor)
+                if key != "lm_head.weight":  # tied to wte
+                    tensor = weights[key.removeprefix("transformer.")]
+                    param.copy_(tensor.t() if key.endswith(cls.CONV1D) else tensor)
         return model
 
     def export_hf(self, directory):
-        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads
-        with the same logits (and so lm-evaluation-harness and the other HF tools)."""
+        """config.json and model.safetensors that GPT2LMHeadModel loads with the same logits
+        (and so lm-evaluation-harness and the other Hugging Face tools)."""
         from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {key: (p.t() if key.endswith(self.CONV1D) else p).detach().float().cpu()
-                   .contiguous() for key, p in self.state_dict().items()
-                   if key != "lm_head.weight"}  # tied: GPT2LMHeadModel ties it when loading
-        c = self.config
-        common.write_atomic(directory / "model.safetensors", lambda tmp: save_file(
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        tensors = {key: (p.t() if key.endswith(self.CONV1D) else p).detach().float().contiguous()
+                   for key, p in self.state_dict().items() if key != "lm_head.weight"}
+        common.write_atomic(Path(directory) / "model.safetensors", lambda tmp: save_file(
             tensors, str(tmp), metadata={"format": "pt"}))
-        common.write_json(directory / "config.json", {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        c = self.config
+        common.write_json(Path(directory) / "config.json", {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
             "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "initializer_range": 0.02, "tie_word_embeddings": True,
+            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
             "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT})
 
 
@@ -401,11 +377,12 @@ class ShardLoader:
 
     def __init__(self, shards, batch_size, seq_len, rank=0, world_size=1, shuffle=False,
                  seed=0):
-        self.shards = shards
-        self.B, self.T = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
+        self.shards, self.B, self.T, self.rank = shards, batch_size, seq_len, rank
         self.shuffle, self.seed = shuffle, seed
         self.stride = batch_size * seq_len * world_size  # tokens consumed per window
+        # A saved position means the same place only with the same layout: resume checks it.
+        self.layout = {"batch_size": batch_size, "seq_len": seq_len, "world_size": world_size,
+                       "shuffle": shuffle, "seed": seed, "shards": len(shards)}
         self.reset()
 
     def reset(self):
@@ -440,26 +417,30 @@ class ShardLoader:
         return x, y
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset,
-                "batch_size": self.B, "seq_len": self.T, "world_size": self.world_size,
-                "shuffle": self.shuffle, "seed": self.seed, "shards": len(self.shards)}
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, **self.layout}
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ("batch_size", "seq_len", "world_size", "shuffle", "seed", "shards"):
-            if state[key] != mine[key]:
+        for key, value in self.layout.items():
+            if state[key] != value:
                 raise ValueError(f"the checkpoint's data position was taken with {key} "
-                                 f"{state[key]}, this run has {mine[key]}")
+                                 f"{state[key]}, this run has {value}")
         self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
         self._plan()
 
 
-def data_name(data_dir):
-    """The dataset the shards came from (fineweb.py's manifest), else the folder's name."""
-    try:
-        return json.loads((Path(data_dir) / fineweb.MANIFEST).read_text())["dataset"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(data_dir).name
+def open_data(args, rank, world_size):
+    """(train loader, val loader or None, micro-steps a step): every rank reads its slice of
+    each window of batch-size x seq-len x ranks tokens, enough windows to make a step."""
+    micro_tokens = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % micro_tokens:
+        die(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x "
+            f"seq-len x ranks = {args.batch_size} x {args.seq_len} x {world_size} = "
+            f"{micro_tokens}; change one of them")
+    train = ShardLoader(fineweb.open_shards(args.data, "train", micro_tokens + 1),
+                        args.batch_size, args.seq_len, rank, world_size, args.shuffle, args.seed)
+    val = (ShardLoader(fineweb.open_shards(args.data, "val", micro_tokens + 1), args.batch_size,
+                       args.seq_len, rank, world_size) if args.eval_every else None)
+    return train, val, args.total_batch_size // micro_tokens
 
 
 # --- training
@@ -486,16 +467,16 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
 
 
 def flops_per_token(config, seq_len):
-    """Training FLOPs per token: 6 per weight that takes part in a matmul (forward 2, backward
-    4: the blocks and the tied output layer; position embeddings are a lookup) plus attention's
-    6 * 2 * n_layer * n_embd * seq_len (PaLM paper, appendix B). About 0.85 GFLOP for GPT-2."""
+    """Training FLOPs per token, for MFU: 6 per weight in a matmul (forward 2, backward 4; the
+    blocks and the tied output layer) plus attention's 12 * n_layer * n_embd * seq_len (PaLM,
+    appendix B). About 0.85 GFLOP for GPT-2 124M."""
     C = config.n_embd
     matmul_params = config.n_layer * (12 * C * C + 13 * C) + config.vocab_size * C + 2 * C
     return 6 * matmul_params + 12 * config.n_layer * C * seq_len
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, ddp, device, autocast):
-    """One optimizer step of grad_accum micro-steps; returns this rank's mean loss (a tensor)."""
+    """The gradients of one step of grad_accum micro-steps; returns this rank's mean loss."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -530,7 +511,7 @@ def estimate_loss(model, loader, batches, device, autocast, world_size):
 
 def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, generator, decode,
                  autocast=contextlib.nullcontext()):
-    """`count` continuations of the prompt's tokens, as text, from the eager model."""
+    """`count` continuations of the prompt's tokens, as text; the same seed, the same text."""
     idx = torch.tensor([tokens] * count, dtype=torch.long,
                        device=next(model.parameters()).device)  # (count, T)
     model.eval()
@@ -540,64 +521,37 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     return [decode(row) for row in out.tolist()]
 
 
-def score_hellaswag(model, examples, enc, rank, world_size, device, dtype, full=False):
-    """acc_norm and the number of examples scored (or, with full, every accuracy), from the
-    eager model in eval mode."""
-    model.eval()
-    with variable_length_attention():
-        result = hellaswag.evaluate(model, examples, device=device, enc=enc, rank=rank,
-                                    world_size=world_size,
-                                    autocast_dtype=dtype if dtype != torch.float32 else None)
-    model.train()
-    return result if full else {"hellaswag": result["acc_norm"], "hellaswag_n": result["n"]}
-
-
-# Published reference points, drawn on the figure where they apply.
-REFERENCE_HELLASWAG = 0.2955  # OpenAI GPT-2 124M, acc_norm with hellaswag.py's method
-REFERENCE_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard
-
-
 def draw_figure(path, records, title, fineweb_edu):
-    """Train and val loss, and HellaSwag, against step. GPT-2 124M's val loss is drawn only on
-    FineWeb-Edu, the data it was measured on."""
+    """Train and val loss, and HellaSwag, against step, with GPT-2 124M's scores (its val loss
+    only on FineWeb-Edu, the data it was measured on)."""
     plt = common.pyplot()
     if plt is None:
         return common.no_figure()
     hella = [(r["step"], r["hellaswag"]) for r in records if "hellaswag" in r]
-    fig, axes = plt.subplots(1, 2 if hella else 1, figsize=(12 if hella else 7, 4), squeeze=False)
-    ax = axes[0][0]
+    fig, axes = plt.subplots(1, 1 + bool(hella), figsize=(7 + 5 * bool(hella), 4), squeeze=False)
     for key, style in (("train_loss", dict(lw=0.8)), ("val_loss", dict(marker="o"))):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            ax.plot(*zip(*points), label=key.removesuffix("_loss"), **style)
+            axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
+    axes[0][0].set(xlabel="step", ylabel="loss (nats per token)", title=title)
     if fineweb_edu:
-        ax.axhline(REFERENCE_VAL_LOSS, color="red", ls="--", lw=1,
-                   label=f"OpenAI GPT-2 124M val ({REFERENCE_VAL_LOSS}, FineWeb-Edu)")
-    ax.set(xlabel="step", ylabel="loss (nats per token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        axes[0][0].axhline(3.2924, color="red", ls="--", lw=1, label="OpenAI GPT-2 124M (3.2924)")
     if hella:
-        ax = axes[0][1]
-        ax.plot(*zip(*hella), marker="o", label="this run")
-        ax.axhline(REFERENCE_HELLASWAG, color="red", ls="--", lw=1,
-                   label=f"OpenAI GPT-2 124M ({REFERENCE_HELLASWAG})")
-        ax.set(xlabel="step", ylabel="HellaSwag acc_norm")
+        axes[0][1].plot(*zip(*hella), marker="o", label="this run")
+        axes[0][1].axhline(0.2955, color="red", ls="--", lw=1, label="OpenAI GPT-2 124M (0.2955)")
+        axes[0][1].set(xlabel="step", ylabel="HellaSwag acc_norm")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
     return common.save_figure(fig, path)
-
-
-HF_NAMES = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}  # OpenAI's weights on the HF hub
 
 
 def load_model(source, device="cpu"):
     """A GPT in eval mode from a gpt2.py checkpoint (a file, or an --out-dir holding
     checkpoint.pt) or else Hugging Face weights (a directory or a hub name); dies if neither."""
     path = Path(source)
-    if path.is_dir() and (path / "checkpoint.pt").is_file():
-        path = path / "checkpoint.pt"
-    hint = ("pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 directory or "
-            "gpt2/gpt2-medium/gpt2-large/gpt2-xl")
+    path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
+    hint = "pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2"
     if path.is_file():
         checkpoint = common.load_checkpoint(path, STAGE, hint)
         model = GPT(GPTConfig(**checkpoint["config"]))
@@ -606,54 +560,28 @@ def load_model(source, device="cpu"):
         try:
             model = GPT.from_pretrained(str(path))
         except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            die(f"cannot load weights from {source}: {err}; {hint}")
+            die(f"cannot load weights from {source}: {err!r}; {hint}")
     return model.to(device).eval()
 
 
-def encode_prompt(enc, prompt, vocab_size):
-    # An empty prompt starts where every document starts: after end-of-text.
-    tokens = enc.encode(prompt) if prompt else [fineweb.EOT]
-    if max(tokens) >= vocab_size:
-        die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
-            "use a model with GPT-2's vocabulary or another --prompt")
-    return tokens
-
-
-def decoder(enc):
-    """Text of tokens; ids past GPT-2's 50,257 (the padding rows) have no text and are dropped."""
-    return lambda tokens: enc.decode([t for t in tokens if t < enc.n_vocab])
-
-
-def load_hellaswag(args):
-    """The HellaSwag examples, read at start-up, not an hour into the run."""
-    try:
-        examples = hellaswag.load_examples("val", path=args.hellaswag_data)
-    except hellaswag.DataError as err:
-        die(f"HellaSwag: {err}; pass --hellaswag-data with a local hellaswag_val.jsonl"
-            + (" or --hellaswag-every 0" if not args.eval_hellaswag else ""))
-    return examples[:args.hellaswag_limit or None]
-
-
 def start_from(args):
-    """(checkpoint to resume or None, GPTConfig, weights to load or None): --resume, else
-    --init-from, else a fresh model of the preset's shape."""
+    """(checkpoint to resume or None, GPTConfig, weights or None): --resume, --init-from, or a
+    fresh model of the preset's shape."""
+    checkpoint, weights = None, None
     if args.resume is not None:
-        path = Path(args.resume or args.out_dir / "checkpoint.pt")
-        checkpoint = common.load_checkpoint(path, STAGE, "cannot resume; drop --resume to "
-                                            "start afresh")
-        return checkpoint, GPTConfig(**checkpoint["config"]), None
-    if args.init_from is not None:
+        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
+                                            "cannot resume; drop --resume to start afresh")
+        config = GPTConfig(**checkpoint["config"])
+    elif args.init_from is not None:
         pretrained = load_model(args.init_from)
-        config = pretrained.config
-        weights = pretrained.state_dict()
+        config, weights = pretrained.config, pretrained.state_dict()
     else:
         config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-        weights = None
     if args.seq_len > config.block_size:
         die(f"--seq-len {args.seq_len} is longer than the model's block size "
             f"{config.block_size}; lower --seq-len")
-    return None, config, weights
+    return checkpoint, config, weights
 
 
 def resume(checkpoint, model, optimizer, scaler, loader):
@@ -670,67 +598,32 @@ def resume(checkpoint, model, optimizer, scaler, loader):
     return checkpoint["step"]
 
 
-class Speedometer:
-    """Times each step (after a GPU sync, so that it measures work, not queueing): tokens/s
-    and, on a GPU whose peak is known, MFU (model FLOPs utilisation)."""
-
-    def __init__(self, args, config, device, world_size):
-        self.tokens, self.device, self.rates = args.total_batch_size, device, []
-        self.peak = args.peak_tflops or common.gpu_peak_tflops(device)
-        self.flops = flops_per_token(config, args.seq_len) / world_size  # a rank's share
-
-    def start(self):
-        self.t0 = time.time()
-
-    def stop(self, step):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.ms = 1000 * (time.time() - self.t0)
-        self.rates.append(1000 * self.tokens / self.ms)
-        record = {"ms": round(self.ms, 2), "tokens_per_s": round(self.rates[-1], 1),
-                  "tokens": (step + 1) * self.tokens}
-        if self.peak:
-            record["mfu"] = self.flops * self.rates[-1] / (self.peak * 1e12)
-        self.mfu = record.get("mfu")
-        return record
-
-    def median(self):  # the first steps include compilation and warm-up
-        return float(np.median(self.rates)) if self.rates else None
-
-    def __str__(self):
-        return (f"{self.ms:8.1f} ms | {self.rates[-1]:9,.0f} tok/s"
-                + (f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""))
+def tokenizer(args, vocab_size):
+    """GPT-2's tokenizer, the prompt's tokens (checked now, not an hour into the run) and a
+    decoder, which drops the ids past GPT-2's 50,257 (the padding rows have no text)."""
+    enc, prompt = fineweb.get_encoding(), None
+    if args.sample or args.sample_every:
+        # An empty prompt starts where every document starts: after end-of-text.
+        prompt = enc.encode(args.prompt) if args.prompt else [fineweb.EOT]
+        if max(prompt) >= vocab_size:
+            die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
+                "use a model with GPT-2's vocabulary or another --prompt")
+    return enc, prompt, lambda tokens: enc.decode([t for t in tokens if t < enc.n_vocab])
 
 
-def stop_on_bad_loss(loss, step, out_dir, log, ddp):
-    """A NaN or infinite loss: stop at once, without a checkpoint, keeping the last good one."""
-    path = out_dir / "checkpoint.pt"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{STAGE}.py: error: the loss is {loss} at step {step}; stopping without saving ("
-              + (f"the last good checkpoint is kept at {path}" if path.exists() else
-                 "no checkpoint was written") + "); resume from it with a lower --lr or a "
-              "longer --warmup-steps", file=sys.stderr)
-    log.close()
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(1)
-
-
-def summarize(records, out_dir, print0):
-    """The final and best train loss, val loss and HellaSwag of a run's records."""
-    metrics, summary = {}, [f"{sum('train_loss' in r for r in records)} steps"]
-    for key, best in (("train_loss", min), ("val_loss", min), ("hellaswag", max)):
-        values = [r[key] for r in records if key in r]
-        if values:
-            metrics[f"final_{key}"], metrics[f"{best.__name__}_{key}"] = values[-1], best(values)
-            summary.append(f"{key.replace('_', ' ')} {values[-1]:.4f}")
-    print0(", ".join(summary) + f"; outputs in {out_dir}")
-    return metrics
+def load_hellaswag(args):
+    """The HellaSwag examples, read at start-up, not an hour into the run."""
+    try:
+        examples = hellaswag.load_examples("val", path=args.hellaswag_data)
+    except hellaswag.DataError as err:
+        die(f"HellaSwag: {err}; pass --hellaswag-data with a local hellaswag_val.jsonl"
+            + ("" if args.eval_hellaswag else " or --hellaswag-every 0"))
+    return examples[:args.hellaswag_limit or None]
 
 
 def other_modes(args, device, dtype):
-    """--sample, --eval-hellaswag, --export-hf: use weights (a checkpoint, Hugging Face's), no
-    training; only --export-hf writes anything."""
+    """--sample, --eval-hellaswag, --export-hf: weights (a checkpoint, Hugging Face's) used
+    without training; only --export-hf writes anything."""
     if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
         die(f"--export-hf {args.export_hf} exists and is not a directory; choose another")
     examples = load_hellaswag(args) if args.eval_hellaswag else None
@@ -740,22 +633,21 @@ def other_modes(args, device, dtype):
             model.export_hf(args.export_hf)
         except OSError as err:
             die(f"cannot write to --export-hf {args.export_hf} ({err.strerror}); choose another")
-        print(f"wrote {args.export_hf}/config.json and model.safetensors; load them with "
-              "transformers.GPT2LMHeadModel.from_pretrained")
+        print(f"wrote {args.export_hf}: config.json and model.safetensors for GPT2LMHeadModel")
         return {"export_hf": str(args.export_hf)}
-    enc = fineweb.get_encoding()
+    enc, prompt, decode = tokenizer(args, model.config.vocab_size)
     common.print_header(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if args.eval_hellaswag:
-        result = score_hellaswag(model, examples, enc, 0, 1, device, dtype, full=True)
+        result = hellaswag.evaluate(model, examples, device=device, enc=enc,
+                                    autocast_dtype=dtype if dtype != torch.float32 else None)
         print(f"HellaSwag, {result['n']} examples: acc {result['acc']:.4f}, acc_norm "
               f"{result['acc_norm']:.4f}, acc_norm_chars {result['acc_norm_chars']:.4f} "
-              f"(OpenAI GPT-2 124M, all 10,042: acc_norm {REFERENCE_HELLASWAG})")
+              "(OpenAI GPT-2 124M on all 10,042: acc_norm 0.2955)")
         return result
-    tokens = encode_prompt(enc, args.prompt, model.config.vocab_size)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = sample_texts(model, tokens, args.num_samples, args.sample_tokens, args.temperature,
-                           args.top_k, generator, decoder(enc), autocast)
+    samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
+                           args.top_k, generator, decode, autocast)
     for i, text in enumerate(samples):
         print(f"--- sample {i}:\n{text}")
     return {"samples": samples}
@@ -771,40 +663,28 @@ def main(args):
         return other_modes(args, device, dtype)
 
     # Every input is checked before anything is written or any process group is joined.
-    micro_tokens = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % micro_tokens:
-        die(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x "
-            f"seq-len x ranks = {args.batch_size} x {args.seq_len} x {world_size} = "
-            f"{micro_tokens}; change one of them")
-    grad_accum = args.total_batch_size // micro_tokens
-    train_loader = ShardLoader(fineweb.open_shards(args.data, "train", micro_tokens + 1),
-                               args.batch_size, args.seq_len, rank, world_size, args.shuffle,
-                               args.seed)
-    val_loader = (ShardLoader(fineweb.open_shards(args.data, "val", micro_tokens + 1),
-                              args.batch_size, args.seq_len, rank, world_size)
-                  if args.eval_every else None)
+    train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     checkpoint, config, weights = start_from(args)
-    # The tokenizer is needed only to write prompts and read HellaSwag; a run without either
-    # never builds it (it may need the network where the BPE files are not installed).
-    enc = fineweb.get_encoding() if args.sample_every or args.hellaswag_every else None
-    prompt = encode_prompt(enc, args.prompt, config.vocab_size) if args.sample_every else None
+    # The tokenizer is needed only for samples and HellaSwag: a run without them never builds it
+    # (where the BPE files are not installed, it may need the network).
+    enc, prompt, decode = (tokenizer(args, config.vocab_size) if args.sample_every or
+                           args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-
     if ddp:  # NCCL moves gradients GPU to GPU; gloo is the CPU backend (tests, laptops)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # TF32 for whatever still runs in fp32: 10-bit mantissa matmuls on tensor cores.
-        torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision("high")  # TF32 for what still runs in float32
+    print0 = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         common.print_header(device, world_size)
+
     torch.manual_seed(args.seed)
-    model = GPT(config)
+    model = GPT(config).to(device)
     if weights is not None:
         model.load_state_dict(weights)
-    model.to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -815,21 +695,16 @@ def main(args):
     eval_model, train_model = training_models(model, device, dtype, use_compile)
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    print0(f"preset {args.preset}: {config}; {sum(p.numel() for p in model.parameters()):,} "
-           f"parameters\n{len(train_loader.shards)} train shard(s) in {args.data}; micro-batch "
+    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
+    print0(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
+           f"parameters; {len(train_loader.shards)} train shard(s) in {args.data}\nmicro-batch "
            f"{args.batch_size} x {args.seq_len} on {world_size} rank(s), {grad_accum} "
-           f"micro-step(s) = {args.total_batch_size:,} tokens a step\n{args.max_steps} steps, "
-           f"lr {args.lr:g} (warmup {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), "
-           f"weight decay {args.weight_decay:g}, clip {args.grad_clip:g}, dtype "
-           f"{str(dtype).removeprefix('torch.')}, compile {use_compile}"
-           + (f"\nresumed at step {start_step}" if checkpoint else ""))
-    log_path = args.out_dir / "log.jsonl"
-    # A resumed run keeps what happened before its checkpoint; the steps after it run again.
-    kept = ([r for r in common.read_log(log_path) if r["step"] < start_step]
-            if start_step and log_path.exists() else [])
-    log = common.Log(log_path, kept, write=rank == 0)
+           f"micro-step(s) = {args.total_batch_size:,} tokens a step; {args.max_steps} steps, lr "
+           f"{args.lr:g}, dtype {str(dtype).removeprefix('torch.')}, compile {use_compile}"
+           + (f"; resumed at step {start_step}" if checkpoint else ""))
+    # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
+    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
 
     def save(step):
         if rank == 0:
@@ -843,9 +718,10 @@ def main(args):
     # never moves the training RNG and the ranks do not all write the same text.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
     mine = range(rank, args.num_samples, world_size)
-    speed = Speedometer(args, config, device, world_size)
+    timer = common.StepTimer(args.total_batch_size, flops_per_token(config, args.seq_len) /
+                             world_size, args.peak_tflops or common.gpu_peak_tflops(device))
     end_step = min(args.max_steps, args.stop_step or args.max_steps)
-    stopped, step, started = None, start_step - 1, time.time()
+    stopped, step = None, start_step - 1
     with common.StopSignals() as signals:
         for step in range(start_step, end_step):
             last = step == args.max_steps - 1
@@ -853,21 +729,22 @@ def main(args):
             if val_loader is not None and (last or step % args.eval_every == 0):
                 evaluation["val_loss"] = estimate_loss(eval_model, val_loader, args.eval_batches,
                                                        device, autocast, world_size)
-            if examples is not None and (last or step % args.hellaswag_every == 0):
-                evaluation.update(score_hellaswag(model, examples, enc, rank, world_size,
-                                                  device, dtype))
+            if examples and (last or step % args.hellaswag_every == 0):
+                result = hellaswag.evaluate(model, examples, device=device, enc=enc, rank=rank,
+                                            world_size=world_size, autocast_dtype=half)
+                evaluation.update(hellaswag=result["acc_norm"], hellaswag_n=result["n"])
             if evaluation:
                 log({"step": step, **evaluation})
                 print0(f"step {step:5d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in evaluation.items() if k != "hellaswag_n"))
-            if prompt and step > 0 and mine and (last or step % args.sample_every == 0):
+            if args.sample_every and step > 0 and mine and (last or step % args.sample_every == 0):
                 texts = sample_texts(model, prompt, len(mine), args.sample_tokens,
-                                     args.temperature, args.top_k, sample_generator,
-                                     decoder(enc), autocast)
+                                     args.temperature, args.top_k, sample_generator, decode,
+                                     autocast)
                 for i, text in zip(mine, texts):
                     print(f"step {step:5d} | sample {i}: {text!r}", flush=True)
 
-            speed.start()
+            timer.start()
             lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
                                args.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -881,16 +758,15 @@ def main(args):
                 dist.all_reduce(report)
             train_loss = report[0].item() / world_size
             if not math.isfinite(train_loss):
-                stop_on_bad_loss(train_loss, step, args.out_dir, log, ddp)
+                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
             scaler.step(optimizer)
             scaler.update()
-            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm.item(),
-                      **speed.stop(step)}
-            log(record)
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm.item(),
+                 **timer.stop(step)})
             print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm "
-                   f"{record['grad_norm']:.4f} | {speed}")
+                   f"{norm.item():.4f} | {timer}")
             if report[1].item() > 0:
                 stopped = signals.received or "a signal on another rank"
                 save(step + 1)
@@ -902,13 +778,12 @@ def main(args):
                 save(step + 1)
     log.close()
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config),
-               "world_size": world_size, "device": str(device),
-               "dtype": str(dtype).removeprefix("torch."), "compile": use_compile,
-               "total_batch_size": args.total_batch_size, "steps_done": step + 1,
-               "seconds": round(time.time() - started, 3), "stopped": stopped,
-               "tokens_per_s": speed.median(), **summarize(log.records, args.out_dir, print0)}
+               "world_size": world_size, "device": str(device), "dtype": str(dtype)[6:],
+               "compile": use_compile, "total_batch_size": args.total_batch_size,
+               "steps_done": step + 1, "seconds": timer.seconds(), "stopped": stopped,
+               "tokens_per_s": timer.median(), **common.summarize(log.records, args.out_dir)}
     if rank == 0:
-        name = data_name(args.data)
+        name = fineweb.dataset_name(args.data)
         metrics["figure"] = draw_figure(args.out_dir / "loss.png", log.records,
                                         f"gpt2.py --preset {args.preset} on {name}",
                                         "fineweb-edu" in name.lower())
@@ -920,12 +795,11 @@ def main(args):
 
 # --- command line
 
-# The shape of the model and the training defaults that go with it; flags override any value.
-# The four GPT-2 sizes train with the GPT-3 paper's recipe (0.5M-token batch, warmup, cosine to
-# 10%, 10B tokens = 19,073 steps) and its learning rate for the nearest size; their micro-batches
-# fit an 80 GB GPU (lower --batch-size on smaller cards: accumulation keeps the total batch).
-# The cpu presets are for a laptop: a few minutes, the loss visibly falling, samples that start
-# to look like the text.
+# The model's shape and the training defaults that go with it; a flag overrides any value. The
+# GPT-2 sizes train with the GPT-3 paper's recipe (0.5M-token batches, warmup, cosine to 10%, 10B
+# tokens = 19,073 steps) at its learning rate for the nearest size, with micro-batches that fit
+# an 80 GB GPU (accumulation keeps the total batch on smaller cards). The cpu presets are for a
+# laptop: a few minutes, the loss visibly falling, samples that start to look like the text.
 GPU_RECIPE = dict(block_size=1024, total_batch_size=524288, max_steps=19073, warmup_steps=715,
                   eval_every=250, eval_batches=20, hellaswag_every=250, sample_every=250,
                   checkpoint_every=1000)
@@ -945,88 +819,78 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun); "
-                                "--sample, --eval-hellaswag and --export-hf use trained weights.",
-                                "data/shards", "directory of fineweb.py's shards "
-                                "(*_train_*.npy, *_val_*.npy)", seed=1337)
+    parser = common.make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun).",
+                                "data/shards", "a folder of fineweb.py's shards", seed=1337)
     parser.add_argument("--preset", choices=list(PRESETS), default="gpt2",
-                        help="model size and training defaults: gpt2 (124M), gpt2-medium, "
-                             "gpt2-large, gpt2-xl, or cpu / cpu-tiny for a laptop; any flag "
-                             "below overrides its preset value (default: %(default)s)")
+                        help="model size and training defaults: gpt2 (124M) to gpt2-xl, or cpu, "
+                             "cpu-tiny for a laptop; a flag overrides its value (default: gpt2)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        default="auto", help="autocast dtype; auto = bfloat16 on GPUs that have "
-                        "it, float16 with a gradient scaler on older GPUs, float32 elsewhere")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the training model (default: on with CUDA)")
+                        default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
+                        "it, float16 with a gradient scaler on older ones, float32 elsewhere")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the training step's model (default: on with CUDA)")
     model = parser.add_argument_group("model (default: the preset's value)")
     for flag, text in (("--n-layer", "Transformer blocks"), ("--n-head", "attention heads"),
                        ("--n-embd", "width of the residual stream"),
                        ("--block-size", "longest context the model can take")):
         model.add_argument(flag, type=int, help=text)
-    model.add_argument("--vocab-size", type=int, default=50304, help="rows of the embedding: "
-                       "GPT-2's 50,257 tokens padded to a multiple of 64 (default: %(default)s)")
-    model.add_argument("--init-from", default=None, help="weights to start from (or to sample, "
-                       "score, export): gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face "
-                       "hub), a Hugging Face directory, or a gpt2.py checkpoint.pt "
-                       "(default for the modes: <out-dir>/checkpoint.pt)")
+    model.add_argument("--vocab-size", type=int, default=50304,
+                       help="rows of the embedding: GPT-2's 50,257 tokens padded (default: 50304)")
+    model.add_argument("--init-from", help="weights to start from, or to use in the modes below "
+                       "(default there: <out-dir>/checkpoint.pt): gpt2 to gpt2-xl (Hugging Face "
+                       "hub), a Hugging Face folder, or a gpt2.py checkpoint")
     train = parser.add_argument_group("training (default: the preset's value)")
-    train.add_argument("--batch-size", type=int, help="micro-batch: sequences per forward pass "
-                       "on each rank")
-    train.add_argument("--seq-len", type=int, help="tokens per sequence (default: block size)")
-    train.add_argument("--total-batch-size", type=int, help="tokens per optimizer step over all "
-                       "ranks and micro-steps; a multiple of batch-size x seq-len x ranks")
-    train.add_argument("--max-steps", type=int, help="optimizer steps; the cosine ends here")
-    train.add_argument("--stop-step", type=int, default=None, help="stop (with a checkpoint) "
-                       "after this many steps without changing the schedule; --resume goes on")
-    train.add_argument("--warmup-steps", type=int, help="steps of linear warmup to --lr")
-    train.add_argument("--lr", type=float, help="peak learning rate")
+    for flag, kind, text in (
+            ("--batch-size", int, "micro-batch: sequences per forward pass and rank"),
+            ("--seq-len", int, "tokens per sequence (default: the block size)"),
+            ("--total-batch-size", int, "tokens a step, over ranks and micro-steps"),
+            ("--max-steps", int, "optimizer steps; the cosine ends here"),
+            ("--stop-step", int, "stop (with a checkpoint) after this step; --resume goes on"),
+            ("--warmup-steps", int, "steps of linear warmup to --lr"),
+            ("--lr", float, "peak learning rate"),
+            ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
+        train.add_argument(flag, type=kind, help=text)
     train.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine ends at lr x this (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.1,
                        help="AdamW weight decay of the matrices (default: %(default)s)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's "
-                       "global norm to this (0 = off; default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a fresh order each epoch, from --seed")
-    train.add_argument("--checkpoint-every", type=int,
-                       help="steps between checkpoints (0 = only at the end)")
-    train.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
     train.add_argument("--overwrite", action="store_true",
                        help="start afresh even though --out-dir holds a checkpoint, replacing it")
     evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
-    evals.add_argument("--eval-every", type=int, help="steps between val losses (0 = off)")
-    evals.add_argument("--eval-batches", "--val-batches", type=int, dest="eval_batches",
-                       help="micro-batches per rank in each val loss; always the same ones")
-    evals.add_argument("--hellaswag-every", type=int,
-                       help="steps between HellaSwag evaluations (0 = off)")
-    evals.add_argument("--hellaswag-data", type=Path, default=None,
-                       help="local HellaSwag .jsonl (default: download the val split once)")
+    for flag, kind, text in (
+            ("--eval-every", int, "steps between val losses (0: off)"),
+            ("--eval-batches", int, "micro-batches per rank in each val loss, always the same"),
+            ("--hellaswag-every", int, "steps between HellaSwag evaluations (0: off)"),
+            ("--hellaswag-data", Path, "a local HellaSwag .jsonl (default: download it once)"),
+            ("--sample-every", int, "steps between samples (0: off)"),
+            ("--peak-tflops", float, "the GPU's peak TFLOP/s for MFU (default: from a table)")):
+        evals.add_argument(flag, type=kind, help=text)
+    evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
     evals.add_argument("--hellaswag-limit", type=int, default=0,
-                       help="score only the first N examples (0 = all 10,042)")
-    evals.add_argument("--sample-every", type=int, help="steps between samples (0 = off)")
-    evals.add_argument("--peak-tflops", type=float, default=None,
-                       help="the GPU's peak TFLOP/s for MFU (default: from a table of GPUs)")
-    modes = parser.add_argument_group("modes that do not train (they read --init-from)")
-    modes.add_argument("--sample", action="store_true", help="generate text")
-    modes.add_argument("--eval-hellaswag", action="store_true",
-                       help="score on HellaSwag (--hellaswag-data, --hellaswag-limit)")
-    modes.add_argument("--export-hf", type=Path, default=None, metavar="DIR", help="write "
+                       help="score only the first N examples (0: all 10,042)")
+    evals.add_argument("--sample", action="store_true", help="do not train: generate text")
+    evals.add_argument("--eval-hellaswag", action="store_true",
+                       help="do not train: score on HellaSwag (--hellaswag-data, -limit)")
+    evals.add_argument("--export-hf", type=Path, metavar="DIR", help="do not train: write "
                        "config.json + model.safetensors for transformers' GPT2LMHeadModel")
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--prompt", default="Hello, I'm a language model,",
-                          help="text the samples start from (default: %(default)r)")
-    sampling.add_argument("--sample-tokens", type=int, default=32,
-                          help="tokens to generate per sample (default: %(default)s)")
-    sampling.add_argument("--num-samples", type=int, default=4,
-                          help="samples to generate, split over ranks (default: %(default)s)")
-    sampling.add_argument("--temperature", type=float, default=1.0, help="divide the logits by "
-                          "this before sampling; 0 = greedy (default: %(default)s)")
-    sampling.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest "
-                          "tokens (0 = all; default: %(default)s)")
+    evals.add_argument("--prompt", default="Hello, I'm a language model,",
+                       help="text the samples start from (default: %(default)r)")
+    evals.add_argument("--sample-tokens", type=int, default=32,
+                       help="tokens to generate per sample (default: %(default)s)")
+    evals.add_argument("--num-samples", type=int, default=4,
+                       help="samples to generate, split over the ranks (default: %(default)s)")
+    evals.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    evals.add_argument("--top-k", type=int, default=50,
+                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
     args = common.apply_preset(parser.parse_args(argv), PRESETS)
-    if args.seq_len is None:
-        args.seq_len = args.block_size
+    args.seq_len = args.seq_len or args.block_size
     common.check_args(
         args, positive=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                         "seq_len", "total_batch_size", "max_steps", "eval_batches",

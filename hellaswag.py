@@ -310,9 +310,14 @@ def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, wor
 
     Rank r scores examples[r::world_size]; when torch.distributed is initialized the counts are
     summed over the ranks, so that every rank returns the result on all the examples.
-    Runs in the model's current mode: the caller sets model.eval().
+    The model is scored in eval mode, and left in the mode it was in.
     """
-    results = score_examples(model, examples[rank::world_size], device, enc, batch_size, autocast_dtype)
+    training = model.training
+    model.eval()
+    try:
+        results = score_examples(model, examples[rank::world_size], device, enc, batch_size, autocast_dtype)
+    finally:
+        model.train(training)
     counts = summarize(results)
     keys = ["n", "correct", "correct_norm", "correct_norm_chars"]
     if torch.distributed.is_available() and torch.distributed.is_initialized():

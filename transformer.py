@@ -4,14 +4,14 @@ wavenet.py grew the context by merging neighbouring characters level by level, t
 tree. A Transformer lets every position look at every earlier position at once and decide by
 itself, from the data, which ones matter: self-attention ("Attention Is All You Need", Vaswani
 et al., 2017), in the decoder-only form of GPT (Radford et al., 2018) with GPT-2's pre-LayerNorm
-blocks (Radford et al., 2019): token + position embeddings, N blocks of [LayerNorm -> causal
-multi-head self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a
-final LayerNorm and a linear head over the characters. Attention is written out step by step
-(--attention manual); by default the same computation runs in torch's fused kernel, which a
-test checks gives the same outputs. The modules carry GPT-2's names, so that `diff
-transformer.py gpt2.py` shows only what the next stage adds. Training: AdamW, linear warmup then
-cosine decay, gradient clipping, dropout; the loss on fixed train and val batches every
---eval-every steps; the best checkpoint is kept.
+blocks (2019): token + position embeddings, N blocks of [LayerNorm -> causal multi-head
+self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a final
+LayerNorm and a linear head over the characters. Attention is written out step by step
+(--attention manual); by default the same computation runs in torch's fused kernel (a test
+checks they agree). The modules carry GPT-2's names, so that `diff transformer.py gpt2.py`
+shows what the next stage adds. Training: AdamW, warmup then cosine decay, gradient clipping,
+dropout; the loss on fixed train and val batches every --eval-every steps; the best checkpoint
+is kept.
 
 Run:
     python transformer.py --preset quick     # CPU, about half a minute
@@ -51,8 +51,8 @@ STAGE = "transformer"
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65
     block_size: int = 64
+    vocab_size: int = 65  # the characters of tiny Shakespeare
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -90,7 +90,7 @@ class CausalSelfAttention(nn.Module):
             weights = F.softmax(scores, dim=-1)  # (B, nh, T, T), each row sums to 1
             y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
         else:
-            # The same four lines in one fused kernel that never stores the (T, T) weights.
+            # The same four lines in one fused kernel: the (T, T) weights are never stored.
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side
@@ -130,6 +130,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Tokens in, next-token logits out: embeddings, a stack of blocks, a final LayerNorm, and
+    a linear map from the residual stream to one logit per token of the vocabulary."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -140,9 +143,9 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # GPT-2 ties lm_head's weight to wte's to save V * C parameters; over 65 characters
         # that is only 8K of them, so here the two stay apart.
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -157,13 +160,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None):
+    def hidden_states(self, idx):
+        """The final LayerNorm's output (B, T, C) for tokens idx (B, T): the logits are this
+        times lm_head's weight."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
@@ -174,8 +184,8 @@ class GPT(nn.Module):
         """Append `max_new_tokens` tokens to idx (B, T), sampled one at a time (temperature 0:
         the likeliest), each from the logits of the last block_size tokens."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :]  # (B, V), the next token only
+            x = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]  # (B, C)
+            logits = self.lm_head(x).float()  # (B, V), the next token only
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -184,8 +194,8 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)  # (B, V)
-                next_token = torch.multinomial(probs.cpu(), 1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, next_token.to(idx.device)], dim=1)  # (B, T+1)
+                next_token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)  # (B, T+1)
         return idx
 
 
@@ -198,21 +208,15 @@ class Vocab:
         self.chars = "".join(chars)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
 
-    def __len__(self):
-        return len(self.chars)
-
     def encode(self, text):
+        unknown = sorted(set(text) - set(self.chars))
+        if unknown:  # a character the model has never seen has no token
+            die(f"--prompt has characters not in the vocabulary of the training text: "
+                f"{' '.join(map(repr, unknown))}; use only characters that occur in the text")
         return [self.index[ch] for ch in text]
 
     def decode(self, tokens):
         return "".join(self.chars[t] for t in tokens)
-
-    def check_prompt(self, prompt):
-        """die() naming the prompt's characters that the model has never seen."""
-        unknown = sorted(set(prompt) - set(self.chars))
-        if unknown:
-            die(f"--prompt has characters not in the vocabulary of the training text: "
-                f"{' '.join(map(repr, unknown))}; use only characters that occur in the text")
 
 
 def split_tokens(text, vocab, block_size):
@@ -239,14 +243,15 @@ def get_batch(data, batch_size, block_size, generator):
 # --- training
 
 def make_optimizer(model, lr, weight_decay, device):
-    """AdamW; only matrices decay (GPT-2's rule), biases and LayerNorm gains do not. The fused
-    kernel updates all parameters in one call instead of a handful of ops per tensor."""
+    """AdamW; only matrices (embeddings and linear weights) decay, biases and LayerNorm gains
+    do not (GPT-2's rule). The fused kernel updates all parameters in one call instead of a
+    handful of ops per tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cpu", "cuda")
     # beta2 0.99 rather than 0.999: small model, few steps, a faster-moving second moment.
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused or None)
 
 
 def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
@@ -260,7 +265,7 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
 
 
 def train_step(model, optimizer, x, y, grad_clip):
-    """One optimizer step on one batch; returns the loss (a tensor) and the gradient's norm."""
+    """One optimizer step on one batch; returns the loss and the gradient's norm (tensors)."""
     optimizer.zero_grad(set_to_none=True)
     _, loss = model(x, y)
     loss.backward()
@@ -271,8 +276,8 @@ def train_step(model, optimizer, x, y, grad_clip):
 
 @torch.no_grad()
 def estimate_loss(model, splits, batches, batch_size, block_size, device):
-    """Mean loss over `batches` batches per split. They are drawn with a fixed seed, so every
-    estimate of a run sees the same text and two estimates differ only by the model."""
+    """Mean loss over `batches` batches of each split. They are drawn with a fixed seed, so
+    every estimate sees the same text and two estimates differ only by the model."""
     model.eval()
     losses = {}
     for name, data in splits.items():
@@ -301,19 +306,24 @@ def draw_figure(path, records, title):
     plt = common.pyplot()
     if plt is None:
         return common.no_figure()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("train_loss", "val_loss"):
+    fig, axes = plt.subplots(1, 1, figsize=(7, 4), squeeze=False)
+    for key, style in (("train_loss", dict(marker="o")), ("val_loss", dict(marker="o"))):
         points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), marker="o", label=key.removesuffix("_loss"))
-    ax.set(xlabel="step", ylabel="loss (nats per character)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if points:
+            axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
+    axes[0][0].set(xlabel="step", ylabel="loss (nats per character)", title=title)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
     return common.save_figure(fig, path)
 
 
-def load_model(path, device="cpu"):
-    """(GPT in eval mode, Vocab) from a checkpoint this script wrote; anything else dies."""
-    hint = "pass --init-from with a checkpoint.pt from a transformer.py run"
+def load_model(source, device="cpu"):
+    """(GPT in eval mode, Vocab, checkpoint) from a transformer.py checkpoint (a file, or an
+    --out-dir holding checkpoint.pt); anything else dies with one line."""
+    path = Path(source)
+    path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
+    hint = "pass --init-from with the checkpoint.pt of a transformer.py run"
     checkpoint = common.load_checkpoint(path, STAGE, hint)
     missing = {"model", "config", "vocab"} - set(checkpoint)
     if missing:
@@ -322,178 +332,176 @@ def load_model(path, device="cpu"):
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} does not match this transformer.py ({type(err).__name__}); "
-            f"{hint}")
+        die(f"checkpoint {path} does not match this transformer.py ({err!r}); {hint}")
     return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
+
+
+def other_modes(args, device):
+    """--sample: text from a checkpoint; nothing is written."""
+    model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
+    prompt = vocab.encode(args.prompt)
+    common.print_header(device)
+    print(f"checkpoint of step {checkpoint['step']}, val loss {checkpoint['val_loss']:.4f}")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    samples = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature,
+                           args.top_k, generator, vocab.decode)
+    print(samples[0])
+    return {"sample": samples[0]}
 
 
 def main(args):
     device = common.pick_device(args.device)
     if args.sample:
-        model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt",
-                                              device)
-        vocab.check_prompt(args.prompt)
-        common.print_header(device)
-        print(f"checkpoint of step {checkpoint['step']}, val loss {checkpoint['val_loss']:.4f}")
-        text = sample_texts(model, vocab.encode(args.prompt), 1, args.sample_tokens,
-                            args.temperature, args.top_k,
-                            torch.Generator().manual_seed(args.seed), vocab.decode)[0]
-        print(text)
-        return {"sample": text}
+        return other_modes(args, device)
+
+    # Every input is checked before anything is written.
     text = common.read_text(args.data, "a UTF-8 text file")
     vocab = Vocab(sorted(set(text)))
-    vocab.check_prompt(args.prompt)  # before training, not after it
+    prompt = vocab.encode(args.prompt)
     splits = dict(zip(("train", "val"), split_tokens(text, vocab, args.block_size)))
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
     common.print_header(device)
+
     torch.manual_seed(args.seed)
-    config = GPTConfig(vocab_size=len(vocab), block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       attention=args.attention)
+    config = GPTConfig(block_size=args.block_size, vocab_size=len(vocab.chars),
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       dropout=args.dropout, attention=args.attention)
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(text):,} characters from {args.data}: {len(splits['train']):,} train, "
-          f"{len(splits['val']):,} val; vocabulary of {len(vocab)} characters\n"
-          f"preset {args.preset}: {config}; {n_params:,} parameters\n"
-          f"{args.max_steps} steps of {args.batch_size} x {args.block_size} characters, lr "
-          f"{args.lr:g} (warmup {args.warmup_steps}, cosine to {args.min_lr_ratio:g}x), weight "
-          f"decay {args.weight_decay:g}, grad clip {args.grad_clip:g}\n"
-          f"loss at init should be about ln({len(vocab)}) = {math.log(len(vocab)):.4f}")
+    print(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters; {len(text):,} characters in {args.data}\n{args.max_steps} steps of "
+          f"{args.batch_size} x {args.block_size} characters, lr {args.lr:g}; the loss at init "
+          f"should be about ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
     log = common.Log(args.out_dir / "log.jsonl")
+
+    def save(step, val_loss):
+        common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+            "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "val_loss": val_loss, "config": asdict(config), "vocab": vocab.chars,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+
     batch_generator = torch.Generator().manual_seed(args.seed)
     best, train_seconds, started = None, 0.0, time.time()  # train_seconds: the steps alone
     for step in range(args.max_steps + 1):
         last = step == args.max_steps
         if last or (args.eval_every and step % args.eval_every == 0):
-            lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
-                               args.max_steps, args.min_lr_ratio)
             losses = estimate_loss(model, splits, args.eval_batches, args.batch_size,
                                    args.block_size, device)
-            record = {"step": step, "seconds": round(time.time() - started, 3),
-                      "train_seconds": round(train_seconds, 3), "train_loss": losses["train"],
-                      "val_loss": losses["val"], "lr": lr}
-            log(record)
-            print(f"step {step:5d}  train {losses['train']:.4f}  val {losses['val']:.4f}  lr "
-                  f"{lr:.2e}  {train_seconds:7.1f} s training ({record['seconds']:.1f} s with "
-                  "evaluation)")
-            if step > 0 and (best is None or record["val_loss"] < best["val_loss"]):
-                best = record
-                common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-                    "stage": STAGE, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "step": step,
-                    "val_loss": record["val_loss"], "config": asdict(config),
-                    "vocab": vocab.chars, "args": {k: str(v) for k, v in vars(args).items()}})
+            lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
+                               args.max_steps, args.min_lr_ratio)
+            log({"step": step, "seconds": round(time.time() - started, 3), "lr": lr,
+                 "train_seconds": round(train_seconds, 3), "train_loss": losses["train"],
+                 "val_loss": losses["val"]})
+            print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | "
+                  f"lr {lr:.2e} | {train_seconds:.1f} s training ({time.time() - started:.1f} "
+                  "s with evaluation)")
+            if step > 0 and (best is None or losses["val"] < best["val_loss"]):
+                best = log.records[-1]
+                save(step, losses["val"])
         if last:
             break
+
         t0 = time.time()
-        lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+        lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
+                           args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = get_batch(splits["train"], args.batch_size, args.block_size, batch_generator)
         train_step(model, optimizer, x.to(device), y.to(device), args.grad_clip)
         if device.type == "cuda":
-            torch.cuda.synchronize()  # so that the time measures work, not queueing
+            torch.cuda.synchronize()  # so that the time measures work, not queued launches
         train_seconds += time.time() - t0
     log.close()
-    seconds = time.time() - started
 
     model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
-    sample = sample_texts(model, vocab.encode(args.prompt), 1, args.sample_tokens,
-                          args.temperature, args.top_k, torch.Generator().manual_seed(args.seed),
-                          vocab.decode)[0]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
+                          generator, vocab.decode)[0]
     print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
-    figure = draw_figure(args.out_dir / "loss.png", log.records,
-                         f"transformer.py --preset {args.preset} on {args.data.name}")
-    metrics = {
-        "stage": STAGE, "preset": args.preset, "config": asdict(config), "params": n_params,
-        "steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
-        "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3),
-        "ms_per_step": round(1000 * train_seconds / args.max_steps, 3),
-        "best_step": best["step"], "best_val_loss": best["val_loss"],
-        "final_train_loss": log.records[-1]["train_loss"],
-        "final_val_loss": log.records[-1]["val_loss"], "vocab_size": len(vocab),
-        "device": str(device), "threads": torch.get_num_threads(), "data": str(args.data),
-        "seed": args.seed, "figure": figure, "sample": sample}
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config),
+               "steps": args.max_steps, "batch_size": args.batch_size, "device": str(device),
+               "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - started, 3),
+               "ms_per_step": round(1000 * train_seconds / args.max_steps, 3),
+               "best_step": best["step"], "best_val_loss": best["val_loss"], "sample": sample,
+               **common.summarize(log.records, args.out_dir)}
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", log.records,
+                                    f"transformer.py --preset {args.preset} on {args.data.name}")
     common.write_json(args.out_dir / "metrics.json", metrics)
-    print(f"best val loss {best['val_loss']:.4f} at step {best['step']}; {train_seconds:.1f} s "
-          f"of training, {seconds:.1f} s with evaluation; outputs in {args.out_dir}")
     return metrics
 
 
 # --- command line
 
-# The presets set the model size and the training length; any flag given on the command line
-# overrides its preset value. quick is the model and batch of nanoGPT's CPU recipe (4 layers,
-# 4 heads, 128 wide, block 64, batch 12) trained with 3x its learning rate for 3/4 of its steps:
-# a model this small tolerates a large step, and gets further in less time. cpu keeps that
-# width but doubles the context and the batch: on a CPU a 128-character window costs hardly more
-# per character than a 64-character one, and the longer context is worth a lot of loss. gpu is
-# the lecture's scale (nanoGPT's GPU configuration for this corpus).
+# The model's size and the training length; a flag overrides any value. quick is the model and
+# batch of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12) trained at 3x
+# its learning rate for 3/4 of its steps: a model this small tolerates a large step and gets
+# further in less time. cpu keeps that width but doubles the context and the batch: on a CPU a
+# 128-character window costs hardly more per character than a 64-character one, and the longer
+# context is worth a lot of loss. gpu is the lecture's scale (nanoGPT's GPU configuration).
+RECIPE = dict(dropout=0.0, lr=3e-3, warmup_steps=100, eval_batches=50)
 PRESETS = {
-    "quick": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-                  lr=3e-3, warmup_steps=100, max_steps=1400, eval_every=350),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=24, dropout=0.0,
-                lr=3e-3, warmup_steps=100, max_steps=1800, eval_every=300),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
-                lr=1e-3, warmup_steps=100, max_steps=5000, eval_every=250),
+    "quick": dict(RECIPE, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                  max_steps=1400, eval_every=350),
+    "cpu": dict(RECIPE, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=24,
+                max_steps=1800, eval_every=300),
+    "gpu": dict(RECIPE, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                dropout=0.2, lr=1e-3, max_steps=5000, eval_every=250),
 }
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(STAGE, "A character-level GPT trained on Shakespeare; --sample "
-                                "generates text.", "data/shakespeare.txt",
-                                "UTF-8 text to learn; first 90%% train, last 10%% val", seed=1337)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="model size and training length: quick (about 30 s on a laptop "
-                             "CPU), cpu (a few minutes) or gpu (the lecture's scale, one GPU); "
-                             "any flag below overrides its preset value (default: %(default)s)")
+    parser = common.make_parser(STAGE, "A character-level GPT trained on Shakespeare.",
+                                "data/shakespeare.txt", "UTF-8 text to learn", seed=1337)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                        help="model size and training length: quick (about 30 s on a CPU), cpu "
+                             "(minutes), gpu (one GPU); a flag overrides its value (default: cpu)")
+    parser.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
+                        help="sdpa: torch's fused kernel; manual: the same computation written "
+                             "out, to read (default: sdpa)")
     model = parser.add_argument_group("model (default: the preset's value)")
     for flag, text in (("--n-layer", "Transformer blocks"), ("--n-head", "attention heads"),
                        ("--n-embd", "width of the residual stream"),
-                       ("--block-size", "context length in characters")):
+                       ("--block-size", "longest context the model can take")):
         model.add_argument(flag, type=int, help=text)
-    model.add_argument("--dropout", type=float, help="dropout probability (0 = none)")
-    model.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
-                       help="sdpa: torch's fused F.scaled_dot_product_attention; manual: the "
-                            "same computation written out, to read (default: %(default)s)")
-    model.add_argument("--init-from", "--checkpoint", type=Path, default=None, help="checkpoint "
-                       "for --sample (default: <out-dir>/checkpoint.pt)")
+    model.add_argument("--dropout", type=float, help="dropout probability (0: none)")
+    model.add_argument("--init-from", "--checkpoint", type=Path, help="the checkpoint --sample "
+                       "reads (default: <out-dir>/checkpoint.pt)")
     train = parser.add_argument_group("training (default: the preset's value)")
-    train.add_argument("--batch-size", type=int, help="sequences per step")
-    train.add_argument("--max-steps", type=int, help="optimizer steps")
-    train.add_argument("--warmup-steps", type=int, help="steps of linear warmup to --lr")
-    train.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    for flag, kind, text in (
+            ("--batch-size", int, "sequences a step"),
+            ("--max-steps", int, "optimizer steps; the cosine ends here"),
+            ("--warmup-steps", int, "steps of linear warmup to --lr"),
+            ("--lr", float, "peak learning rate")):
+        train.add_argument(flag, type=kind, help=text)
     train.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine ends at lr x this (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.1,
                        help="AdamW weight decay of the matrices (default: %(default)s)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's "
-                       "global norm to this (0 = off; default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--overwrite", action="store_true",
                        help="start afresh even though --out-dir holds a checkpoint, replacing it")
-    evals = parser.add_argument_group("evaluation and samples")
-    evals.add_argument("--eval-every", type=int, help="steps between loss estimates and "
-                       "checkpoints during training (0 = off: once, at the end)")
-    evals.add_argument("--eval-batches", type=int, default=50, help="batches per split in each "
-                       "loss estimate, the same ones every time (default: %(default)s)")
-    evals.add_argument("--sample", action="store_true",
-                       help="do not train: generate text from --init-from")
-    evals.add_argument("--prompt", default="\n", help="text the sample starts from; every "
-                       "character must occur in the training text (default: a newline)")
+    evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
+    for flag, kind, text in (
+            ("--eval-every", int, "steps between evaluations during training (0: off)"),
+            ("--eval-batches", int, "batches (per rank) in each loss estimate, always the same")):
+        evals.add_argument(flag, type=kind, help=text)
+    evals.add_argument("--sample", action="store_true", help="do not train: generate text")
+    evals.add_argument("--prompt", default="\n",
+                       help="text the samples start from (default: a newline)")
     evals.add_argument("--sample-tokens", "--num-chars", type=int, default=500,
-                       dest="sample_tokens", help="characters to generate (default: %(default)s)")
-    evals.add_argument("--temperature", type=float, default=1.0, help="divide the logits by "
-                       "this before sampling; 0 = greedy (default: %(default)s)")
-    evals.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest "
-                       "characters only (0 = all; default: %(default)s)")
+                       help="tokens to generate per sample (default: %(default)s)")
+    evals.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    evals.add_argument("--top-k", type=int, default=0,
+                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
     args = common.apply_preset(parser.parse_args(argv), PRESETS)
     common.check_args(
-        args, positive=("n_layer", "n_head", "n_embd", "block_size", "max_steps", "batch_size",
-                        "eval_batches", "lr"),
-        non_negative=("warmup_steps", "eval_every", "top_k", "sample_tokens"),
-        ranges=(("dropout", 0, 0.99), ("lr", 0, 10), ("min_lr_ratio", 0, 1),
-                ("weight_decay", 0, 10), ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
+        args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                        "max_steps", "eval_batches", "lr"),
+        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
+        ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100), ("dropout", 0, 0.99)))
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
             "(each head gets n_embd / n_head channels)")

@@ -1,4 +1,4 @@
-"""Stage 3: a hierarchical model that fuses the context two by two (WaveNet 2016, makemore part 5).
+"""Stage 4: a hierarchical model that fuses the context two by two (WaveNet 2016, makemore part 5).
 
 What this adds over mlp.py: mlp.py squashes the whole context into one hidden layer at once. Here
 the --block-size 8 characters are embedded and then fused in a tree, as in WaveNet's dilated
@@ -25,8 +25,7 @@ Run:
 
 Measured on the canonical list (32,033 names), default flags (15,000 steps of batch 256, i.e.
 3.8M examples against the lecture's 6.4M; 163,683 parameters), on a quiet 2-core CPU (2 threads):
-154 s wall; loss at init 3.2885 vs ln(27) = 3.2958;
-train 1.8432, val 1.9761, test 1.9676.
+154 s wall; loss at init 3.2885 vs ln(27) = 3.2958; train 1.8432, val 1.9761, test 1.9676.
 On the bundled data/names.txt (29,910 names): train 1.8443, val 1.9845, test 1.9830.
 Anchor: the lecture's WaveNet reaches val 1.993 (76K params, 200K steps of batch 32).
 
@@ -34,183 +33,20 @@ Outputs in --out-dir (default out/wavenet): log.jsonl (one line per evaluation),
 wavenet.png (per-layer histograms of tanh activations and of their gradients, and the loss curve).
 """
 import argparse
-import json
+import copy
 import math
-import os
-import platform
 import random
-import sys
 import time
-from dataclasses import dataclass, asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import (Log, check_args, die, make_parser, no_figure, pick_device, prepare_out_dir,
+                    print_header, pyplot, read_text, save_figure, write_json)
+
 STAGE = "wavenet"
-
-
-def die(message):
-    print(f"{STAGE}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-# --- config
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Hierarchical (WaveNet-like) language model of names.")
-    parser.error = die
-    parser.add_argument("--data", type=Path, default=Path("data/names.txt"),
-                        help="text file with one name per line (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("out") / STAGE,
-                        help="where log.jsonl, metrics.json and the figure go "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the split, the initial weights, the batches and the samples")
-    parser.add_argument("--max-steps", type=int, default=15000,
-                        help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="examples (one next character each) per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=3e-3,
-                        help="peak AdamW learning rate; decays to a tenth by the last step "
-                             "(default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=0.1,
-                        help="AdamW weight decay of the weight matrices (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=2500,
-                        help="steps between evaluations on the full train and val splits "
-                             "(0 = only at the end; default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=8,
-                        help="characters of context, a power of two: log2 of it is the number of "
-                             "fusing levels (default: %(default)s)")
-    parser.add_argument("--n-embd", type=int, default=24,
-                        help="size of each character's embedding (default: %(default)s)")
-    parser.add_argument("--n-hidden", type=int, default=192,
-                        help="units of each fusing level (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="fraction of each level's outputs zeroed while training, against "
-                             "overfitting (default: %(default)s)")
-    parser.add_argument("--num-samples", type=int, default=20,
-                        help="names to sample at the end (default: %(default)s)")
-    args = parser.parse_args(argv)
-    for flag in ("max_steps", "batch_size", "block_size", "n_embd", "n_hidden"):
-        if getattr(args, flag) <= 0:
-            die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.block_size < 2 or args.block_size & (args.block_size - 1):
-        die(f"--block-size must be a power of two (2, 4, 8, 16), got {args.block_size}: each "
-            "level fuses pairs")
-    if not args.lr > 0 or math.isinf(args.lr):
-        die(f"--lr must be a positive number, got {args.lr}")
-    if not args.weight_decay >= 0 or math.isinf(args.weight_decay):
-        die(f"--weight-decay must be zero or a positive number, got {args.weight_decay}")
-    if not 0 <= args.dropout < 1:
-        die(f"--dropout must be at least 0 and below 1, got {args.dropout}")
-    if args.eval_every < 0:
-        die(f"--eval-every must be 0 (off) or positive, got {args.eval_every}")
-    if args.num_samples < 0:
-        die(f"--num-samples must be 0 or positive, got {args.num_samples}")
-    return args
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        die("--device mps was asked for but MPS is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        die(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-# --- data
-
-def read_names(path):
-    """The names in `path`, one per line, blank lines skipped; a bad file ends the run via die()."""
-    if not path.exists():
-        die(f"data file {path} does not exist; pass --data with a text file of one name per line")
-    if not path.is_file():
-        die(f"data path {path} is not a file; pass --data with a text file of one name per line")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        die(f"cannot read data file {path} (permission denied); fix its permissions or copy it")
-    except OSError as err:
-        die(f"cannot read data file {path} ({err.strerror}); pass --data with a readable file")
-    except UnicodeDecodeError as err:
-        die(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
-            "re-encode it as UTF-8")
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        die(f"data file {path} holds no names; it needs one name per line")
-    return names
-
-
-def split_names(names, seed):
-    """A seeded shuffle cut 80/10/10 into train, val and test names."""
-    if len(names) < 10:
-        die(f"the data holds {len(names)} names; an 80/10/10 split needs at least 10")
-    names = list(names)
-    random.Random(seed).shuffle(names)
-    n1, n2 = int(0.8 * len(names)), int(0.9 * len(names))
-    return names[:n1], names[n1:n2], names[n2:]
-
-
-@dataclass
-class Vocab:
-    """Characters of the data plus token 0, which marks both the start and the end of a name."""
-    chars: list
-
-    @property
-    def size(self):
-        return len(self.chars) + 1
-
-    def encode(self, name):
-        return [self.chars.index(ch) + 1 for ch in name]
-
-    def label(self, index):
-        """How token `index` is drawn in the figure: '.' for the start/end token."""
-        return "." if index == 0 else self.chars[index - 1]
-
-    def decode(self, indices):
-        return "".join(self.chars[i - 1] for i in indices)
-
-
-def build_vocab(names):
-    return Vocab(sorted(set("".join(names))))
-
-
-def check_block_size(block_size, names):
-    """A context longer than the longest name plus its start token is never filled by data."""
-    longest = max(len(name) for name in names)
-    if block_size > longest + 1:
-        die(f"--block-size {block_size} is longer than any context in the data (the longest name "
-            f"has {longest} characters); use --block-size {longest + 1} or less")
-
-
-def build_dataset(names, vocab, block_size):
-    """One example per character of every name and one for its end: the previous block_size
-    tokens (padded on the left with the start token) and the token that follows."""
-    xs, ys = [], []
-    for name in names:
-        context = [0] * block_size
-        for token in vocab.encode(name) + [0]:
-            xs.append(context)
-            ys.append(token)
-            context = context[1:] + [token]
-    return torch.tensor(xs), torch.tensor(ys)  # (N, block_size), (N,)
 
 
 # --- model
@@ -222,10 +58,6 @@ class ModelConfig:
     n_embd: int
     n_hidden: int
     dropout: float
-
-    @property
-    def n_levels(self):
-        return self.block_size.bit_length() - 1  # log2(block_size) fusing levels
 
 
 class FlattenConsecutive(nn.Module):
@@ -287,7 +119,7 @@ class WaveNet(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         layers = []
         width = config.n_embd
-        for _ in range(config.n_levels):
+        for _ in range(config.block_size.bit_length() - 1):  # log2(block_size) levels
             # No bias: BatchNorm subtracts the mean right after, and its beta is the bias.
             layers += [FlattenConsecutive(2), nn.Linear(2 * width, config.n_hidden, bias=False),
                        BatchNorm1d(config.n_hidden), nn.Tanh(), nn.Dropout(config.dropout)]
@@ -314,8 +146,70 @@ class WaveNet(nn.Module):
         x = self.levels(x)  # (B, T, C) -> (B, T/2, n_hidden) -> ... -> (B, n_hidden)
         return self.lm_head(x)  # (B, V) logits
 
+    def configure_optimizer(self, lr, weight_decay):
+        """AdamW that decays the weight matrices and embeddings only: decaying BatchNorm's gamma
+        and beta or the output bias would just fight the normalization."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
-# --- training and evaluation helpers
+
+# --- data
+
+class Vocab:
+    """Characters of the data plus token 0, which marks both the start and the end of a name."""
+
+    def __init__(self, names):
+        self.chars = sorted(set("".join(names)))
+        self.size = len(self.chars) + 1
+
+    def encode(self, name):
+        return [self.chars.index(ch) + 1 for ch in name]
+
+    def decode(self, tokens):
+        return "".join(self.chars[i - 1] for i in tokens)
+
+
+def build_dataset(names, vocab, block_size):
+    """One example per character of every name and one for its end: the previous block_size
+    tokens (padded on the left with the start token) and the token that follows."""
+    xs, ys = [], []
+    for name in names:
+        context = [0] * block_size
+        for token in vocab.encode(name) + [0]:
+            xs.append(context)
+            ys.append(token)
+            context = context[1:] + [token]
+    return torch.tensor(xs), torch.tensor(ys)  # (N, block_size), (N,)
+
+
+def load_data(args, device):
+    """The names of --data, one per line, shuffled with --seed and cut 80/10/10 into train, val
+    and test; the vocabulary; (X, Y) on `device` per split; and a line that describes them. Every
+    input is checked here, before --out-dir is touched."""
+    text = read_text(args.data, "a text file of one name per line")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    longest = max(len(name) for name in names)
+    if args.block_size > longest + 1:  # a context that no name fills: only start tokens
+        die(f"--block-size {args.block_size} is longer than any context in the data (the longest "
+            f"name has {longest} characters); use --block-size {longest + 1} or less")
+    if len(names) < 10:
+        die(f"the data holds {len(names)} names; an 80/10/10 split needs at least 10")
+    shuffled = list(names)
+    random.Random(args.seed).shuffle(shuffled)
+    n1, n2 = int(0.8 * len(names)), int(0.9 * len(names))
+    members = {"train": shuffled[:n1], "val": shuffled[n1:n2], "test": shuffled[n2:]}
+    vocab = Vocab(names)
+    splits = {split: tuple(t.to(device) for t in build_dataset(group, vocab, args.block_size))
+              for split, group in members.items()}  # (N, block_size), (N,)
+    about = (f"{len(names)} names from {args.data}: {n1} train, {n2 - n1} val, "
+             f"{len(names) - n2} test names ({len(splits['train'][0])} training examples); "
+             f"vocabulary of {vocab.size} tokens (start/end + {vocab.size - 1} characters)")
+    return vocab, splits, about
+
+
+# --- training
 
 @torch.no_grad()
 def split_loss(model, X, Y, chunk=65536):
@@ -335,34 +229,63 @@ def lr_at(step, max_steps, lr):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def tanh_outputs(model, X, Y):
-    """One training-mode forward and backward on (X, Y): every tanh layer's output and gradient.
-    The BatchNorm running statistics are put back afterwards: a diagnostic must not train."""
-    outputs = []
-    running = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+def train(model, optimizer, splits, batch_gen, args, started):
+    """--max-steps AdamW steps on random batches with the cosine learning rate. Every --eval-every
+    steps (0 = never) and after the last one, the loss on the whole train and val splits goes to
+    log.jsonl and the screen. Returns the batch losses, the evaluations and the final losses."""
+    X, Y = splits["train"]
+    step_losses, log = [], Log(args.out_dir / "log.jsonl")  # log.records: the evaluations
 
-    def keep(module, inputs, output):
-        output.retain_grad()
-        outputs.append(output)
+    def evaluate(step):
+        row = {"step": step, "seconds": round(time.time() - started, 3),
+               "train_loss": split_loss(model, X, Y), "val_loss": split_loss(model, *splits["val"])}
+        if args.eval_every:  # off: the final losses are computed all the same, but not shown
+            log(row)
+            print(f"step {step:6d}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
+                  f"lr {lr_at(step, args.max_steps, args.lr):.2e}  {row['seconds']:.1f} s")
+        return row
 
-    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Tanh)]
-    was_training = model.training
     model.train()
-    try:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(X), Y).backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        model.load_state_dict(running, strict=False)
-    return [(out.detach().cpu(), out.grad.cpu()) for out in outputs]
+    for step in range(args.max_steps):
+        if args.eval_every and step % args.eval_every == 0:
+            evaluate(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.max_steps, args.lr)
+        idx = torch.randint(0, len(X), (args.batch_size,), generator=batch_gen).to(X.device)
+        loss = F.cross_entropy(model(X[idx]), Y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_losses.append(loss.item())
+    final = evaluate(args.max_steps)
+    log.close()
+    return step_losses, log.records, {"train": final["train_loss"], "val": final["val_loss"]}
 
 
-def saturation(outputs, threshold=0.97):
-    """Fraction of tanh outputs in the flat tails, where almost no gradient flows back."""
-    return [(out.abs() > threshold).float().mean().item() for out, _ in outputs]
+def tanh_saturation(model, X, Y, when, threshold=0.97):
+    """One training-mode forward and backward on (X, Y). Prints and returns the fraction of each
+    tanh layer's outputs in the flat tails, where almost no gradient flows back, and returns every
+    tanh layer's output and gradient. It runs on a copy of the model, because a diagnostic must
+    not train: in training mode BatchNorm updates its running statistics."""
+    model, outputs = copy.deepcopy(model).train(), []
+    for tanh in (m for m in model.modules() if isinstance(m, nn.Tanh)):
+        tanh.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+    logits = model(X)  # (B, V)
+    for out in outputs:
+        out.retain_grad()  # a tensor inside the graph keeps its gradient only when asked to
+    F.cross_entropy(logits, Y).backward()
+    sat = [(out.abs() > threshold).float().mean().item() for out in outputs]
+    print(f"saturated tanh units (|tanh| > {threshold}) {when}: "
+          + ", ".join(f"{s:.1%}" for s in sat))
+    return sat, [(out.detach().cpu(), out.grad.cpu()) for out in outputs]
+
+
+def check_init(model, X, Y, probe):
+    """The signs of a good init: the loss of a uniform guess, ln(V); few saturated tanh units."""
+    init_loss, V = split_loss(model, X, Y), model.config.vocab_size
+    print(f"loss at init: {init_loss:.4f}  (a uniform guess over {V} tokens: ln({V}) = "
+          f"{math.log(V):.4f})")
+    return init_loss, tanh_saturation(model, X[probe], Y[probe], "at init")[0]
 
 
 @torch.no_grad()
@@ -380,176 +303,116 @@ def sample(model, vocab, num, generator, max_len=50):
         context = torch.cat([context[:, 1:], nxt.to(device)], dim=1)
         if (tokens == 0).any(dim=1).all():
             break
-    names = []
-    for row in tokens.tolist():
-        names.append(vocab.decode(row[:row.index(0)] if 0 in row else row))
-    return names
-
-
-def write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return [vocab.decode(row[:row.index(0)] if 0 in row else row) for row in tokens.tolist()]
 
 
 def draw_figure(path, outputs, step_losses, evals):
     """Per level, histograms of the tanh outputs (saturation shows as spikes at -1 and 1) and of
     their gradients (a level that learns much slower than the others stands out), and the loss
-    curves. Returns False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax_act, ax_grad, ax_loss) = plt.subplots(1, 3, figsize=(19, 5.5))
+    curves. Returns the figure's path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return no_figure()
+    fig, (ax_act, ax_grad, ax) = plt.subplots(1, 3, figsize=(19, 5.5))
     for level, (out, grad) in enumerate(outputs, start=1):
         sat = (out.abs() > 0.97).float().mean().item()
-        hist = torch.histc(out.float(), bins=60, min=-1, max=1)
-        centers = torch.linspace(-1, 1, 61)[:-1] + 1 / 60
-        ax_act.plot(centers.tolist(), (hist / hist.sum()).tolist(),
-                    label=f"level {level}: std {out.std().item():.2f}, saturated {sat:.1%}")
-        limit = 4 * grad.std().item() or 1.0
-        hist = torch.histc(grad.float(), bins=60, min=-limit, max=limit)
-        centers = torch.linspace(-limit, limit, 61)[:-1] + limit / 60
-        ax_grad.plot(centers.tolist(), (hist / hist.sum()).tolist(),
-                     label=f"level {level}: std {grad.std().item():.1e}")
+        for ax_hist, values, limit, label in (
+                (ax_act, out, 1.0, f"std {out.std().item():.2f}, saturated {sat:.1%}"),
+                (ax_grad, grad, 4 * grad.std().item() or 1.0, f"std {grad.std().item():.1e}")):
+            hist = torch.histc(values.float(), bins=60, min=-limit, max=limit)
+            centers = torch.linspace(-limit, limit, 61)[:-1] + limit / 60  # (60,) bin middles
+            ax_hist.plot(centers.tolist(), (hist / hist.sum()).tolist(),
+                         label=f"level {level}: {label}")
     ax_act.set_title("tanh outputs per level (one training batch)")
     ax_act.legend()
     ax_grad.set_title("gradients of the tanh outputs per level")
     ax_grad.legend()
-    window = max(1, len(step_losses) // 100)
-    smooth = torch.tensor(step_losses[:len(step_losses) // window * window])
-    smooth = smooth.view(-1, window).mean(dim=1)
-    ax_loss.plot((torch.arange(len(smooth)) * window + window / 2).tolist(), smooth.tolist(),
-                 label=f"train batch loss (mean of {window} steps)", alpha=0.6)
-    ax_loss.plot([e["step"] for e in evals], [e["train_loss"] for e in evals], "o-",
-                 label="train split")
-    ax_loss.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-",
-                 label="val split")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("cross-entropy (nats)")
-    ax_loss.set_title("loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
-def prepare_out_dir(path):
-    if path.exists() and not path.is_dir():
-        die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        die(f"cannot create --out-dir {path} ({err.strerror}); choose another --out-dir")
+    window = max(1, len(step_losses) // 100)  # a moving mean of ~1% of the run
+    smooth = torch.tensor(step_losses[:len(step_losses) // window * window]).view(-1, window)
+    smooth = smooth.mean(dim=1)
+    ax.plot((torch.arange(len(smooth)) * window + window / 2).tolist(), smooth.tolist(),
+            label=f"train batch loss (mean of {window} steps)", alpha=0.6)
+    for split in ("train", "val"):
+        ax.plot([e["step"] for e in evals], [e[f"{split}_loss"] for e in evals], "o-",
+                label=f"{split} split")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=90)
 
 
 def main(args):
     started = time.time()
     device = pick_device(args.device)
-    names = read_names(args.data)
-    check_block_size(args.block_size, names)
-    train_names, val_names, test_names = split_names(names, args.seed)
+    vocab, splits, about_data = load_data(args, device)
     prepare_out_dir(args.out_dir)
-    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}")
-
-    vocab = build_vocab(names)
-    V = vocab.size
-    splits = {}
-    for split, members in (("train", train_names), ("val", val_names), ("test", test_names)):
-        X, Y = build_dataset(members, vocab, args.block_size)  # (N, block_size), (N,)
-        splits[split] = (X.to(device), Y.to(device))
-    print(f"{len(names)} names from {args.data}: {len(train_names)} train, {len(val_names)} val, "
-          f"{len(test_names)} test names ({len(splits['train'][0])} training examples); "
-          f"vocabulary of {V} tokens (start/end + {V - 1} characters)")
+    print_header(device)
+    print(about_data)
 
     torch.manual_seed(args.seed)
-    config = ModelConfig(vocab_size=V, block_size=args.block_size, n_embd=args.n_embd,
-                         n_hidden=args.n_hidden, dropout=args.dropout)
+    config = ModelConfig(vocab.size, args.block_size, args.n_embd, args.n_hidden, args.dropout)
     model = WaveNet(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {config}, {n_params} parameters")
-    # Weight decay shrinks the weight matrices and embeddings only: decaying BatchNorm's gamma
-    # and beta or the output bias would just fight the normalization.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-
-    Xtr, Ytr = splits["train"]
+    print(f"model: {model.config}, {n_params} parameters")
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay)
+    X, Y = splits["train"]
     batch_gen = torch.Generator().manual_seed(args.seed)
-    probe = torch.randint(0, len(Xtr), (min(len(Xtr), 1024),), generator=batch_gen).to(device)
-    init_loss = split_loss(model, Xtr, Ytr)
-    print(f"loss at init: {init_loss:.4f}  (a uniform guess over {V} tokens: ln({V}) = "
-          f"{math.log(V):.4f})")
-    sat_init = saturation(tanh_outputs(model, Xtr[probe], Ytr[probe]))
-    print("saturated tanh units (|tanh| > 0.97) at init: "
-          + ", ".join(f"{s:.1%}" for s in sat_init))
+    probe = torch.randint(0, len(X), (min(len(X), 1024),), generator=batch_gen).to(device)
+    init_loss, sat_init = check_init(model, X, Y, probe)
 
-    log = open(args.out_dir / "log.jsonl", "w", encoding="utf-8")
-    evals, step_losses = [], []
-
-    def evaluate(step):
-        row = {"step": step, "seconds": round(time.time() - started, 3),
-               "train_loss": split_loss(model, Xtr, Ytr),
-               "val_loss": split_loss(model, *splits["val"])}
-        evals.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"step {step:6d}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  "
-              f"lr {lr_at(step, args.max_steps, args.lr):.2e}  {row['seconds']:.1f} s")
-
-    model.train()
-    for step in range(args.max_steps):
-        if args.eval_every and step % args.eval_every == 0:
-            evaluate(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.max_steps, args.lr)
-        idx = torch.randint(0, len(Xtr), (args.batch_size,), generator=batch_gen).to(device)
-        loss = F.cross_entropy(model(Xtr[idx]), Ytr[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step_losses.append(loss.item())
-    evaluate(args.max_steps)
-    log.close()
-
-    outputs = tanh_outputs(model, Xtr[probe], Ytr[probe])
-    sat_end = saturation(outputs)
-    print("saturated tanh units (|tanh| > 0.97) after training: "
-          + ", ".join(f"{s:.1%}" for s in sat_end))
-    losses = {"train": evals[-1]["train_loss"], "val": evals[-1]["val_loss"],
-              "test": split_loss(model, *splits["test"])}
+    step_losses, evals, losses = train(model, optimizer, splits, batch_gen, args, started)
+    sat_end, outputs = tanh_saturation(model, X[probe], Y[probe], "after training")
+    losses["test"] = split_loss(model, *splits["test"])
     print(f"final (eval mode, BatchNorm running stats): train {losses['train']:.4f}  "
           f"val {losses['val']:.4f}  test {losses['test']:.4f}")
     samples = sample(model, vocab, args.num_samples, torch.Generator().manual_seed(args.seed))
     print("samples:", " ".join(samples))
+    figure = draw_figure(args.out_dir / f"{STAGE}.png", outputs, step_losses, evals)
 
-    figure = args.out_dir / f"{STAGE}.png"
-    if draw_figure(figure, outputs, step_losses, evals):
-        print(f"figure: {figure}")
-    else:
-        figure = None
-        print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
-
-    metrics = {
-        "stage": STAGE, "params": n_params, "steps": args.max_steps,
-        "seconds": round(time.time() - started, 3),
-        "train_loss": losses["train"], "val_loss": losses["val"], "test_loss": losses["test"],
-        "init_loss": init_loss, "ln_vocab": math.log(V),
-        "tanh_saturation_init": sat_init, "tanh_saturation_end": sat_end,
-        "config": asdict(config), "batch_size": args.batch_size, "lr": args.lr,
-        "device": str(device), "data": str(args.data), "seed": args.seed,
-        "figure": figure and str(figure),
-    }
-    write_json_atomic(args.out_dir / "metrics.json", metrics)
+    metrics = {"stage": STAGE, "params": n_params, "steps": args.max_steps,
+               "seconds": round(time.time() - started, 3),
+               **{f"{split}_loss": loss for split, loss in losses.items()},
+               "init_loss": init_loss, "ln_vocab": math.log(vocab.size),
+               "tanh_saturation_init": sat_init, "tanh_saturation_end": sat_end,
+               "config": asdict(model.config), "batch_size": args.batch_size, "lr": args.lr,
+               "device": str(device), "data": str(args.data), "seed": args.seed, "figure": figure}
+    write_json(args.out_dir / "metrics.json", metrics)
     print(f"done in {metrics['seconds']:.1f} s; metrics in {args.out_dir / 'metrics.json'}")
     return metrics
+
+
+# --- command line
+
+def parse_args(argv=None):
+    parser = make_parser(STAGE, "Hierarchical (WaveNet-like) language model of names.",
+                         "data/names.txt", "text file with one name per line", 42)
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every help shows its default
+    add = parser.add_argument
+    add("--max-steps", type=int, default=15000, help="optimizer steps")
+    add("--batch-size", type=int, default=256, help="examples (one next character each) per step")
+    add("--lr", type=float, default=3e-3, help="peak AdamW learning rate; decays to a tenth")
+    add("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the weight matrices")
+    add("--eval-every", type=int, default=2500, help="steps between evaluations on the whole "
+        "train and val splits, logged and printed (0 = off: only the final losses)")
+    add("--block-size", type=int, default=8, help="characters of context, a power of two: log2 "
+        "of it is the number of fusing levels")
+    add("--n-embd", type=int, default=24, help="size of each character's embedding")
+    add("--n-hidden", type=int, default=192, help="units of each fusing level")
+    add("--dropout", type=float, default=0.1, help="fraction of each level's outputs zeroed while "
+        "training, against overfitting")
+    add("--num-samples", type=int, default=20, help="names to sample at the end")
+    args = check_args(parser.parse_args(argv), positive=("max_steps", "batch_size", "block_size",
+                                                         "n_embd", "n_hidden", "lr"),
+                      non_negative=("weight_decay", "eval_every", "num_samples"))
+    if args.block_size < 2 or args.block_size & (args.block_size - 1):
+        die(f"--block-size must be a power of two (2, 4, 8, 16), got {args.block_size}: each "
+            "level fuses pairs")
+    if not 0 <= args.dropout < 1:
+        die(f"--dropout must be at least 0 and below 1, got {args.dropout}")
+    for name in ("lr", "weight_decay"):
+        if math.isinf(getattr(args, name)):
+            die(f"--{name.replace('_', '-')} must be a finite number, got inf")
+    return args
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, assert_user_error, run_script
 
@@ -32,7 +33,7 @@ def user_error(capsys, *argv):
 
 
 def count_model_nll(names, smoothing):
-    vocab = bigram.build_vocab(names)
+    vocab = bigram.Vocab(names)
     xs, ys = bigram.bigram_pairs(names, vocab)
     probs = bigram.count_probs(bigram.count_table(xs, ys, vocab.size), smoothing)
     return bigram.nll(probs, xs, ys)
@@ -50,10 +51,23 @@ def test_count_nll_matches_hand_computation():
 
 def test_unseen_pair_has_infinite_nll_without_smoothing():
     """Why smoothing exists: a pair never counted gets probability 0 and NLL inf."""
-    vocab = bigram.build_vocab(["ab", "ba"])
+    vocab = bigram.Vocab(["ab", "ba"])
     probs = bigram.count_probs(bigram.count_table(*bigram.bigram_pairs(["ab"], vocab), 3), 0.0)
     assert math.isinf(bigram.nll(probs, *bigram.bigram_pairs(["ba"], vocab)))
     assert torch.allclose(probs.sum(dim=1), torch.ones(3, dtype=torch.float64))
+
+
+def test_neural_bigram_is_a_lookup_table_of_logits():
+    """The one-hot product picks row W[current]: the logits of token i are W[i], and probs() is
+    the row-wise softmax of W, a (V, V) table whose rows sum to 1 like the count model's."""
+    model = bigram.NeuralBigram(5, torch.Generator().manual_seed(0))
+    x = torch.tensor([3, 0, 3])
+    torch.testing.assert_close(model(x), model.W.detach()[x])
+    assert model.probs().dtype == torch.float64
+    torch.testing.assert_close(model.probs().sum(dim=1), torch.ones(5, dtype=torch.float64))
+    y = torch.tensor([1, 2, 4])
+    plain = F.cross_entropy(model(x), y)
+    assert model.loss(x, y, l2=0.5) > plain  # the L2 penalty of a random W is positive
 
 
 def test_neural_bigram_reaches_the_count_model(tmp_path, capsys, monkeypatch):
@@ -90,7 +104,7 @@ def test_end_to_end_run_writes_outputs(names_file, tmp_path):
         assert key in metrics, key
     assert metrics["stage"] == "bigram" and metrics["steps"] == 20
     assert metrics["params"] == metrics["vocab_size"] ** 2
-    assert (out / "bigram_counts.png").stat().st_size > 0
+    assert (out / "bigram_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
 
 
@@ -108,6 +122,18 @@ def test_same_seed_same_results(names_file, tmp_path, capsys):
     assert first[0]["val_loss"] != other[0]["val_loss"]
 
 
+def test_eval_every_zero_turns_evaluations_off(names_file, tmp_path, capsys):
+    """--eval-every 0: no evaluation rows in log.jsonl and no step lines, yet the final losses
+    are computed, and equal those of a run that evaluated (evaluating never changes training)."""
+    evaluated = run_main("--data", names_file, "--out-dir", tmp_path / "a", *FAST)
+    capsys.readouterr()
+    off = run_main("--data", names_file, "--out-dir", tmp_path / "b", *FAST, "--eval-every", 0)
+    assert (tmp_path / "b" / "log.jsonl").read_text() == ""
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    for key in ("train_loss", "val_loss", "test_loss", "count_val_loss"):
+        assert off[key] == evaluated[key], key
+
+
 def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     """Without matplotlib the run still finishes and says that no figure was drawn."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -120,7 +146,9 @@ def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     (["--max-steps", 0], ["--max-steps"]), (["--max-steps", -3], ["--max-steps"]),
     (["--batch-size", 0], ["--batch-size"]), (["--batch-size", -1], ["--batch-size"]),
     (["--lr", 0], ["--lr"]), (["--lr", -1], ["--lr"]), (["--lr", "inf"], ["--lr"]),
-    (["--smoothing", -1], ["--smoothing"]), (["--eval-every", -1], ["--eval-every"]),
+    (["--smoothing", -1], ["--smoothing"]), (["--smoothing", "inf"], ["--smoothing"]),
+    (["--l2", "nan"], ["--l2"]), (["--eval-every", -1], ["--eval-every"]),
+    (["--num-samples", -1], ["--num-samples"]), (["--oops"], ["--oops"]),
     (["--device", "tpu"], ["--device"]), (["--seed", "x"], ["--seed"]),
 ])
 def test_bad_flags_are_user_errors(names_file, tmp_path, capsys, flags, words):
@@ -144,7 +172,7 @@ def write_bad_file(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, words", [
-    ("missing", ["does not exist"]), ("empty", ["no names"]), ("latin-1", ["UTF-8"]),
+    ("missing", ["does not exist"]), ("empty", ["empty"]), ("latin-1", ["UTF-8"]),
     ("directory", ["not a file"]), ("too few", ["at least 10"]),
 ])
 def test_bad_data_files_are_user_errors(tmp_path, capsys, kind, words):

@@ -300,7 +300,7 @@ def test_tiny_run_writes_log_metrics_figure_checkpoint(tmp_path, shards, monkeyp
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6, 7]
     assert [r["step"] for r in records if "hellaswag" in r] == [0, 4, 7]
-    assert calls[0] == (3, 0, 1, False)  # evaluated in eval mode on 3 examples
+    assert calls[0][:3] == (3, 0, 1)  # 3 examples, rank 0 of 1 (evaluate() sets eval mode)
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     assert metrics["final_val_loss"] == evals[-1]["val_loss"]
     saved = json.loads((out / "metrics.json").read_text())
@@ -589,9 +589,7 @@ def test_evaluation_and_sampling_keep_off_cudnn_attention(tmp_path, monkeypatch)
     seen.clear()
     gpt2.sample_texts(model, [1, 2, 3], 2, 4, 1.0, 5, torch.Generator().manual_seed(0),
                       lambda tokens: str(tokens))
-    import fineweb
     examples = [{"ctx": "A man", "endings": ["runs.", "sits.", "eats.", "a b c"], "label": 0}]
-    gpt2.score_hellaswag(model, examples, fineweb.get_encoding(), 0, 1, torch.device("cpu"),
-                         torch.float32)
+    gpt2.hellaswag.evaluate(model, examples, enc=gpt2.fineweb.get_encoding())
     assert seen and not any(seen)
     assert model.training  # both put the model back in training mode

@@ -344,3 +344,20 @@ def test_cli_bad_line_in_a_real_process(tmp_path):
     result = run_script("hellaswag.py", "--data", bad, "--hf-model", "gpt2", "--out-dir", tmp_path / "out")
     assert_user_error(result, "bad.jsonl:2")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_scores_in_eval_mode_and_restores_the_mode(enc):
+    """Dropout off while scoring, whatever mode the caller's model is in; training goes on
+    in the mode it was in."""
+    seen = []
+
+    class Spy(TinyCausalLM):
+        def hidden_states(self, idx):
+            seen.append(self.training)
+            return super().hidden_states(idx)
+
+    model = Spy().train()
+    hellaswag.evaluate(model, EXAMPLES, enc=enc)
+    assert seen and not any(seen) and model.training
+    hellaswag.evaluate(model.eval(), EXAMPLES, enc=enc)
+    assert not model.training

@@ -67,26 +67,28 @@ def test_loss_at_init_is_close_to_ln_vocab():
     loss = F.cross_entropy(model(x), y).item()
     assert abs(loss - math.log(27)) < 0.05, loss
     # The Kaiming init keeps the tanh units out of their flat tails at the start.
-    assert mlp.saturation(mlp.tanh_outputs(model, x, y))[0] < 0.10
+    saturated, _ = mlp.tanh_saturation(model, x, y, "at init")
+    assert len(saturated) == 1 and saturated[0] < 0.10, saturated
 
 
 def test_saturation_diagnostic_does_not_train_the_model():
     """Measuring tanh saturation runs a training-mode batch; it must leave the BatchNorm running
-    statistics, the weights and the train/eval mode as they were."""
+    statistics, the weights, their gradients and the train/eval mode as they were."""
     torch.manual_seed(0)
     config = mlp.ModelConfig(vocab_size=27, block_size=4, n_embd=8, n_hidden=16)
     model = mlp.MLP(config).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randint(0, 27, (64, 4)), torch.randint(0, 27, (64,))
-    mlp.tanh_outputs(model, x, y)
+    mlp.tanh_saturation(model, x, y, "now")
     assert not model.training
+    assert all(p.grad is None for p in model.parameters())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
 
 
 def test_dataset_pads_context_with_start_token():
     """Each name gives one example per character plus one for its end, with left padding."""
-    vocab = mlp.build_vocab(["ab"])
+    vocab = mlp.Vocab(["ab"])
     X, Y = mlp.build_dataset(["ab"], vocab, block_size=3)
     assert X.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2]]
     assert Y.tolist() == [1, 2, 0]
@@ -108,7 +110,7 @@ def test_end_to_end_run_writes_outputs(names_file, tmp_path):
         assert key in metrics, key
     assert metrics["stage"] == "mlp" and metrics["steps"] == 30 and metrics["device"] == "cpu"
     assert metrics["train_loss"] < metrics["init_loss"]
-    assert (out / "mlp.png").stat().st_size > 0
+    assert (out / "mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
 
 
@@ -128,6 +130,18 @@ def test_same_seed_same_results(names_file, tmp_path, capsys):
     assert first[0]["val_loss"] != other[0]["val_loss"]
 
 
+def test_eval_every_zero_turns_evaluations_off(names_file, tmp_path, capsys):
+    """--eval-every 0: no evaluation rows in log.jsonl and no step lines, yet the final losses
+    are computed, and equal those of a run that evaluated (evaluating never changes training)."""
+    evaluated = run_main("--data", names_file, "--out-dir", tmp_path / "a", *FAST)
+    capsys.readouterr()
+    off = run_main("--data", names_file, "--out-dir", tmp_path / "b", *FAST, "--eval-every", 0)
+    assert (tmp_path / "b" / "log.jsonl").read_text() == ""
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert off[key] == evaluated[key], key
+
+
 def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     """Without matplotlib the run still finishes and says that no figure was drawn."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -140,6 +154,7 @@ def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     (["--max-steps", 0], ["--max-steps"]), (["--max-steps", -3], ["--max-steps"]),
     (["--batch-size", 0], ["--batch-size"]), (["--batch-size", -1], ["--batch-size"]),
     (["--lr", 0], ["--lr"]), (["--lr", -0.1], ["--lr"]), (["--lr", "nan"], ["--lr"]),
+    (["--lr", "inf"], ["--lr"]), (["--weight-decay", -1], ["--weight-decay"]),
     (["--block-size", 0], ["--block-size"]), (["--block-size", 10], ["--block-size", "longest"]),
     (["--n-embd", 0], ["--n-embd"]), (["--n-hidden", -1], ["--n-hidden"]),
     (["--eval-every", -1], ["--eval-every"]), (["--max-steps", "ten"], ["--max-steps"]),
@@ -163,7 +178,7 @@ def write_bad_file(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, words", [
-    ("missing", ["does not exist"]), ("empty", ["no names"]), ("latin-1", ["UTF-8"]),
+    ("missing", ["does not exist"]), ("empty", ["empty"]), ("latin-1", ["UTF-8"]),
     ("directory", ["not a file"]),
 ])
 def test_bad_data_files_are_user_errors(tmp_path, capsys, kind, words):

@@ -117,7 +117,7 @@ def test_overfits_a_tiny_text():
     text = "to be or not to be, that is the question. "
     vocab = tf.Vocab(sorted(set(text)))
     data = torch.tensor(vocab.encode(text * 4))
-    model = tiny_model(vocab_size=len(vocab), block_size=16).train()
+    model = tiny_model(vocab_size=len(vocab.chars), block_size=16).train()
     args = tf.parse_args(["--lr", "1e-2", "--max-steps", "150", "--warmup-steps", "10"])
     optimizer = tf.make_optimizer(model, args.lr, 0.0, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)

@@ -87,33 +87,33 @@ def test_loss_at_init_is_close_to_ln_vocab():
     torch.manual_seed(0)
     config = wavenet.ModelConfig(vocab_size=27, block_size=8, n_embd=24, n_hidden=128, dropout=0.1)
     model = wavenet.WaveNet(config)
-    assert config.n_levels == 3
     x, y = torch.randint(0, 27, (512, 8)), torch.randint(0, 27, (512,))
     assert model(x).shape == (512, 27)
     loss = F.cross_entropy(model(x), y).item()
     assert abs(loss - math.log(27)) < 0.05, loss
     # The Kaiming init keeps the tanh units of every level out of their flat tails at the start.
-    saturated = wavenet.saturation(wavenet.tanh_outputs(model, x, y))
-    assert len(saturated) == 3 and max(saturated) < 0.10, saturated
+    saturated, _ = wavenet.tanh_saturation(model, x, y, "at init")
+    assert len(saturated) == 3 and max(saturated) < 0.10, saturated  # log2(8) levels
 
 
 def test_saturation_diagnostic_does_not_train_the_model():
     """Measuring tanh saturation runs a training-mode batch; it must leave the BatchNorm running
-    statistics, the weights and the train/eval mode as they were."""
+    statistics, the weights, their gradients and the train/eval mode as they were."""
     torch.manual_seed(0)
     config = wavenet.ModelConfig(vocab_size=27, block_size=8, n_embd=8, n_hidden=16, dropout=0.1)
     model = wavenet.WaveNet(config).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randint(0, 27, (64, 8)), torch.randint(0, 27, (64,))
-    wavenet.tanh_outputs(model, x, y)
+    wavenet.tanh_saturation(model, x, y, "now")
     assert not model.training
+    assert all(p.grad is None for p in model.parameters())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
 
 
 def test_dataset_pads_context_with_start_token():
     """Each name gives one example per character plus one for its end, with left padding."""
-    vocab = wavenet.build_vocab(["ab"])
+    vocab = wavenet.Vocab(["ab"])
     X, Y = wavenet.build_dataset(["ab"], vocab, block_size=3)
     assert X.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2]]
     assert Y.tolist() == [1, 2, 0]
@@ -135,7 +135,7 @@ def test_end_to_end_run_writes_outputs(names_file, tmp_path):
         assert key in metrics, key
     assert metrics["stage"] == "wavenet" and metrics["steps"] == 30 and metrics["device"] == "cpu"
     assert metrics["train_loss"] < metrics["init_loss"]
-    assert (out / "wavenet.png").stat().st_size > 0
+    assert (out / "wavenet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
 
 
@@ -155,6 +155,18 @@ def test_same_seed_same_results(names_file, tmp_path, capsys):
     assert first[0]["val_loss"] != other[0]["val_loss"]
 
 
+def test_eval_every_zero_turns_evaluations_off(names_file, tmp_path, capsys):
+    """--eval-every 0: no evaluation rows in log.jsonl and no step lines, yet the final losses
+    are computed, and equal those of a run that evaluated (evaluating never changes training)."""
+    evaluated = run_main("--data", names_file, "--out-dir", tmp_path / "a", *FAST)
+    capsys.readouterr()
+    off = run_main("--data", names_file, "--out-dir", tmp_path / "b", *FAST, "--eval-every", 0)
+    assert (tmp_path / "b" / "log.jsonl").read_text() == ""
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert off[key] == evaluated[key], key
+
+
 def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     """Without matplotlib the run still finishes and says that no figure was drawn."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -167,6 +179,7 @@ def test_runs_without_matplotlib(names_file, tmp_path, capsys, monkeypatch):
     (["--max-steps", 0], ["--max-steps"]), (["--max-steps", -3], ["--max-steps"]),
     (["--batch-size", 0], ["--batch-size"]), (["--batch-size", -1], ["--batch-size"]),
     (["--lr", 0], ["--lr"]), (["--lr", -0.1], ["--lr"]), (["--lr", "nan"], ["--lr"]),
+    (["--lr", "inf"], ["--lr"]), (["--weight-decay", -1], ["--weight-decay"]),
     (["--block-size", 0], ["--block-size"]), (["--block-size", 6], ["--block-size", "power"]),
     (["--block-size", 16], ["--block-size", "longest"]),
     (["--n-embd", 0], ["--n-embd"]), (["--n-hidden", -1], ["--n-hidden"]),
@@ -192,7 +205,7 @@ def write_bad_file(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, words", [
-    ("missing", ["does not exist"]), ("empty", ["no names"]), ("latin-1", ["UTF-8"]),
+    ("missing", ["does not exist"]), ("empty", ["empty"]), ("latin-1", ["UTF-8"]),
     ("directory", ["not a file"]),
 ])
 def test_bad_data_files_are_user_errors(tmp_path, capsys, kind, words):
