@@ -30,7 +30,7 @@ BENCHMARKS; adding one is adding a line there.
   by length, logits only where scored), and by per_example_choices (the 4 rows of one example per
   forward pass, full logits, masked losses), taking turns on --chunk examples.
 - transformer: the reference is the recipe's design (no biases, exact GELU, tied embeddings,
-  the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, get_batch and
+  the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, WindowLoader and
   make_optimizer run the same iteration; its written-out attention is timed for the record.
   Median round of each.
 - fineweb: 30,000 generated documents (about 20 M characters of the Shakespeare paragraphs in
@@ -595,14 +595,16 @@ def recipe_stepper(data):
 
 def transformer_stepper(data, attention):
     """One iteration of transformer.py's training loop (without the learning-rate schedule),
-    with its own model, get_batch and make_optimizer."""
+    with its own model, WindowLoader, make_optimizer and train_step."""
     model = transformer.GPT(transformer.GPTConfig(**RECIPE, dropout=0.0, attention=attention))
     optimizer = transformer.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
+    loader = transformer.WindowLoader(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], seed=0)
 
     def step():
-        x, y = transformer.get_batch(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], generator)
-        return transformer.train_step(model, optimizer, x, y, 1.0)[0]
+        loss = transformer.train_step(model, optimizer, loader, torch.device("cpu"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        return loss
 
     return step
 

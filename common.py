@@ -51,6 +51,31 @@ def make_parser(stage, description, data, data_help, seed):
     return parser
 
 
+def add_shared_flags(parser, group):
+    """The optimizer's, the output folder's and --sample's flags of transformer.py and gpt2.py."""
+    group.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine ends at lr x this (default: %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=0.1,
+                       help="AdamW weight decay of the matrices (default: %(default)s)")
+    group.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh even though --out-dir holds a checkpoint, replacing it")
+    parser.add_argument("--sample", action="store_true", help="do not train: generate text "
+                        "from --init-from (default: <out-dir>/checkpoint.pt)")
+
+
+def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",)):
+    group.add_argument("--prompt", default=prompt,
+                       help="text the samples start from (default: %(default)r)")
+    group.add_argument(*names, dest="sample_tokens", type=int, default=tokens,
+                       help="tokens to generate per sample (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    group.add_argument("--top-k", type=int, default=top_k,
+                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
+
+
 def check_args(args, positive=(), non_negative=(), ranges=()):
     """die() on the first flag out of range; `ranges` holds (name, low, high); None is unset."""
     for name in positive:

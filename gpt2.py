@@ -1,13 +1,11 @@
 """Stage 6: GPT-2 (124M), pre-trained on FineWeb-Edu, from one CPU to many GPUs.
 
 transformer.py trained a character-level GPT on one small text on one device. This stage grows
-the same model to GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al.,
-2019) and trains it the way GPT-2-sized models are trained (the GPT-3 paper's recipe): GPT-2's
-BPE tokens (50,257, padded to 50,304 so that the matmuls tile well) read from token shards
-(fineweb.py writes them), GPT-2's initialisation and weight tying, a 524,288-token batch by
-gradient accumulation, bf16 autocast, torch.compile, data-parallel training on many GPUs (DDP),
-checkpoints that resume exactly, HellaSwag during training, a KV cache for sampling, and the
-Hugging Face GPT-2 weights in and out.
+the same model to GPT-2 (Radford et al., 2019) and trains it as GPT-2-sized models are trained
+(the GPT-3 paper's recipe): GPT-2's BPE tokens (50,257, padded to 50,304 so that the matmuls
+tile well) from token shards (fineweb.py writes them), GPT-2's initialisation and weight tying,
+524,288-token batches by gradient accumulation, bf16 autocast, torch.compile, many GPUs (DDP),
+exact resumes, HellaSwag during training, a KV cache for sampling, OpenAI's weights in and out.
 
 Run (CPU quick start: Shakespeare, a small model, a few minutes; the loss falls from ~10.8):
     python fineweb.py --dataset data/shakespeare.txt --out-dir data/shards/shakespeare \\
@@ -19,8 +17,8 @@ GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` ma
     torchrun --standalone --nproc_per_node=8 gpt2.py   # 8 GPUs: about 2 hours on 8xA100
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         --rdzv_id=gpt2 gpt2.py --batch-size 32 --data /shared/shards --out-dir /shared/out/gpt2
-(the same line on both machines; HOST is the first one). After a preemption, the same command
-with --resume continues exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
+(the same line on both machines, HOST the first one). After a preemption the same command with
+--resume continues exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; the reproduction this stage follows (10B tokens, 8xA100) reached 0.3009 and a min
@@ -34,7 +32,6 @@ loss.png, checkpoint.pt (model, optimizer, step, config, loader position, RNG st
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -228,75 +225,24 @@ class GPT(nn.Module):
             new = next_token
         return idx
 
-    # Hugging Face's GPT-2 stores these four weights as Conv1D, (in, out): nn.Linear's transpose.
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the HF hub
-
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """OpenAI's weights (a hub name, downloaded once into the HF cache, which also serves
-        offline runs) or a local Hugging Face directory (config.json and model.safetensors or
-        pytorch_model.bin); the logits equal transformers' GPT2LMHeadModel's."""
-        directory = Path(name_or_dir)
-        if not directory.is_dir():
-            if name_or_dir not in cls.HUB:
-                raise FileNotFoundError(f"{name_or_dir} is neither a directory nor one of "
-                                        f"{', '.join(cls.HUB)}")
-            from huggingface_hub import snapshot_download
-            directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
-                                               allow_patterns=["config.json", "model.safetensors"]))
-        hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        if (hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new"),
-                hf.get("n_inner") or 4 * hf["n_embd"], hf.get("layer_norm_epsilon", 1e-5),
-                hf.get("scale_attn_by_inverse_layer_idx", False),
-                hf.get("scale_attn_weights", True)) not in [
-                    ("gpt2", act, 4 * hf["n_embd"], 1e-5, False, True)
-                    for act in ("gelu_new", "gelu_pytorch_tanh")]:
-            raise ValueError(f"{directory}/config.json is not a GPT-2 this model implements")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-        if (directory / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-            weights = load_file(directory / "model.safetensors")
-        else:
-            weights = torch.load(directory / "pytorch_model.bin", weights_only=True)
-        # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not.
-        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
-        model = cls(config)
-        with torch.no_grad():
-            for key, param in model.state_dict().items():
-                if key != "lm_head.weight":  # tied to wte
-                    tensor = weights[key.removeprefix("transformer.")]
-                    param.copy_(tensor.t() if key.endswith(cls.CONV1D) else tensor)
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub) or
+        any Hugging Face GPT-2 folder; the logits equal transformers' GPT2LMHeadModel's."""
+        config, weights = hellaswag.read_hf_gpt2(name_or_dir)
+        model = cls(GPTConfig(**config))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing != ["lm_head.weight"] or unexpected:  # lm_head is wte, loaded as such
+            raise ValueError(f"{name_or_dir} lacks {missing} or has unknown {unexpected}")
         return model
-
-    def export_hf(self, directory):
-        """config.json and model.safetensors that GPT2LMHeadModel loads with the same logits
-        (and so lm-evaluation-harness and the other Hugging Face tools)."""
-        from safetensors.torch import save_file
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        tensors = {key: (p.t() if key.endswith(self.CONV1D) else p).detach().float().contiguous()
-                   for key, p in self.state_dict().items() if key != "lm_head.weight"}
-        common.write_atomic(Path(directory) / "model.safetensors", lambda tmp: save_file(
-            tensors, str(tmp), metadata={"format": "pt"}))
-        c = self.config
-        common.write_json(Path(directory) / "config.json", {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
-            "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-            "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT})
 
 
 # --- speed tricks beside the model (each tested against the plain path)
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ weight.T, targets) and its gradients in one pass over the logits,
-    `chunk` rows at a time. The math is F.cross_entropy's; the point is memory traffic: at 50,304
-    tokens the (N, V) logits are by far the largest tensor, and the plain path walks them many
-    times (log_softmax, its saved copy, the zero-filled gradient, its backward). Here the logits
-    buffer becomes the softmax, then the gradient, in place. For CPU training in float32; on GPU
+    """F.cross_entropy(x @ weight.T, targets) and its gradients, `chunk` rows of logits at a
+    time: the (N, 50,304) logits, the largest tensor by far, become the softmax and then the
+    gradient in place, instead of being walked many times. For CPU training in float32; on a GPU
     torch.compile fuses the plain path instead."""
 
     @staticmethod
@@ -330,9 +276,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class FusedLossGPT(nn.Module):
-    """A GPT whose forward returns (None, loss) through LinearCrossEntropy: the training step
-    calls it instead of the GPT on CPU in float32. It owns no weights of its own, so DDP can wrap
-    it and the checkpoints still hold the plain GPT's."""
+    """gpt(idx, targets) as (None, LinearCrossEntropy's loss). It has no weights of its own:
+    DDP can wrap it, and checkpoints hold the plain GPT's."""
     CHUNK = 2048  # rows of logits at a time: 412 MB at 50,304 tokens
 
     def __init__(self, gpt):
@@ -347,19 +292,17 @@ class FusedLossGPT(nn.Module):
 
 
 def training_models(model, device, dtype, use_compile):
-    """(the val loss's model, the training step's model) for one GPT: compiled where asked
-    (training's shapes never change, so the graph is built once), and on CPU in float32, where
-    nothing compiles the plain path, the training step takes the fused loss."""
+    """(the val loss's model, the training step's): compiled where asked (training's shapes
+    never change, so the graph is built once), else the fused loss on CPU in float32."""
     eval_model = torch.compile(model) if use_compile else model
     fused = device.type == "cpu" and dtype == torch.float32 and not use_compile
     return eval_model, FusedLossGPT(model) if fused else eval_model
 
 
 def variable_length_attention():
-    """Attention kernels for evaluation and sampling. On recent GPUs torch prefers cuDNN's
-    attention, the fastest for training's one fixed shape, but cuDNN builds a plan for every new
-    sequence length (0.1 s each on an H100), and HellaSwag and sampling bring a new length at
-    almost every call: they run on flash or memory-efficient attention instead."""
+    """Sampling's attention kernels. torch prefers cuDNN's attention on recent GPUs, the fastest
+    for training's one shape, but it builds a plan for every new length (0.1 s on an H100), and
+    every sampling step is a new length: flash or memory-efficient attention have no such cost."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
 
@@ -367,13 +310,11 @@ def variable_length_attention():
 # --- data
 
 class ShardLoader:
-    """Batches of B sequences of T tokens from a split's shards, for rank `rank` of
-    `world_size`. A window of B*T*world_size + 1 consecutive tokens feeds one micro-step of all
-    ranks: rank r reads its own contiguous slice of it (inputs, and the same slice shifted by
-    one as targets). Windows tile each shard from its start; the tail that cannot fill a window
-    is left, and the next window starts on the next shard. After the last shard an epoch ends.
-    With shuffle, each epoch visits the shards, and the windows of each shard, in an order drawn
-    from (seed, epoch): reproducible, and so resumable from (epoch, shard, offset) alone."""
+    """Batches of B sequences of T tokens from a split's shards. A window of B*T*world_size + 1
+    tokens feeds one micro-step of all ranks, rank r reading its own slice (inputs, and targets
+    shifted by one). Windows tile each shard from its start (a tail too short for one is left),
+    shard after shard, then an epoch ends. With shuffle, each epoch visits the shards and their
+    windows in an order drawn from (seed, epoch): resumable from (epoch, shard, offset) alone."""
 
     def __init__(self, shards, batch_size, seq_len, rank=0, world_size=1, shuffle=False,
                  seed=0):
@@ -429,8 +370,7 @@ class ShardLoader:
 
 
 def open_data(args, rank, world_size):
-    """(train loader, val loader or None, micro-steps a step): every rank reads its slice of
-    each window of batch-size x seq-len x ranks tokens, enough windows to make a step."""
+    """(train loader, val loader or None, micro-steps a step), from the flags."""
     micro_tokens = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % micro_tokens:
         die(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x "
@@ -467,9 +407,8 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
 
 
 def flops_per_token(config, seq_len):
-    """Training FLOPs per token, for MFU: 6 per weight in a matmul (forward 2, backward 4; the
-    blocks and the tied output layer) plus attention's 12 * n_layer * n_embd * seq_len (PaLM,
-    appendix B). About 0.85 GFLOP for GPT-2 124M."""
+    """Training FLOPs a token (for MFU): 6 per weight in a matmul plus attention's 12 * n_layer
+    * n_embd * seq_len (PaLM, appendix B); about 0.85 GFLOP for GPT-2 124M."""
     C = config.n_embd
     matmul_params = config.n_layer * (12 * C * C + 13 * C) + config.vocab_size * C + 2 * C
     return 6 * matmul_params + 12 * config.n_layer * C * seq_len
@@ -565,8 +504,7 @@ def load_model(source, device="cpu"):
 
 
 def start_from(args):
-    """(checkpoint to resume or None, GPTConfig, weights or None): --resume, --init-from, or a
-    fresh model of the preset's shape."""
+    """(checkpoint or None, config, weights or None): --resume, --init-from, or a new model."""
     checkpoint, weights = None, None
     if args.resume is not None:
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
@@ -600,7 +538,7 @@ def resume(checkpoint, model, optimizer, scaler, loader):
 
 def tokenizer(args, vocab_size):
     """GPT-2's tokenizer, the prompt's tokens (checked now, not an hour into the run) and a
-    decoder, which drops the ids past GPT-2's 50,257 (the padding rows have no text)."""
+    decoder, which drops the padding rows' ids (past GPT-2's 50,257: they have no text)."""
     enc, prompt = fineweb.get_encoding(), None
     if args.sample or args.sample_every:
         # An empty prompt starts where every document starts: after end-of-text.
@@ -622,15 +560,14 @@ def load_hellaswag(args):
 
 
 def other_modes(args, device, dtype):
-    """--sample, --eval-hellaswag, --export-hf: weights (a checkpoint, Hugging Face's) used
-    without training; only --export-hf writes anything."""
+    """--sample, --eval-hellaswag, --export-hf: weights used without training."""
     if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
         die(f"--export-hf {args.export_hf} exists and is not a directory; choose another")
     examples = load_hellaswag(args) if args.eval_hellaswag else None
     model = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
     if args.export_hf:
         try:
-            model.export_hf(args.export_hf)
+            hellaswag.write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
         except OSError as err:
             die(f"cannot write to --export-hf {args.export_hf} ({err.strerror}); choose another")
         print(f"wrote {args.export_hf}: config.json and model.safetensors for GPT2LMHeadModel")
@@ -641,9 +578,8 @@ def other_modes(args, device, dtype):
     if args.eval_hellaswag:
         result = hellaswag.evaluate(model, examples, device=device, enc=enc,
                                     autocast_dtype=dtype if dtype != torch.float32 else None)
-        print(f"HellaSwag, {result['n']} examples: acc {result['acc']:.4f}, acc_norm "
-              f"{result['acc_norm']:.4f}, acc_norm_chars {result['acc_norm_chars']:.4f} "
-              "(OpenAI GPT-2 124M on all 10,042: acc_norm 0.2955)")
+        print(f"HellaSwag, {result['n']} examples: " + ", ".join(f"{k} {result[k]:.4f}" for k in (
+            "acc", "acc_norm", "acc_norm_chars")) + " (OpenAI GPT-2 124M, all: acc_norm 0.2955)")
         return result
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
@@ -698,10 +634,9 @@ def main(args):
     half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
     autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     print0(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
-           f"parameters; {len(train_loader.shards)} train shard(s) in {args.data}\nmicro-batch "
-           f"{args.batch_size} x {args.seq_len} on {world_size} rank(s), {grad_accum} "
-           f"micro-step(s) = {args.total_batch_size:,} tokens a step; {args.max_steps} steps, lr "
-           f"{args.lr:g}, dtype {str(dtype).removeprefix('torch.')}, compile {use_compile}"
+           f"parameters; {args.max_steps} steps, lr {args.lr:g}\nmicro-batch {args.batch_size} x "
+           f"{args.seq_len} on {world_size} rank(s), {grad_accum} micro-step(s) = "
+           f"{args.total_batch_size:,} tokens a step; {dtype}, compile {use_compile}"
            + (f"; resumed at step {start_step}" if checkpoint else ""))
     # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
     log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
@@ -850,45 +785,29 @@ def parse_args(argv=None):
             ("--lr", float, "peak learning rate"),
             ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
         train.add_argument(flag, type=kind, help=text)
-    train.add_argument("--min-lr-ratio", type=float, default=0.1,
-                       help="the cosine ends at lr x this (default: %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=0.1,
-                       help="AdamW weight decay of the matrices (default: %(default)s)")
-    train.add_argument("--grad-clip", type=float, default=1.0,
-                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
-    train.add_argument("--shuffle", action="store_true",
-                       help="visit shards and windows in a fresh order each epoch, from --seed")
     train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start afresh even though --out-dir holds a checkpoint, replacing it")
+    train.add_argument("--shuffle", action="store_true",
+                       help="visit shards and windows in a fresh order each epoch, from --seed")
+    common.add_shared_flags(parser, train)
     evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
     for flag, kind, text in (
-            ("--eval-every", int, "steps between val losses (0: off)"),
-            ("--eval-batches", int, "micro-batches per rank in each val loss, always the same"),
+            ("--eval-every", int, "steps between evaluations during training (0: off)"),
+            ("--eval-batches", int, "batches (per rank) in each loss estimate, always the same"),
             ("--hellaswag-every", int, "steps between HellaSwag evaluations (0: off)"),
             ("--hellaswag-data", Path, "a local HellaSwag .jsonl (default: download it once)"),
+            ("--hellaswag-limit", int, "score only the first N examples (default: all 10,042)"),
             ("--sample-every", int, "steps between samples (0: off)"),
             ("--peak-tflops", float, "the GPU's peak TFLOP/s for MFU (default: from a table)")):
         evals.add_argument(flag, type=kind, help=text)
+    evals.add_argument("--num-samples", type=int, default=4,
+                       help="samples to generate, split over the ranks (default: %(default)s)")
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
-    evals.add_argument("--hellaswag-limit", type=int, default=0,
-                       help="score only the first N examples (0: all 10,042)")
-    evals.add_argument("--sample", action="store_true", help="do not train: generate text")
     evals.add_argument("--eval-hellaswag", action="store_true",
                        help="do not train: score on HellaSwag (--hellaswag-data, -limit)")
     evals.add_argument("--export-hf", type=Path, metavar="DIR", help="do not train: write "
                        "config.json + model.safetensors for transformers' GPT2LMHeadModel")
-    evals.add_argument("--prompt", default="Hello, I'm a language model,",
-                       help="text the samples start from (default: %(default)r)")
-    evals.add_argument("--sample-tokens", type=int, default=32,
-                       help="tokens to generate per sample (default: %(default)s)")
-    evals.add_argument("--num-samples", type=int, default=4,
-                       help="samples to generate, split over the ranks (default: %(default)s)")
-    evals.add_argument("--temperature", type=float, default=1.0,
-                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
-    evals.add_argument("--top-k", type=int, default=50,
-                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
+    common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
     args = common.apply_preset(parser.parse_args(argv), PRESETS)
     args.seq_len = args.seq_len or args.block_size
     common.check_args(

@@ -327,6 +327,65 @@ def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, wor
     return _accuracies({k: counts[k] for k in keys})
 
 
+# --- GPT-2 weights in Hugging Face's layout: OpenAI's GPT-2 to compare with, and a gpt2.py
+# model exported for the Hugging Face evaluators (lm-evaluation-harness and the like)
+
+# Hugging Face's GPT-2 stores these four weights as Conv1D, (in, out): nn.Linear's transpose.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
+
+
+def read_hf_gpt2(name_or_dir):
+    """(config, weights) of a GPT-2 in Hugging Face's layout, for gpt2.py's GPTConfig and GPT:
+    a hub name (downloaded once into the Hugging Face cache, which also serves offline runs) or a
+    folder with config.json and model.safetensors or pytorch_model.bin."""
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        if name_or_dir not in HUB:
+            raise FileNotFoundError(f"{name_or_dir} is neither a folder nor one of {HUB}")
+        from huggingface_hub import snapshot_download
+        directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
+                                           allow_patterns=["config.json", "model.safetensors"]))
+    hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    gpt2 = dict(model_type="gpt2", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                scale_attn_by_inverse_layer_idx=False)
+    if (any(hf.get(key, value) != value for key, value in gpt2.items())
+            or hf.get("n_inner") not in (None, 4 * hf["n_embd"])
+            or hf.get("activation_function") not in ("gelu_new", "gelu_pytorch_tanh", None)):
+        raise ValueError(f"{directory}/config.json is not a GPT-2 that gpt2.py implements")
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        weights = load_file(directory / "model.safetensors")
+    else:
+        weights = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not. The
+    # attention masks of old files are buffers, not weights.
+    weights = {"transformer." + k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w
+               for k, w in weights.items() if not k.endswith((".attn.bias", ".masked_bias"))
+               and not k.startswith("lm_head")}
+    config = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                  n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    return config, weights
+
+
+def write_hf_gpt2(directory, state_dict, config):
+    """config.json and model.safetensors of a gpt2.py model that GPT2LMHeadModel loads with the
+    same logits."""
+    from safetensors.torch import save_file
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
+               for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
+    common.write_atomic(Path(directory) / "model.safetensors",
+                        lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    common.write_json(Path(directory) / "config.json", {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
+        "vocab_size": config["vocab_size"], "n_positions": config["block_size"],
+        "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_layer": config["n_layer"],
+        "n_head": config["n_head"], "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT})
+
+
 # --- models for the command line
 
 class HFGPT2(torch.nn.Module):

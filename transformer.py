@@ -231,13 +231,25 @@ def split_tokens(text, vocab, block_size):
     return data[:n], data[n:]
 
 
-def get_batch(data, batch_size, block_size, generator):
-    """`batch_size` random windows of `block_size` characters and the same windows shifted by
-    one: the target of every position is the next character."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    positions = starts[:, None] + torch.arange(block_size)  # (B, T)
-    # One gather each instead of B slices stacked; both come out contiguous, as the model wants.
-    return data[positions], data[positions + 1]  # (B, T) inputs, (B, T) next characters
+class WindowLoader:
+    """Batches of B random windows of T characters from one split, and the same windows shifted
+    by one: the target of every position is the next character. The windows come from a seeded
+    generator, and reset() seeds it again, so that every loss estimate sees the same text."""
+
+    def __init__(self, data, batch_size, seq_len, seed):
+        self.data, self.B, self.T, self.seed = data, batch_size, seq_len, seed
+        self.reset()
+
+    def reset(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def next_batch(self):
+        starts = torch.randint(len(self.data) - self.T, (self.B,), generator=self.generator)
+        positions = starts[:, None] + torch.arange(self.T)  # (B, T)
+        # One gather each, not B slices stacked; both come out contiguous, as the model wants.
+        x = self.data[positions]  # (B, T) inputs
+        y = self.data[positions + 1]  # (B, T) targets: the next character at every position
+        return x, y
 
 
 # --- training
@@ -264,31 +276,27 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(model, optimizer, x, y, grad_clip):
-    """One optimizer step on one batch; returns the loss and the gradient's norm (tensors)."""
+def train_step(model, optimizer, loader, device):
+    """The gradients of one step on one batch; returns its loss."""
     optimizer.zero_grad(set_to_none=True)
-    _, loss = model(x, y)
+    x, y = loader.next_batch()
+    _, loss = model(x.to(device), y.to(device))
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
-    optimizer.step()
-    return loss.detach(), norm
+    return loss.detach()
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, batches, batch_size, block_size, device):
-    """Mean loss over `batches` batches of each split. They are drawn with a fixed seed, so
-    every estimate sees the same text and two estimates differ only by the model."""
+def estimate_loss(model, loader, batches, device):
+    """Mean loss over the first `batches` batches of a loader (the same ones every time), with
+    dropout off."""
+    loader.reset()
     model.eval()
-    losses = {}
-    for name, data in splits.items():
-        generator = torch.Generator().manual_seed(0)
-        total = 0.0
-        for _ in range(batches):
-            x, y = get_batch(data, batch_size, block_size, generator)
-            total += model(x.to(device), y.to(device))[1].item()
-        losses[name] = total / batches
+    total = 0.0
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        total += model(x.to(device), y.to(device))[1].item()
     model.train()
-    return losses
+    return total / batches
 
 
 def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, generator, decode):
@@ -358,7 +366,11 @@ def main(args):
     text = common.read_text(args.data, "a UTF-8 text file")
     vocab = Vocab(sorted(set(text)))
     prompt = vocab.encode(args.prompt)
-    splits = dict(zip(("train", "val"), split_tokens(text, vocab, args.block_size)))
+    train_data, val_data = split_tokens(text, vocab, args.block_size)
+    # The estimates take the same batches of each split every time (seed 0); training its own.
+    eval_loaders = {name: WindowLoader(data, args.batch_size, args.block_size, seed=0)
+                    for name, data in (("train", train_data), ("val", val_data))}
+    train_loader = WindowLoader(train_data, args.batch_size, args.block_size, args.seed)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
     common.print_header(device)
 
@@ -380,13 +392,12 @@ def main(args):
             "step": step, "val_loss": val_loss, "config": asdict(config), "vocab": vocab.chars,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
 
-    batch_generator = torch.Generator().manual_seed(args.seed)
     best, train_seconds, started = None, 0.0, time.time()  # train_seconds: the steps alone
     for step in range(args.max_steps + 1):
         last = step == args.max_steps
         if last or (args.eval_every and step % args.eval_every == 0):
-            losses = estimate_loss(model, splits, args.eval_batches, args.batch_size,
-                                   args.block_size, device)
+            losses = {name: estimate_loss(model, loader, args.eval_batches, device)
+                      for name, loader in eval_loaders.items()}
             lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
                                args.max_steps, args.min_lr_ratio)
             log({"step": step, "seconds": round(time.time() - started, 3), "lr": lr,
@@ -406,8 +417,9 @@ def main(args):
                            args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(splits["train"], args.batch_size, args.block_size, batch_generator)
-        train_step(model, optimizer, x.to(device), y.to(device), args.grad_clip)
+        train_step(model, optimizer, train_loader, device)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf, foreach=True)
+        optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that the time measures work, not queued launches
         train_seconds += time.time() - t0
@@ -464,8 +476,8 @@ def parse_args(argv=None):
                        ("--block-size", "longest context the model can take")):
         model.add_argument(flag, type=int, help=text)
     model.add_argument("--dropout", type=float, help="dropout probability (0: none)")
-    model.add_argument("--init-from", "--checkpoint", type=Path, help="the checkpoint --sample "
-                       "reads (default: <out-dir>/checkpoint.pt)")
+    model.add_argument("--init-from", "--checkpoint", type=Path,
+                       help="the checkpoint --sample reads")
     train = parser.add_argument_group("training (default: the preset's value)")
     for flag, kind, text in (
             ("--batch-size", int, "sequences a step"),
@@ -473,28 +485,13 @@ def parse_args(argv=None):
             ("--warmup-steps", int, "steps of linear warmup to --lr"),
             ("--lr", float, "peak learning rate")):
         train.add_argument(flag, type=kind, help=text)
-    train.add_argument("--min-lr-ratio", type=float, default=0.1,
-                       help="the cosine ends at lr x this (default: %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=0.1,
-                       help="AdamW weight decay of the matrices (default: %(default)s)")
-    train.add_argument("--grad-clip", type=float, default=1.0,
-                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start afresh even though --out-dir holds a checkpoint, replacing it")
+    common.add_shared_flags(parser, train)
     evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
     for flag, kind, text in (
             ("--eval-every", int, "steps between evaluations during training (0: off)"),
             ("--eval-batches", int, "batches (per rank) in each loss estimate, always the same")):
         evals.add_argument(flag, type=kind, help=text)
-    evals.add_argument("--sample", action="store_true", help="do not train: generate text")
-    evals.add_argument("--prompt", default="\n",
-                       help="text the samples start from (default: a newline)")
-    evals.add_argument("--sample-tokens", "--num-chars", type=int, default=500,
-                       help="tokens to generate per sample (default: %(default)s)")
-    evals.add_argument("--temperature", type=float, default=1.0,
-                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
-    evals.add_argument("--top-k", type=int, default=0,
-                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
+    common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"))
     args = common.apply_preset(parser.parse_args(argv), PRESETS)
     common.check_args(
         args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size",

@@ -120,24 +120,27 @@ def test_overfits_a_tiny_text():
     model = tiny_model(vocab_size=len(vocab.chars), block_size=16).train()
     args = tf.parse_args(["--lr", "1e-2", "--max-steps", "150", "--warmup-steps", "10"])
     optimizer = tf.make_optimizer(model, args.lr, 0.0, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
+    loader = tf.WindowLoader(data, 16, 16, seed=0)
     for step in range(args.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = tf.learning_rate(step, args.lr, args.warmup_steps, args.max_steps)
-        x, y = tf.get_batch(data, 16, 16, generator)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = tf.train_step(model, optimizer, loader, torch.device("cpu"))
         optimizer.step()
     assert loss.item() < 0.3
 
 
 def test_batches_are_next_character_targets():
-    """y is x shifted by one character, drawn from inside the data."""
+    """y is x shifted by one character, drawn from inside the data; reset() replays the same
+    batches (the loss estimates rely on it), and other seeds draw other windows."""
     data = torch.arange(100)
-    x, y = tf.get_batch(data, 5, 10, torch.Generator().manual_seed(0))
+    loader = tf.WindowLoader(data, 5, 10, seed=0)
+    x, y = loader.next_batch()
     assert x.shape == y.shape == (5, 10)
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    second = loader.next_batch()[0]
+    loader.reset()
+    assert torch.equal(loader.next_batch()[0], x) and torch.equal(loader.next_batch()[0], second)
+    assert not torch.equal(tf.WindowLoader(data, 5, 10, seed=1).next_batch()[0], x)
 
 
 def test_learning_rate_schedule():
