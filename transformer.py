@@ -33,7 +33,6 @@ lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best model, 
 config and vocabulary; --sample reads it).
 """
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -179,6 +178,17 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
+    def configure_optimizer(self, lr, weight_decay, device):
+        """AdamW; only matrices (embeddings and linear weights) decay, biases and LayerNorm gains
+        do not (GPT-2's rule). The fused kernel updates all parameters in one call instead of a
+        handful of ops per tensor."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device.type in ("cpu", "cuda")
+        # beta2 0.99 rather than 0.999: small model, few steps, a faster-moving second moment.
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused or None)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Append `max_new_tokens` tokens to idx (B, T), sampled one at a time (temperature 0:
@@ -254,18 +264,6 @@ class WindowLoader:
 
 # --- training
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW; only matrices (embeddings and linear weights) decay, biases and LayerNorm gains
-    do not (GPT-2's rule). The fused kernel updates all parameters in one call instead of a
-    handful of ops per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")
-    # beta2 0.99 rather than 0.999: small model, few steps, a faster-moving second moment.
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused or None)
-
-
 def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup to max_lr over warmup_steps, then a cosine down to max_lr * min_lr_ratio
     at max_steps (and flat after it)."""
@@ -307,6 +305,13 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     out = model.generate(idx, max_new_tokens, temperature, top_k or None, generator)
     model.train()
     return [decode(row) for row in out.tolist()]
+
+
+def write_outputs(args, records, metrics):
+    """loss.png and metrics.json."""
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, f"transformer.py --preset "
+                                    f"{args.preset} on {args.data.name}")
+    common.write_json(args.out_dir / "metrics.json", metrics)
 
 
 def draw_figure(path, records, title):
@@ -379,11 +384,10 @@ def main(args):
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                        dropout=args.dropout, attention=args.attention)
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     print(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters; {len(text):,} characters in {args.data}\n{args.max_steps} steps of "
-          f"{args.batch_size} x {args.block_size} characters, lr {args.lr:g}; the loss at init "
-          f"should be about ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
+          f"parameters; {len(text):,} characters; the loss at init should be about "
+          f"ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
     log = common.Log(args.out_dir / "log.jsonl")
 
     def save(step, val_loss):
@@ -392,7 +396,7 @@ def main(args):
             "step": step, "val_loss": val_loss, "config": asdict(config), "vocab": vocab.chars,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
 
-    best, train_seconds, started = None, 0.0, time.time()  # train_seconds: the steps alone
+    timer, best = common.StepTimer(args.batch_size * args.block_size), None
     for step in range(args.max_steps + 1):
         last = step == args.max_steps
         if last or (args.eval_every and step % args.eval_every == 0):
@@ -400,19 +404,17 @@ def main(args):
                       for name, loader in eval_loaders.items()}
             lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
                                args.max_steps, args.min_lr_ratio)
-            log({"step": step, "seconds": round(time.time() - started, 3), "lr": lr,
-                 "train_seconds": round(train_seconds, 3), "train_loss": losses["train"],
-                 "val_loss": losses["val"]})
-            print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | "
-                  f"lr {lr:.2e} | {train_seconds:.1f} s training ({time.time() - started:.1f} "
-                  "s with evaluation)")
+            log({"step": step, "seconds": timer.seconds(), "train_seconds": round(timer.total, 3),
+                 "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+            print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr "
+                  f"{lr:.2e} | {timer.total:.1f} s training ({timer.seconds():.1f} s in all)")
             if step > 0 and (best is None or losses["val"] < best["val_loss"]):
                 best = log.records[-1]
                 save(step, losses["val"])
         if last:
             break
 
-        t0 = time.time()
+        timer.start()
         lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
                            args.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -420,9 +422,7 @@ def main(args):
         train_step(model, optimizer, train_loader, device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf, foreach=True)
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # so that the time measures work, not queued launches
-        train_seconds += time.time() - t0
+        timer.stop(step)
     log.close()
 
     model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
@@ -430,15 +430,16 @@ def main(args):
     sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
                           generator, vocab.decode)[0]
     print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config),
-               "steps": args.max_steps, "batch_size": args.batch_size, "device": str(device),
-               "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - started, 3),
-               "ms_per_step": round(1000 * train_seconds / args.max_steps, 3),
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "lr": args.lr,
+               "params": sum(p.numel() for p in model.parameters()), "steps": args.max_steps,
+               "batch_size": args.batch_size, "train_seconds": round(timer.total, 3),
+               "seconds": timer.seconds(), "ms_per_step": round(1000 * timer.total / step, 3),
                "best_step": best["step"], "best_val_loss": best["val_loss"], "sample": sample,
-               **common.summarize(log.records, args.out_dir)}
-    metrics["figure"] = draw_figure(args.out_dir / "loss.png", log.records,
-                                    f"transformer.py --preset {args.preset} on {args.data.name}")
-    common.write_json(args.out_dir / "metrics.json", metrics)
+               "vocab_size": len(vocab.chars), "device": str(device), "data": str(args.data),
+               "threads": torch.get_num_threads(), "seed": args.seed, **common.summarize(
+                   log.records, args.out_dir, f"best val loss {best['val_loss']:.4f} at step "
+                   f"{best['step']}; {timer.total:.1f} s of training, {timer.seconds()} s in all")}
+    write_outputs(args, log.records, metrics)
     return metrics
 
 

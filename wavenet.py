@@ -409,9 +409,6 @@ def parse_args(argv=None):
             "level fuses pairs")
     if not 0 <= args.dropout < 1:
         die(f"--dropout must be at least 0 and below 1, got {args.dropout}")
-    for name in ("lr", "weight_decay"):
-        if math.isinf(getattr(args, name)):
-            die(f"--{name.replace('_', '-')} must be a finite number, got inf")
     return args
 
 

@@ -90,7 +90,7 @@ def test_gpt2_124m_shape_tying_and_init():
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert fc.std().item() == pytest.approx(0.02, rel=0.05)
     # FLOPs per token used for MFU: ~0.85 GFLOP for GPT-2 124M at 1024 tokens.
-    assert gpt2.flops_per_token(config, 1024) == pytest.approx(0.855e9, rel=0.01)
+    assert model.flops_per_token(1024) == pytest.approx(0.855e9, rel=0.01)
 
 
 def test_linear_cross_entropy_equals_plain_cross_entropy():
@@ -215,7 +215,7 @@ def test_learning_rate_schedule_warmup_peak_end():
 def test_optimizer_recipe():
     """AdamW betas (0.9, 0.95), eps 1e-8; decay on 2-D tensors only."""
     model = tiny_model()
-    opt = gpt2.make_optimizer(model, 6e-4, 0.1, torch.device("cpu"))
+    opt = model.configure_optimizer(6e-4, 0.1, torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

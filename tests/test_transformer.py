@@ -119,7 +119,7 @@ def test_overfits_a_tiny_text():
     data = torch.tensor(vocab.encode(text * 4))
     model = tiny_model(vocab_size=len(vocab.chars), block_size=16).train()
     args = tf.parse_args(["--lr", "1e-2", "--max-steps", "150", "--warmup-steps", "10"])
-    optimizer = tf.make_optimizer(model, args.lr, 0.0, torch.device("cpu"))
+    optimizer = model.configure_optimizer(args.lr, 0.0, torch.device("cpu"))
     loader = tf.WindowLoader(data, 16, 16, seed=0)
     for step in range(args.max_steps):
         for group in optimizer.param_groups:
@@ -168,7 +168,7 @@ def test_checkpoint_round_trip(tmp_path):
     """save_checkpoint -> load_model restores the same weights, config, vocabulary and
     optimizer state, through torch.load(weights_only=True)."""
     model = tiny_model()
-    optimizer = tf.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    optimizer = model.configure_optimizer(1e-3, 0.1, torch.device("cpu"))
     _, loss = model.train()(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
     loss.backward()
     optimizer.step()
@@ -184,7 +184,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    restored = tf.make_optimizer(loaded, 1e-3, 0.1, torch.device("cpu"))
+    restored = loaded.configure_optimizer(1e-3, 0.1, torch.device("cpu"))
     restored.load_state_dict(checkpoint["optimizer"])
     assert restored.state_dict()["state"][0]["step"] == 1
     assert not list(tmp_path.glob("*.tmp"))
