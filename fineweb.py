@@ -49,8 +49,6 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-import common
-
 EOT = 50256  # GPT-2's <|endoftext|> token: starts every document in the shards
 EOT_TEXT = "<|endoftext|>"
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -447,6 +445,7 @@ def open_shards(data_dir, split, window):
     """Memory-mapped uint16 token arrays of one split; a missing, malformed or too-short shard
     ends the run (through common.die, in the caller's name) with a line that says how to make
     shards. `window`: the tokens one batch of all ranks needs."""
+    import common  # here, not at the top: it brings torch, which writing shards never needs
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         common.die(f"--data {data_dir} is not a directory of shards; {SHARD_HINT}")

@@ -23,8 +23,9 @@ GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` ma
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; the reproduction this stage follows (10B tokens, 8xA100) reached 0.3009 and a min
 val loss of 3.0944. Measured on one H100 80GB (torch 2.11, micro-batch 64, bf16, compile):
-474,668 tokens/s, 41% MFU. On a quiet 2-core CPU the quick start (359,202 tokens, 200 steps of
-2,048) runs at about 1,650 tokens/s, train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+474,668 tokens/s, 41% MFU. On the 2-core CPU the quick start (359,202 tokens, 200 steps of
+2,048) ran at about 1,400 tokens/s in 325 s (2026-11-25), train loss 10.81 -> 5.65, val 10.82 ->
+6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: step, train_loss, lr,
 grad_norm, ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json,
@@ -785,9 +786,8 @@ def parse_args(argv=None):
         model.add_argument(flag, type=int, help=text)
     model.add_argument("--vocab-size", type=int, default=50304,
                        help="rows of the embedding: GPT-2's 50,257 tokens padded (default: 50304)")
-    model.add_argument("--init-from", help="weights to start from, or to use in the modes below "
-                       "(default there: <out-dir>/checkpoint.pt): gpt2 to gpt2-xl (Hugging Face "
-                       "hub), a Hugging Face folder, or a gpt2.py checkpoint")
+    model.add_argument("--init-from", help="weights to start from or use: gpt2 to gpt2-xl (the "
+                       "Hugging Face hub), a Hugging Face folder, or a gpt2.py checkpoint")
     train = parser.add_argument_group("training (default: the preset's value)")
     for flag, kind, text in (
             ("--batch-size", int, "micro-batch: sequences per forward pass and rank"),
@@ -812,15 +812,14 @@ def parse_args(argv=None):
             ("--hellaswag-data", Path, "a local HellaSwag .jsonl (default: download it once)"),
             ("--hellaswag-limit", int, "score only the first N examples (default: all 10,042)"),
             ("--sample-every", int, "steps between samples (0: off)"),
+            ("--export-hf", Path, "do not train: write --init-from for GPT2LMHeadModel here"),
             ("--peak-tflops", float, "the GPU's peak TFLOP/s for MFU (default: from a table)")):
         evals.add_argument(flag, type=kind, help=text)
-    evals.add_argument("--num-samples", type=int, default=4,
-                       help="samples to generate, split over the ranks (default: %(default)s)")
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
     evals.add_argument("--eval-hellaswag", action="store_true",
-                       help="do not train: score on HellaSwag (--hellaswag-data, -limit)")
-    evals.add_argument("--export-hf", type=Path, metavar="DIR", help="do not train: write "
-                       "config.json + model.safetensors for transformers' GPT2LMHeadModel")
+                       help="do not train: score --init-from on HellaSwag")
+    evals.add_argument("--num-samples", type=int, default=4,
+                       help="samples to generate, split over the ranks (default: %(default)s)")
     common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
     args = common.apply_preset(parser.parse_args(argv), PRESETS)
     args.seq_len = args.seq_len or args.block_size

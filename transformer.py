@@ -1,36 +1,36 @@
 """Stage 5: a character-level GPT, the decoder-only Transformer, trained on Shakespeare.
 
-wavenet.py grew the context by merging neighbouring characters level by level, through a fixed
-tree. A Transformer lets every position look at every earlier position at once and decide by
-itself, from the data, which ones matter: self-attention ("Attention Is All You Need", Vaswani
-et al., 2017), in the decoder-only form of GPT (Radford et al., 2018) with GPT-2's pre-LayerNorm
-blocks (2019): token + position embeddings, N blocks of [LayerNorm -> causal multi-head
-self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a final
-LayerNorm and a linear head over the characters. Attention is written out step by step
+wavenet.py merged neighbouring characters through a fixed tree. A Transformer lets every
+position look at every earlier one at once and learn from the data which ones matter:
+self-attention (Vaswani et al., 2017) in the decoder-only GPT (Radford et al., 2018) with GPT-2's
+pre-LayerNorm blocks (2019): token + position embeddings, N blocks of [LayerNorm -> causal
+multi-head self-attention -> residual add, LayerNorm -> 4x MLP with GELU -> residual add], a
+final LayerNorm and a linear head over the characters. Attention is written out step by step
 (--attention manual); by default the same computation runs in torch's fused kernel (a test
-checks they agree). The modules carry GPT-2's names, so that `diff transformer.py gpt2.py`
-shows what the next stage adds. Training: AdamW, warmup then cosine decay, gradient clipping,
-dropout; the loss on fixed train and val batches every --eval-every steps; the best checkpoint
-is kept.
+checks they agree). The modules carry GPT-2's names, so that `diff transformer.py gpt2.py` shows
+what the next stage adds. Training: AdamW, warmup then cosine decay, gradient clipping, dropout;
+the loss on fixed train and val batches every --eval-every steps; the best checkpoint is kept.
 
 Run:
-    python transformer.py --preset quick     # CPU, about half a minute
+    python transformer.py --preset quick     # CPU, about a minute
     python transformer.py                    # --preset cpu: CPU, a few minutes
     python transformer.py --preset gpu       # one GPU: 6 layers, 6 heads, 384 wide, block 256
     python transformer.py --data ../shared/data/tinyshakespeare.txt   # the canonical corpus
     python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
 Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10%
-val) on a quiet 2-core CPU (2 threads), default flags: --preset quick: val 1.8643 after 1,400
-steps of 12 x 64 characters, 38.1 s of training (42.0 s with evaluation); --preset cpu: val
-1.6084 after 1,800 steps of 24 x 128 characters, 196 s of training (224 s in all). On the
-bundled data/shakespeare.txt (its last 10%, Richard II and The Tempest, is harder to predict):
-quick 1.8864, cpu 1.7184. Anchors: nanoGPT's CPU recipe reaches val 1.8857 in about 58 s on that
-machine; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in about 3 minutes.
+val) on the 2-core CPU (2 threads), default flags, on 2026-11-25: --preset quick: val 1.8643
+after 1,400 steps of 12 x 64 characters in 66 s of training (73 s in all); --preset cpu: val
+1.6084 after 1,800 steps of 24 x 128 characters in 289 s of training (326 s in all). That day
+the machine ran 1.5-1.7x slower than when the same runs took 38 s and 196 s of training; side
+by side, an iteration of this model takes what the recipe's design takes (python bench.py
+transformer). On the bundled data/shakespeare.txt (its last 10%, Richard II and The Tempest, is
+harder): quick 1.8864, cpu 1.7184. Anchors: nanoGPT's CPU recipe reaches val 1.8857 (about 58 s
+on the faster day); its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 min.
 
-Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_loss, val_loss,
-lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best model, optimizer, step,
-config and vocabulary; --sample reads it).
+Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_seconds,
+train_loss, val_loss, lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best
+model, optimizer, step, config and vocabulary; --sample reads it).
 """
 import math
 from dataclasses import asdict, dataclass

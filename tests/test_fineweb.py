@@ -316,3 +316,12 @@ def test_tokenizer_falls_back_to_tiktoken_when_the_files_fail_their_hash(monkeyp
             assert fineweb.get_encoding() == "tiktoken's gpt2"
     finally:
         fineweb.get_encoding.cache_clear()
+
+
+def test_writing_shards_never_imports_torch():
+    """fineweb.py runs in processes of its own on big corpora: importing it must not pull in
+    torch (about 70 MiB more per process); only gpt2.py's shard reader needs it."""
+    code = "import sys, fineweb; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -537,7 +537,13 @@ def test_inline_hellaswag_with_the_real_evaluator(tmp_path, shards):
                   "--max-steps", "2", "--hellaswag-every", "1", "--hellaswag-data", data])
     scores = [r for r in read_log(out / "log.jsonl") if "hellaswag" in r]
     assert [r["step"] for r in scores] == [0, 1]
-    assert all(r["hellaswag_n"] == 6 and 0 <= r["hellaswag"] <= 1 for r in scores)
+    assert all(r["hellaswag_n"] == 6 for r in scores)
+    # acc_norm is the share of 6 examples scored right by the model of that step: k / 6.
+    model = gpt2.load_model(out, "cpu")
+    final = gpt2.hellaswag.evaluate(model, gpt2.hellaswag.load_examples(path=data),
+                                    enc=gpt2.fineweb.get_encoding())
+    assert scores[-1]["hellaswag"] * 6 == pytest.approx(round(scores[-1]["hellaswag"] * 6))
+    assert final["n"] == 6 and final["acc_norm"] == pytest.approx(final["correct_norm"] / 6)
 
 
 # --- what a practitioner relies on
