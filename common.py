@@ -230,7 +230,8 @@ class Log:
 
     def __init__(self, path, keep_before=0, write=True):
         path, self.records, self.file = Path(path), [], None
-        for line in path.read_text(encoding="utf-8").splitlines() if keep_before else []:
+        earlier = path.exists() and keep_before
+        for line in path.read_text(encoding="utf-8").splitlines() if earlier else []:
             with contextlib.suppress(json.JSONDecodeError):
                 self.records += [r for r in [json.loads(line)] if r["step"] < keep_before]
         if write:

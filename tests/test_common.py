@@ -1,6 +1,7 @@
 """common.py: device choice (every spelling, with and without torchrun, testable without a GPU),
 the shared flag checks, the output folder's protection of checkpoints, atomic writes."""
 import argparse
+import json
 
 import pytest
 import torch
@@ -79,3 +80,19 @@ def test_write_atomic_keeps_the_old_file_on_a_crash(tmp_path):
     with pytest.raises(OSError):
         common.write_atomic(path, crash)
     assert path.read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_log_keeps_the_steps_before_a_checkpoint(tmp_path):
+    """A resumed run rewrites log.jsonl with the records before its step (a line cut short by a
+    crash dropped), then appends; with no log yet, it starts one."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 0, "a": 1}\n{"step": 1}\n{"step": 2}\n{"step": 3, "tr')
+    log = common.Log(path, keep_before=2)
+    log({"step": 2, "b": 2})
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 0, "a": 1}, {"step": 1}, {"step": 2, "b": 2}]
+    fresh = common.Log(tmp_path / "new.jsonl", keep_before=5)
+    fresh({"step": 5})
+    fresh.close()
+    assert (tmp_path / "new.jsonl").read_text() == '{"step": 5}\n'
