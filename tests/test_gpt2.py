@@ -171,6 +171,18 @@ def test_from_pretrained_matches_transformers(tmp_path, safe):
     assert model.config.vocab_size == 300 and model.config.block_size == 40
 
 
+def test_from_pretrained_refuses_missing_or_unknown_weights(tmp_path, monkeypatch):
+    """A Hugging Face file short of a weight, or with one GPT-2 does not have, is an error, not
+    a model with some random weights."""
+    hf, directory = hf_tiny(tmp_path)
+    config, weights = gpt2.hellaswag.read_hf_gpt2(str(directory))
+    for broken in ({k: v for k, v in weights.items() if not k.endswith("ln_f.bias")},
+                   {**weights, "transformer.extra.weight": torch.zeros(3)}):
+        monkeypatch.setattr(gpt2.hellaswag, "read_hf_gpt2", lambda name: (config, broken))
+        with pytest.raises(ValueError):
+            gpt2.GPT.from_pretrained(str(directory))
+
+
 def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path):
     """--export-hf writes config.json + model.safetensors; GPT2LMHeadModel loads them with the
     same logits."""
