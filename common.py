@@ -329,6 +329,21 @@ def no_figure():
     print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
 
 
+def plot_losses(ax, step_losses, evals):
+    """The batch losses of every step (a moving mean over ~1% of the run) and the train and val
+    losses of each evaluation, on one axis."""
+    window = max(1, len(step_losses) // 100)
+    smooth = torch.tensor(step_losses[:len(step_losses) // window * window]).view(-1, window)
+    ax.plot((torch.arange(len(smooth)) * window + window / 2).tolist(), smooth.mean(1).tolist(),
+            label=f"train batch loss (mean of {window} steps)", alpha=0.6)
+    for split in ("train", "val"):
+        ax.plot([e["step"] for e in evals], [e[f"{split}_loss"] for e in evals], "o-",
+                label=f"{split} split")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def save_figure(fig, path, dpi=100):
     """The figure as a PNG, atomically; returns the path as a string for metrics.json."""
     import matplotlib.pyplot as plt

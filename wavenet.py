@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, no_figure, pick_device, prepare_out_dir,
-                    print_header, pyplot, read_text, save_figure, write_json)
+from common import (Log, check_args, die, make_parser, no_figure, pick_device, plot_losses,
+                    prepare_out_dir, print_header, pyplot, read_text, save_figure, write_json)
 
 STAGE = "wavenet"
 
@@ -328,17 +328,7 @@ def draw_figure(path, outputs, step_losses, evals):
     ax_act.legend()
     ax_grad.set_title("gradients of the tanh outputs per level")
     ax_grad.legend()
-    window = max(1, len(step_losses) // 100)  # a moving mean of ~1% of the run
-    smooth = torch.tensor(step_losses[:len(step_losses) // window * window]).view(-1, window)
-    smooth = smooth.mean(dim=1)
-    ax.plot((torch.arange(len(smooth)) * window + window / 2).tolist(), smooth.tolist(),
-            label=f"train batch loss (mean of {window} steps)", alpha=0.6)
-    for split in ("train", "val"):
-        ax.plot([e["step"] for e in evals], [e[f"{split}_loss"] for e in evals], "o-",
-                label=f"{split} split")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    plot_losses(ax, step_losses, evals)
     return save_figure(fig, path, dpi=90)
 
 
