@@ -568,11 +568,11 @@ def resume(checkpoint, model, optimizer, scaler, loader):
     return checkpoint["step"]
 
 
-def tokenizer(args, vocab_size):
+def tokenizer(args, vocab_size, sampling):
     """GPT-2's tokenizer, the prompt's tokens (checked now, not an hour into the run) and a
     decoder, which drops the padding rows' ids (past GPT-2's 50,257: they have no text)."""
     enc, prompt = fineweb.get_encoding(), None
-    if args.sample or args.sample_every:
+    if sampling:
         # An empty prompt starts where every document starts: after end-of-text.
         prompt = enc.encode(args.prompt) if args.prompt else [fineweb.EOT]
         if max(prompt) >= vocab_size:
@@ -614,7 +614,7 @@ def other_modes(args, device, dtype):
             die(f"cannot write to --export-hf {args.export_hf} ({err.strerror}); choose another")
         print(f"wrote {args.export_hf}: config.json and model.safetensors for GPT2LMHeadModel")
         return {"export_hf": str(args.export_hf)}
-    enc, prompt, decode = tokenizer(args, model.config.vocab_size)
+    enc, prompt, decode = tokenizer(args, model.config.vocab_size, sampling=args.sample)
     common.print_header(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if args.eval_hellaswag:
@@ -644,8 +644,8 @@ def main(args):
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     checkpoint, config, weights = start_from(args)
     # Only samples and HellaSwag need the tokenizer (and maybe the network to build it).
-    enc, prompt, decode = (tokenizer(args, config.vocab_size) if args.sample_every or
-                           args.hellaswag_every else (None, None, None))
+    enc, prompt, decode = (tokenizer(args, config.vocab_size, args.sample_every) if
+                           args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
