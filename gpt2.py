@@ -36,8 +36,6 @@ import contextlib
 import functools
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path

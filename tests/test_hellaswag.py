@@ -2,7 +2,6 @@
 import hashlib
 import json
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest
