@@ -22,10 +22,10 @@ GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` ma
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; the reproduction this stage follows (10B tokens, 8xA100) reached 0.3009 and a min
-val loss of 3.0944. Measured on one H100 80GB (torch 2.11, micro-batch 64, bf16, compile):
-474,668 tokens/s, 41% MFU. On the 2-core CPU the quick start (359,202 tokens, 200 steps of
-2,048) ran at about 1,400 tokens/s in 325 s (2026-11-25), train loss 10.81 -> 5.65, val 10.82 ->
-6.19.
+val loss of 3.0944. An earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB
+(torch 2.11, micro-batch 64, bf16, compile; before the sampling-kernel change). On the 2-core
+CPU the quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,400 tokens/s in 325 s
+(2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: step, train_loss, lr,
 grad_norm, ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json,

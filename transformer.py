@@ -25,7 +25,7 @@ after 1,400 steps of 12 x 64 characters in 66 s of training (73 s in all); --pre
 the machine ran 1.5-1.7x slower than when the same runs took 38 s and 196 s of training; side
 by side, an iteration of this model takes what the recipe's design takes (python bench.py
 transformer). On the bundled data/shakespeare.txt (its last 10%, Richard II and The Tempest, is
-harder): quick 1.8864, cpu 1.7184. Anchors: nanoGPT's CPU recipe reaches val 1.8857 (about 58 s
+harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU recipe reaches val 1.8857 (about 58 s
 on the faster day); its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 min.
 
 Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_seconds,
