@@ -487,11 +487,8 @@ def run_hellaswag(args):
     require_positive(args, "chunk", "batch_size")
     if args.limit < 0:
         die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
-    try:
-        examples = hellaswag.load_examples("val", path=args.data)
-    except hellaswag.DataError as err:
-        die(f"HellaSwag: {err}; pass --data with a local hellaswag_val.jsonl")
-    examples = examples[:args.limit or None]
+    hint = "; pass --data with a local hellaswag_val.jsonl"
+    examples = hellaswag.examples_or_die(args.data, hint, args.limit)
     if args.init_from:
         model = gpt2.load_model(args.init_from, device)
     else:
@@ -595,10 +592,7 @@ def transformer_stepper(data, attention):
     loader = transformer.WindowLoader(data, RECIPE_BATCH_SIZE, RECIPE["block_size"], seed=0)
 
     def step():
-        loss = transformer.train_step(model, optimizer, loader, torch.device("cpu"))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        return loss
+        return transformer.train_step(model, optimizer, loader, torch.device("cpu"), 1.0)
 
     return step
 

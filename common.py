@@ -1,7 +1,5 @@
-"""The plumbing every stage shares, so that the stages hold only their lesson: shared flags and
-their checks, a user's mistake as one line and exit status 2, device and dtype, input files,
-atomic outputs, the output folder, log.jsonl, figures, checkpoints, RNG states, stop signals,
-GPU peaks for MFU. A leaf: it imports no stage, and every script may import it."""
+"""The plumbing every stage shares, so that the stages hold only their lesson. A leaf: it imports
+no stage, and every script may import it."""
 import argparse
 import contextlib
 import json
@@ -9,22 +7,20 @@ import math
 import os
 import pickle
 import platform
-import random
 import signal
+import statistics
 import sys
 import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 PROG = Path(sys.argv[0]).name  # replaced by the script's name once its parser is built
 
 
 def die(message):
-    """A user's mistake: one line that names the problem and the fix, exit status 2. Under
-    torchrun every rank checks the same inputs, and rank 0 alone prints the line."""
+    """A user's mistake: one line naming the problem and the fix (rank 0's only), exit status 2."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -33,26 +29,46 @@ def die(message):
 # --- the command line
 
 def make_parser(stage, description, data, data_help, seed):
-    """A parser with the flags every stage has: --data, --out-dir (out/<stage>), --device,
-    --seed. argparse's own complaints end through die() like every other mistake."""
+    """The flags every stage has; argparse's own complaints end through die() like any mistake."""
     global PROG
     PROG = f"{stage}.py"
     parser = argparse.ArgumentParser(prog=PROG, description=description)
-    parser.error = die
-    parser.add_argument("--data", type=Path, default=Path(data),
-                        help=f"{data_help} (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("out") / stage,
-                        help="where log.jsonl, metrics.json, the figure and any checkpoint go "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=seed,
-                        help="seed of everything random in the run (default: %(default)s)")
+    parser.error, add = die, parser.add_argument
+    add("--data", type=Path, default=Path(data), help=f"{data_help} (default: %(default)s)")
+    add("--out-dir", type=Path, default=Path("out") / stage, help="where log.jsonl, metrics.json, "
+        "the figure and any checkpoint go (default: %(default)s)")
+    add("--device", default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--seed", type=int, default=seed,
+        help="seed of everything random in the run (default: %(default)s)")
     return parser
 
 
-def add_shared_flags(parser, group):
-    """The optimizer's, the output folder's and --sample's flags of transformer.py and gpt2.py."""
+# The flags of transformer.py and gpt2.py that mean the same in both: (group, flag, type, help).
+GPT_FLAGS = (
+    ("model", "--n-layer", int, "Transformer blocks"),
+    ("model", "--n-head", int, "attention heads"),
+    ("model", "--n-embd", int, "width of the residual stream"),
+    ("model", "--block-size", int, "longest context the model can take"),
+    ("training", "--max-steps", int, "optimizer steps; the cosine ends here"),
+    ("training", "--warmup-steps", int, "steps of linear warmup to --lr"),
+    ("training", "--lr", float, "peak learning rate"),
+    ("evaluation and samples", "--eval-every", int, "steps between evaluations (0: off)"),
+    ("evaluation and samples", "--eval-batches", int, "batches (per rank) in each loss estimate, "
+                                                      "always the same ones"))
+
+
+def add_gpt_flags(parser, presets, default, preset_help, batch_help):
+    """--preset, GPT_FLAGS (the preset's values unless given), the optimizer's, the output
+    folder's and --sample; returns the model, training and evaluation groups for the stage's own."""
+    parser.add_argument("--preset", choices=list(presets), default=default,
+                        help=f"{preset_help}; a flag overrides its value (default: {default})")
+    groups = {name: parser.add_argument_group(f"{name} (default: the preset's value)")
+              for name in ("model", "training", "evaluation and samples")}
+    groups["training"].add_argument("--batch-size", type=int, help=batch_help)
+    for group, flag, kind, text in GPT_FLAGS:
+        groups[group].add_argument(flag, type=kind, help=text)
+    group = groups["training"]
     group.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine ends at lr x this (default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=0.1,
@@ -63,6 +79,21 @@ def add_shared_flags(parser, group):
                        help="start afresh even though --out-dir holds a checkpoint, replacing it")
     parser.add_argument("--sample", action="store_true", help="do not train: generate text "
                         "from --init-from (default: <out-dir>/checkpoint.pt)")
+    return groups.values()
+
+
+def parse_gpt_args(parser, argv, presets, positive=(), non_negative=(), ranges=()):
+    """The flags, unset ones from the preset, checked: GPT_FLAGS' and the stage's own."""
+    args = apply_preset(parser.parse_args(argv), presets)
+    check_args(args, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
+                      "eval_batches", "lr", *positive),
+               ("warmup_steps", "eval_every", "sample_tokens", "top_k", *non_negative),
+               (("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100), *ranges))
+    if args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
+            "(each head gets n_embd / n_head channels)")
+    return args
 
 
 def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",)):
@@ -79,18 +110,15 @@ def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",))
 def check_args(args, positive=(), non_negative=(), ranges=()):
     """die() on the first flag out of range (positive and non_negative ones must be finite);
     `ranges` holds (name, low, high). A flag left unset (None) is not checked."""
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and not 0 < value < math.inf:
-            die(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    for name in non_negative:
-        value = getattr(args, name)
-        if value is not None and not 0 <= value < math.inf:
-            die(f"--{name.replace('_', '-')} must be 0 (off) or a positive number, got {value}")
-    for name, low, high in ranges:
-        value = getattr(args, name)
-        if value is not None and not low <= value <= high:  # NaN is never in range
-            die(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g}], got {value}")
+    checks = [(positive, lambda v: 0 < v < math.inf, "a positive number"),
+              (non_negative, lambda v: 0 <= v < math.inf, "0 (off) or a positive number")]
+    checks += [((name,), lambda v, low=low, high=high: low <= v <= high,
+                f"in [{low:g}, {high:g}]") for name, low, high in ranges]
+    for names, test, wording in checks:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not test(value):  # NaN passes no test
+                die(f"--{name.replace('_', '-')} must be {wording}, got {value}")
     return args
 
 
@@ -123,8 +151,7 @@ def pick_device(name="auto", local_rank=None):
     if not torch.cuda.is_available():
         die(f"--device {name} was asked for but CUDA is not available; use --device cpu")
     index = local_rank if local_rank is not None else device.index
-    if index is None:
-        index = torch.cuda.current_device()
+    index = torch.cuda.current_device() if index is None else index
     if index >= torch.cuda.device_count():
         die(f"--device {name}: GPU {index} does not exist, this machine has "
             f"{torch.cuda.device_count()}; use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
@@ -147,18 +174,15 @@ def pick_dtype(name, device):
 # Dense bf16 (else fp16) tensor-core TFLOP/s from the vendors' data sheets; the first name found
 # in the device's name wins, so the specific ones come first. Unknown cards: --peak-tflops.
 GPU_PEAK_TFLOPS = [
-    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
-    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0),
-    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("A10G", 70.0), ("A10", 125.0), ("A6000", 155.0), ("RTX 6000 Ada", 364.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
-]
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("A6000", 155.0), ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("V100", 125.0), ("T4", 65.0)]
 
 
 def gpu_peak_tflops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
 
 
@@ -184,8 +208,7 @@ def read_text(path, what="a UTF-8 text file"):
 
 def write_atomic(path, write):
     """write(tmp) beside `path`, then rename (atomic): a crash leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
 
@@ -196,8 +219,8 @@ def write_json(path, obj):
 
 
 def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
-    """Create --out-dir. A `checkpoint` in it is somebody's run, perhaps hours of it: without
-    --overwrite (or --resume, where the stage has it) the run stops before touching it."""
+    """Create --out-dir. A `checkpoint` in it may be hours of somebody's run: it needs --overwrite
+    (or --resume, where the stage has it), else the run stops before touching it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         die(f"--out-dir {path} exists and is not a directory; choose another --out-dir")
@@ -212,21 +235,18 @@ def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
 
 
 def print_header(device, world_size=1):
-    """The first lines of every run (of rank 0 under torchrun): the command line, the versions
-    and the device."""
+    """The first lines of a run (rank 0's): the command line, the versions and the device."""
     if int(os.environ.get("RANK", "0")) == 0:
         print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-        name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-                platform.processor())
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
               f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU "
               "threads")
 
 
 class Log:
-    """log.jsonl, a JSON object a line, flushed at once so that a crash loses nothing; the
-    records also stay in .records. A resumed run keeps the ones of the steps before its
-    checkpoint (`keep_before`); a line cut short by a crash is dropped."""
+    """log.jsonl (also kept in .records), flushed line by line so that a crash loses nothing. A
+    resumed run keeps the steps before `keep_before`, dropping a line a crash cut short."""
 
     def __init__(self, path, keep_before=0, write=True):
         path, self.records, self.file = Path(path), [], None
@@ -243,8 +263,7 @@ class Log:
     def __call__(self, record):
         self.records.append(record)
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            print(json.dumps(record), file=self.file, flush=True)
 
     def close(self):
         if self.file is not None:
@@ -265,8 +284,7 @@ def summarize(records, out_dir, head):
 
 
 class StepTimer:
-    """Times each training step (after a GPU sync, so that it measures work, not queued
-    launches): tokens/s and, where the GPU's peak is known, MFU (model FLOPs utilisation)."""
+    """Each step's time (after a GPU sync: work, not queued launches), tokens/s and MFU."""
 
     def __init__(self, tokens, flops_per_token=None, peak_tflops=None):
         self.tokens, self.flops, self.peak = tokens, flops_per_token, peak_tflops
@@ -275,8 +293,7 @@ class StepTimer:
     def start(self):
         self.t0 = time.time()
 
-    def stop(self, step):
-        """The step's timing fields for log.jsonl."""
+    def stop(self, step):  # the step's timing fields for log.jsonl
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         self.ms = 1000 * (time.time() - self.t0)
@@ -296,12 +313,11 @@ class StepTimer:
         return round(time.time() - self.started, 3)
 
     def median(self):  # tokens/s of the median step: the first ones include compilation
-        return float(np.median(self.rates)) if self.rates else None
+        return float(statistics.median(self.rates)) if self.rates else None
 
 
 def stop_on_bad_loss(loss, step, checkpoint, log):
-    """A NaN or infinite loss ends the run at once (exit status 1), without saving: the last
-    good checkpoint is kept."""
+    """A NaN or infinite loss ends the run (exit status 1) unsaved: the last good one stays."""
     if int(os.environ.get("RANK", "0")) == 0:
         kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
                 else "no checkpoint was written")
@@ -315,23 +331,20 @@ def stop_on_bad_loss(loss, step, checkpoint, log):
 
 
 def pyplot():
-    """matplotlib.pyplot drawing to files (no window), or None without matplotlib."""
+    """matplotlib.pyplot drawing to files (no window); without matplotlib, a line saying so and
+    None (no figure, the run goes on)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
         return None
     return plt
 
 
-def no_figure():
-    print("matplotlib is not installed: no figure was drawn (pip install matplotlib)")
-
-
 def plot_losses(ax, step_losses, evals):
-    """The batch losses of every step (a moving mean over ~1% of the run) and the train and val
-    losses of each evaluation, on one axis."""
+    """Every step's batch loss (a moving mean over ~1% of the run) and each evaluation's losses."""
     window = max(1, len(step_losses) // 100)
     smooth = torch.tensor(step_losses[:len(step_losses) // window * window]).view(-1, window)
     ax.plot((torch.arange(len(smooth)) * window + window / 2).tolist(), smooth.mean(1).tolist(),
@@ -360,8 +373,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, stage, hint):
-    """A checkpoint `stage`.py wrote; weights_only=True never runs code from the file. Anything
-    else ends the run with one line that ends with `hint`."""
+    """A checkpoint `stage`.py wrote, else die(); weights_only=True never runs the file's code."""
     path = Path(path)
     if not path.is_file():
         die(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}; {hint}")
@@ -379,28 +391,16 @@ def load_checkpoint(path, stage, hint):
 
 
 def rng_state():
-    """Every RNG's state in types torch.load(weights_only=True) takes, so that a resumed run
-    draws what an uninterrupted one would have drawn."""
-    py_version, py_keys, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": [py_version, torch.tensor(py_keys, dtype=torch.int64), py_gauss],
-             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos,
-                       np_has_gauss, np_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """torch's RNG states, the only ones training draws from (its data order is the loader's own
+    state), so that a resumed run draws what an uninterrupted one would have drawn."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state):
+def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states are not needed
     torch.set_rng_state(state["torch"])
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys.tolist()), gauss))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
+    for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
 
 
 class StopSignals:

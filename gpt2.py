@@ -15,21 +15,18 @@ Run (CPU quick start: Shakespeare, a small model, a few minutes; the loss falls 
 GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` makes the shards):
     python gpt2.py                                     # one GPU: 8 micro-steps a step
     torchrun --standalone --nproc_per_node=8 gpt2.py   # 8 GPUs: about 2 hours on 8xA100
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        --rdzv_id=gpt2 gpt2.py --batch-size 32 --data /shared/shards --out-dir /shared/out/gpt2
-(the same line on both machines, HOST the first one). After a preemption the same command with
---resume continues exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
+(several machines: README.md). After a preemption the same command with --resume continues
+exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
-FineWeb-Edu; the reproduction this stage follows (10B tokens, 8xA100) reached 0.3009 and a min
-val loss of 3.0944. An earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB
-(torch 2.11, micro-batch 64, bf16, compile; before the sampling-kernel change). On the 2-core
-CPU the quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,400 tokens/s in 325 s
-(2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+FineWeb-Edu; the reproduction followed here (10B tokens, 8xA100) reached 0.3009 and 3.0944. An
+earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB (torch 2.11, micro-batch 64,
+bf16, compile). The CPU quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,400
+tokens/s in 325 s on 2 cores (2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
-Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: step, train_loss, lr,
-grad_norm, ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json,
-loss.png, checkpoint.pt (model, optimizer, step, config, loader position, RNG states).
+Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: train_loss, lr, grad_norm,
+ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json, loss.png,
+checkpoint.pt (model, optimizer, step, config, loader position, RNG state).
 """
 import argparse
 import contextlib
@@ -44,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -324,8 +321,7 @@ def variable_length_attention():
     """Sampling's attention kernels. torch prefers cuDNN's attention on recent GPUs, the fastest
     for training's one shape, but it builds a plan for every new length (0.1 s on an H100), and
     every sampling step is a new length: flash or memory-efficient attention have no such cost."""
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+    return sdpa_kernel(hellaswag.VARIABLE_LENGTH_ATTENTION)  # flash, efficient, math
 
 
 # --- data
@@ -353,8 +349,8 @@ class ShardLoader:
 
     def _plan(self):
         """The shard order of this epoch, and the window order of the current shard."""
-        n = len(self.shards)
         rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.shards)
         self.order = rng.permutation(n) if self.shuffle else np.arange(n)
         shard_id = int(self.order[self.shard])
         n_windows = (len(self.shards[shard_id]) - 1) // self.stride
@@ -369,12 +365,10 @@ class ShardLoader:
         x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
         y = buf[1:].view(self.B, self.T)  # (B, T) targets: the next token at every position
         self.offset += 1
-        if self.offset == len(self.windows):
-            self.offset = 0
-            self.shard += 1
+        if self.offset == len(self.windows):  # this shard is done: the next one, or a new epoch
+            self.offset, self.shard = 0, self.shard + 1
             if self.shard == len(self.shards):
-                self.shard = 0
-                self.epoch += 1
+                self.shard, self.epoch = 0, self.epoch + 1
             self._plan()
         return x, y
 
@@ -495,7 +489,7 @@ def draw_figure(path, records, title, fineweb_edu):
     only on FineWeb-Edu, the data it was measured on)."""
     plt = common.pyplot()
     if plt is None:
-        return common.no_figure()
+        return None
     hella = [(r["step"], r["hellaswag"]) for r in records if "hellaswag" in r]
     fig, axes = plt.subplots(1, 1 + bool(hella), figsize=(7 + 5 * bool(hella), 4), squeeze=False)
     for key, style in (("train_loss", dict(lw=0.8)), ("val_loss", dict(marker="o"))):
@@ -534,22 +528,21 @@ def load_model(source, device="cpu"):
 
 
 def start_from(args):
-    """(checkpoint or None, config, weights or None): --resume, --init-from, or a new model."""
-    checkpoint, weights = None, None
+    """(checkpoint or None, model on the CPU): --resume's, --init-from's, or a new one."""
+    checkpoint = None
     if args.resume is not None:
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
                                             "cannot resume; drop --resume to start afresh")
-        config = GPTConfig(**checkpoint["config"])
+        model = GPT(GPTConfig(**checkpoint["config"]))  # resume() loads its weights
     elif args.init_from is not None:
-        pretrained = load_model(args.init_from)
-        config, weights = pretrained.config, pretrained.state_dict()
+        model = load_model(args.init_from).train()
     else:
-        config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
-                           n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    if args.seq_len > config.block_size:
+        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
+                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
+    if args.seq_len > model.config.block_size:
         die(f"--seq-len {args.seq_len} is longer than the model's block size "
-            f"{config.block_size}; lower --seq-len")
-    return checkpoint, config, weights
+            f"{model.config.block_size}; lower --seq-len")
+    return checkpoint, model
 
 
 def resume(checkpoint, model, optimizer, scaler, loader):
@@ -581,47 +574,37 @@ def tokenizer(args, vocab_size, sampling):
 
 def load_hellaswag(args):
     """The HellaSwag examples, read at start-up, not an hour into the run."""
-    try:
-        examples = hellaswag.load_examples("val", path=args.hellaswag_data)
-    except hellaswag.DataError as err:
-        die(f"HellaSwag: {err}; pass --hellaswag-data with a local hellaswag_val.jsonl"
-            + ("" if args.eval_hellaswag else " or --hellaswag-every 0"))
-    return examples[:args.hellaswag_limit or None]
+    return hellaswag.examples_or_die(args.hellaswag_data, "; pass --hellaswag-data with a local "
+                                     "hellaswag_val.jsonl" + ("" if args.eval_hellaswag else
+                                     " or --hellaswag-every 0"), args.hellaswag_limit)
 
 
-def save_checkpoint(args, model, optimizer, scaler, loader, rank, step):
-    """Everything a resume needs, the data's position included; rank 0 writes it."""
-    if rank == 0:
-        common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-            "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "config": asdict(model.config),
-            "loader": loader.state_dict(), "rng": common.rng_state(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+def save_checkpoint(args, model, optimizer, scaler, loader, step):
+    """Everything a resume needs, the data's position and the RNG state included."""
+    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step, "scaler": scaler.state_dict(), "config": asdict(model.config),
+        "loader": loader.state_dict(), "rng": common.rng_state(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
 
 
 def other_modes(args, device, dtype):
     """--sample, --eval-hellaswag, --export-hf: weights used without training."""
-    if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
-        die(f"--export-hf {args.export_hf} exists and is not a directory; choose another")
     examples = load_hellaswag(args) if args.eval_hellaswag else None
     model = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
     if args.export_hf:
-        try:
-            hellaswag.write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
-        except OSError as err:
-            die(f"cannot write to --export-hf {args.export_hf} ({err.strerror}); choose another")
-        print(f"wrote {args.export_hf}: config.json and model.safetensors for GPT2LMHeadModel")
+        hellaswag.write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
         return {"export_hf": str(args.export_hf)}
     enc, prompt, decode = tokenizer(args, model.config.vocab_size, sampling=args.sample)
     common.print_header(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
     if args.eval_hellaswag:
-        result = hellaswag.evaluate(model, examples, device=device, enc=enc,
-                                    autocast_dtype=dtype if dtype != torch.float32 else None)
+        result = hellaswag.evaluate(model, examples, device=device, enc=enc, autocast_dtype=half)
         print(f"HellaSwag, {result['n']} examples: " + ", ".join(f"{k} {result[k]:.4f}" for k in (
             "acc", "acc_norm", "acc_norm_chars")) + " (OpenAI GPT-2 124M, all: acc_norm 0.2955)")
         return result
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
                            args.top_k, generator, decode, autocast)
     for i, text in enumerate(samples):
@@ -640,9 +623,10 @@ def main(args):
 
     # Every input is checked before anything is written or any process group is joined.
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
-    checkpoint, config, weights = start_from(args)
+    torch.manual_seed(args.seed)
+    checkpoint, model = start_from(args)
     # Only samples and HellaSwag need the tokenizer (and maybe the network to build it).
-    enc, prompt, decode = (tokenizer(args, config.vocab_size, args.sample_every) if
+    enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
@@ -655,10 +639,7 @@ def main(args):
     print0 = print if rank == 0 else (lambda *a, **k: None)
     common.print_header(device, world_size)  # on rank 0 only, like every line but samples
 
-    torch.manual_seed(args.seed)
-    model = GPT(config).to(device)
-    if weights is not None:
-        model.load_state_dict(weights)
+    model.to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -670,14 +651,15 @@ def main(args):
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
     autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
-    print0(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
+    print0(f"preset {args.preset}: {model.config}, {sum(p.numel() for p in model.parameters()):,} "
            f"parameters; micro-batch {args.batch_size} x {args.seq_len} on {world_size} rank(s), "
            f"{grad_accum} micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, "
            f"compile {use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
     # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
     log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
 
-    save = functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader, rank)
+    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
+            if rank == 0 else lambda step: None)  # the ranks hold the same weights: one writes
     # Each rank samples its share of --num-samples with a generator of its own, so sampling
     # never moves the training RNG and the ranks do not all write the same text.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -728,6 +710,7 @@ def main(args):
                     or step + 1 == end_step:
                 save(step + 1)
     log.close()
+    config = model.config
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "stopped": stopped,
                "world_size": world_size, "device": str(device), "dtype": str(dtype)[6:],
                "compile": use_compile, "total_batch_size": args.total_batch_size,
@@ -769,72 +752,51 @@ PRESETS = {
 def parse_args(argv=None):
     parser = common.make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun).",
                                 "data/shards", "a folder of fineweb.py's shards", seed=1337)
-    parser.add_argument("--preset", choices=list(PRESETS), default="gpt2",
-                        help="model size and training defaults: gpt2 (124M) to gpt2-xl, or cpu, "
-                             "cpu-tiny for a laptop; a flag overrides its value (default: gpt2)")
+    model, train, evals = common.add_gpt_flags(
+        parser, PRESETS, "gpt2", "model size and training defaults: gpt2 (124M) to gpt2-xl, or "
+        "cpu, cpu-tiny for a laptop", "micro-batch: sequences per forward pass and rank")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
                         "it, float16 with a gradient scaler on older ones, float32 elsewhere")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="torch.compile the training step's model (default: on with CUDA)")
-    model = parser.add_argument_group("model (default: the preset's value)")
-    for flag, text in (("--n-layer", "Transformer blocks"), ("--n-head", "attention heads"),
-                       ("--n-embd", "width of the residual stream"),
-                       ("--block-size", "longest context the model can take")):
-        model.add_argument(flag, type=int, help=text)
     model.add_argument("--vocab-size", type=int, default=50304,
                        help="rows of the embedding: GPT-2's 50,257 tokens padded (default: 50304)")
     model.add_argument("--init-from", help="weights to start from or use: gpt2 to gpt2-xl (the "
                        "Hugging Face hub), a Hugging Face folder, or a gpt2.py checkpoint")
-    train = parser.add_argument_group("training (default: the preset's value)")
-    for flag, kind, text in (
-            ("--batch-size", int, "micro-batch: sequences per forward pass and rank"),
-            ("--seq-len", int, "tokens per sequence (default: the block size)"),
-            ("--total-batch-size", int, "tokens a step, over ranks and micro-steps"),
-            ("--max-steps", int, "optimizer steps; the cosine ends here"),
-            ("--stop-step", int, "stop (with a checkpoint) after this step; --resume goes on"),
-            ("--warmup-steps", int, "steps of linear warmup to --lr"),
-            ("--lr", float, "peak learning rate"),
-            ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
-        train.add_argument(flag, type=kind, help=text)
+    for group, flag, kind, text in (
+            (train, "--seq-len", int, "tokens per sequence (default: the block size)"),
+            (train, "--total-batch-size", int, "tokens a step, over ranks and micro-steps"),
+            (train, "--stop-step", int, "stop (and save) after this step; --resume goes on"),
+            (train, "--checkpoint-every", int, "steps between checkpoints (0: only at the end)"),
+            (evals, "--hellaswag-every", int, "steps between HellaSwag evaluations (0: off)"),
+            (evals, "--hellaswag-data", Path, "local HellaSwag .jsonl (default: downloaded once)"),
+            (evals, "--hellaswag-limit", int, "only the first N examples (default: all 10,042)"),
+            (evals, "--sample-every", int, "steps between samples (0: off)"),
+            (evals, "--export-hf", Path, "do not train: save --init-from for GPT2LMHeadModel here"),
+            (evals, "--peak-tflops", float, "GPU peak TFLOP/s for MFU (default: from a table)")):
+        group.add_argument(flag, type=kind, help=text)
     train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a fresh order each epoch, from --seed")
-    common.add_shared_flags(parser, train)
-    evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
-    for flag, kind, text in (
-            ("--eval-every", int, "steps between evaluations during training (0: off)"),
-            ("--eval-batches", int, "batches (per rank) in each loss estimate, always the same"),
-            ("--hellaswag-every", int, "steps between HellaSwag evaluations (0: off)"),
-            ("--hellaswag-data", Path, "a local HellaSwag .jsonl (default: download it once)"),
-            ("--hellaswag-limit", int, "score only the first N examples (default: all 10,042)"),
-            ("--sample-every", int, "steps between samples (0: off)"),
-            ("--export-hf", Path, "do not train: write --init-from for GPT2LMHeadModel here"),
-            ("--peak-tflops", float, "the GPU's peak TFLOP/s for MFU (default: from a table)")):
-        evals.add_argument(flag, type=kind, help=text)
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
     evals.add_argument("--eval-hellaswag", action="store_true",
                        help="do not train: score --init-from on HellaSwag")
     evals.add_argument("--num-samples", type=int, default=4,
                        help="samples to generate, split over the ranks (default: %(default)s)")
     common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
-    args = common.apply_preset(parser.parse_args(argv), PRESETS)
-    args.seq_len = args.seq_len or args.block_size
-    common.check_args(
-        args, positive=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                        "seq_len", "total_batch_size", "max_steps", "eval_batches",
-                        "num_samples", "stop_step", "lr", "peak_tflops"),
-        non_negative=("warmup_steps", "eval_every", "hellaswag_every", "hellaswag_limit",
-                      "sample_every", "checkpoint_every", "sample_tokens", "top_k"),
-        ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
-                ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
-    if args.n_embd % args.n_head:
-        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
-            "(each head gets n_embd / n_head channels)")
+    args = common.parse_gpt_args(
+        parser, argv, PRESETS, ("vocab_size", "total_batch_size", "num_samples", "stop_step",
+                                "peak_tflops"),
+        ("hellaswag_every", "hellaswag_limit", "sample_every", "checkpoint_every"))
+    args.seq_len = args.seq_len or args.block_size  # after the checks: 0 means the block size
+    common.check_args(args, positive=("seq_len",))
     if args.seq_len > args.block_size and args.init_from is None:
         die(f"--seq-len {args.seq_len} is longer than --block-size {args.block_size}; "
             "lower --seq-len or raise --block-size")
+    if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
+        die(f"--export-hf {args.export_hf} exists and is not a directory; choose another")
     if sum([args.sample, args.eval_hellaswag, args.export_hf is not None]) > 1:
         die("--sample, --eval-hellaswag and --export-hf are separate modes; give one of them")
     return args

@@ -187,6 +187,16 @@ def load_examples(split="val", path=None, cache_dir="data/hellaswag"):
     return examples
 
 
+def examples_or_die(path=None, hint="", limit=0, split="val", cache_dir="data/hellaswag"):
+    """load_examples for a command line (the first `limit` of them, 0: all): what is wrong with
+    the data is one line, followed by `hint`, and exit status 2."""
+    try:
+        examples = load_examples(split, path=path, cache_dir=cache_dir)
+    except DataError as error:
+        die(f"HellaSwag: {error}{hint}")
+    return examples[:limit or None]
+
+
 def render_example(example, enc):
     """(tokens, mask, label): the 4 rows ctx + " " + ending, (4, T) each, right-padded with 0.
 
@@ -369,20 +379,25 @@ def read_hf_gpt2(name_or_dir):
 
 def write_hf_gpt2(directory, state_dict, config):
     """config.json and model.safetensors of a gpt2.py model that GPT2LMHeadModel loads with the
-    same logits."""
+    same logits. A folder that cannot be written ends the run with one line."""
     from safetensors.torch import save_file
-    Path(directory).mkdir(parents=True, exist_ok=True)
     tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
                for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
-    common.write_atomic(Path(directory) / "model.safetensors",
-                        lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    common.write_json(Path(directory) / "config.json", {
+    hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
         "vocab_size": config["vocab_size"], "n_positions": config["block_size"],
         "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_layer": config["n_layer"],
         "n_head": config["n_head"], "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT})
+        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT}
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        common.write_atomic(Path(directory) / "model.safetensors",
+                            lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        common.write_json(Path(directory) / "config.json", hf_config)
+    except OSError as err:
+        die(f"cannot write to {directory} ({err.strerror}); choose another folder")
+    print(f"wrote {directory}: config.json and model.safetensors for GPT2LMHeadModel")
 
 
 # --- models for the command line
@@ -419,12 +434,7 @@ def load_model(args, device):
 def main(args):
     device = common.pick_device(args.device)
     common.print_header(device)
-    try:
-        examples = load_examples(args.split, args.data, args.cache_dir)
-    except DataError as error:
-        die(str(error))
-    if args.limit:
-        examples = examples[:args.limit]
+    examples = examples_or_die(args.data, "", args.limit, args.split, args.cache_dir)
     model = load_model(args, device)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     results = score_examples(model, examples, device, batch_size=args.batch_size, autocast_dtype=dtype,

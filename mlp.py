@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, no_figure, pick_device, plot_losses,
+from common import (Log, check_args, die, make_parser, pick_device, plot_losses,
                     prepare_out_dir, print_header, pyplot, read_text, save_figure, write_json)
 
 STAGE = "mlp"
@@ -288,7 +288,7 @@ def draw_figure(path, model, vocab, step_losses, evals):
     Returns the figure's path, or None without matplotlib."""
     plt = pyplot()
     if plt is None:
-        return no_figure()
+        return None
     fig, (ax_emb, ax) = plt.subplots(1, 2, figsize=(13, 5.5))
     emb = model.wte.weight.detach().cpu()  # (V, n_embd)
     ax_emb.scatter(emb[:, 0], emb[:, 1], s=250, c="lightsteelblue")

@@ -18,15 +18,12 @@ Run:
     python transformer.py --data ../shared/data/tinyshakespeare.txt   # the canonical corpus
     python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
-Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10%
-val) on the 2-core CPU (2 threads), default flags, on 2026-11-25: --preset quick: val 1.8643
-after 1,400 steps of 12 x 64 characters in 66 s of training (73 s in all); --preset cpu: val
-1.6084 after 1,800 steps of 24 x 128 characters in 289 s of training (326 s in all). That day
-the machine ran 1.5-1.7x slower than when the same runs took 38 s and 196 s of training; side
-by side, an iteration of this model takes what the recipe's design takes (python bench.py
-transformer). On the bundled data/shakespeare.txt (its last 10%, Richard II and The Tempest, is
-harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU recipe reaches val 1.8857 (about 58 s
-on the faster day); its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 min.
+Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10% val)
+on 2 CPU cores, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of 12 x 64
+characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 289 s. On the bundled
+data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU
+recipe 1.8857; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 minutes.
+Ctrl-C ends training early: the run still evaluates, samples and writes its outputs.
 
 Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_seconds,
 train_loss, val_loss, lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best
@@ -262,6 +259,18 @@ class WindowLoader:
         return x, y
 
 
+def open_data(args):
+    """(train loader, the loss estimates' loaders of both splits, vocabulary), from the flags.
+    The estimates take the same batches every time (seed 0); training draws its own."""
+    text = common.read_text(args.data, "a UTF-8 text file")
+    vocab = Vocab(sorted(set(text)))
+    train_data, val_data = split_tokens(text, vocab, args.block_size)
+    train = WindowLoader(train_data, args.batch_size, args.block_size, args.seed)
+    evals = {name: WindowLoader(data, args.batch_size, args.block_size, seed=0)
+             for name, data in (("train", train_data), ("val", val_data))}
+    return train, evals, vocab
+
+
 # --- training
 
 def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
@@ -274,12 +283,14 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(model, optimizer, loader, device):
-    """The gradients of one step on one batch; returns its loss."""
+def train_step(model, optimizer, loader, device, grad_clip):
+    """One optimizer step on one batch; returns its loss."""
     optimizer.zero_grad(set_to_none=True)
     x, y = loader.next_batch()
     _, loss = model(x.to(device), y.to(device))
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
+    optimizer.step()
     return loss.detach()
 
 
@@ -318,7 +329,7 @@ def draw_figure(path, records, title):
     """Train and val loss against step."""
     plt = common.pyplot()
     if plt is None:
-        return common.no_figure()
+        return None
     fig, axes = plt.subplots(1, 1, figsize=(7, 4), squeeze=False)
     for key, style in (("train_loss", dict(marker="o")), ("val_loss", dict(marker="o"))):
         points = [(r["step"], r[key]) for r in records if key in r]
@@ -349,6 +360,14 @@ def load_model(source, device="cpu"):
     return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
 
 
+def save_checkpoint(args, model, optimizer, vocab, step, val_loss):
+    """The best model so far, and the vocabulary that --sample needs to use it."""
+    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step, "val_loss": val_loss, "config": asdict(model.config), "vocab": vocab.chars,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+
+
 def other_modes(args, device):
     """--sample: text from a checkpoint; nothing is written."""
     model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
@@ -368,14 +387,8 @@ def main(args):
         return other_modes(args, device)
 
     # Every input is checked before anything is written.
-    text = common.read_text(args.data, "a UTF-8 text file")
-    vocab = Vocab(sorted(set(text)))
+    train_loader, eval_loaders, vocab = open_data(args)
     prompt = vocab.encode(args.prompt)
-    train_data, val_data = split_tokens(text, vocab, args.block_size)
-    # The estimates take the same batches of each split every time (seed 0); training its own.
-    eval_loaders = {name: WindowLoader(data, args.batch_size, args.block_size, seed=0)
-                    for name, data in (("train", train_data), ("val", val_data))}
-    train_loader = WindowLoader(train_data, args.batch_size, args.block_size, args.seed)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
     common.print_header(device)
 
@@ -386,54 +399,53 @@ def main(args):
     model = GPT(config).to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     print(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters; {len(text):,} characters; the loss at init should be about "
-          f"ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
+          f"parameters; {len(train_loader.data):,} characters to train on; the loss at init "
+          f"should be about ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
     log = common.Log(args.out_dir / "log.jsonl")
 
-    def save(step, val_loss):
-        common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-            "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "val_loss": val_loss, "config": asdict(config), "vocab": vocab.chars,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
-
     timer, best = common.StepTimer(args.batch_size * args.block_size), None
-    for step in range(args.max_steps + 1):
-        last = step == args.max_steps
-        if last or (args.eval_every and step % args.eval_every == 0):
-            losses = {name: estimate_loss(model, loader, args.eval_batches, device)
-                      for name, loader in eval_loaders.items()}
-            lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
-                               args.max_steps, args.min_lr_ratio)
-            log({"step": step, "seconds": timer.seconds(), "train_seconds": round(timer.total, 3),
-                 "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-            print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr "
-                  f"{lr:.2e} | {timer.total:.1f} s training ({timer.seconds():.1f} s in all)")
-            if step > 0 and (best is None or losses["val"] < best["val_loss"]):
-                best = log.records[-1]
-                save(step, losses["val"])
-        if last:
-            break
+    # Ctrl-C or SIGTERM: the loop ends after its step, and the run still evaluates and samples.
+    with common.StopSignals() as signals:
+        for step in range(args.max_steps + 1):
+            last = step == args.max_steps or signals.received is not None
+            if last or (args.eval_every and step % args.eval_every == 0):
+                losses = {name: estimate_loss(model, loader, args.eval_batches, device)
+                          for name, loader in eval_loaders.items()}
+                lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
+                                   args.max_steps, args.min_lr_ratio)
+                log({"step": step, "seconds": timer.seconds(),
+                     "train_seconds": round(timer.total, 3), "train_loss": losses["train"],
+                     "val_loss": losses["val"], "lr": lr})
+                print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | "
+                      f"lr {lr:.2e} | {timer.total:.1f} s training "
+                      f"({timer.seconds():.1f} s in all)")
+                if (step > 0 or last) and (best is None or losses["val"] < best["val_loss"]):
+                    best = log.records[-1]
+                    save_checkpoint(args, model, optimizer, vocab, step, losses["val"])
+            if last:
+                break
 
-        timer.start()
-        lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
-                           args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_step(model, optimizer, train_loader, device)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf, foreach=True)
-        optimizer.step()
-        timer.stop(step)
+            timer.start()
+            lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
+                               args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_step(model, optimizer, train_loader, device, args.grad_clip)
+            timer.stop(step)
     log.close()
-
+    stopped = signals.received
+    if stopped:
+        print(f"received {stopped}: training stopped at step {step}")
     model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
                           generator, vocab.decode)[0]
     print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "lr": args.lr,
-               "params": sum(p.numel() for p in model.parameters()), "steps": args.max_steps,
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "stopped": stopped,
+               "params": sum(p.numel() for p in model.parameters()), "steps": step, "lr": args.lr,
                "batch_size": args.batch_size, "train_seconds": round(timer.total, 3),
-               "seconds": timer.seconds(), "ms_per_step": round(1000 * timer.total / step, 3),
+               "ms_per_step": round(1000 * timer.total / max(step, 1), 3),
+               "seconds": timer.seconds(),
                "best_step": best["step"], "best_val_loss": best["val_loss"], "sample": sample,
                "vocab_size": len(vocab.chars), "device": str(device), "data": str(args.data),
                "threads": torch.get_num_threads(), "seed": args.seed, **common.summarize(
@@ -445,12 +457,11 @@ def main(args):
 
 # --- command line
 
-# The model's size and the training length; a flag overrides any value. quick is the model and
-# batch of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12) trained at 3x
-# its learning rate for 3/4 of its steps: a model this small tolerates a large step and gets
-# further in less time. cpu keeps that width but doubles the context and the batch: on a CPU a
-# 128-character window costs hardly more per character than a 64-character one, and the longer
-# context is worth a lot of loss. gpu is the lecture's scale (nanoGPT's GPU configuration).
+# The model's size and the training length; a flag overrides any value. quick is nanoGPT's CPU
+# recipe (4 layers, 4 heads, 128 wide, block 64, batch 12) at 3x its learning rate for 3/4 of its
+# steps: a model this small tolerates a large step. cpu doubles the context and the batch (on a
+# CPU, hardly slower per character, and the longer context is worth a lot of loss). gpu is the
+# lecture's scale (nanoGPT's GPU configuration).
 RECIPE = dict(dropout=0.0, lr=3e-3, warmup_steps=100, eval_batches=50)
 PRESETS = {
     "quick": dict(RECIPE, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
@@ -465,44 +476,17 @@ PRESETS = {
 def parse_args(argv=None):
     parser = common.make_parser(STAGE, "A character-level GPT trained on Shakespeare.",
                                 "data/shakespeare.txt", "UTF-8 text to learn", seed=1337)
-    parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
-                        help="model size and training length: quick (about 30 s on a CPU), cpu "
-                             "(minutes), gpu (one GPU); a flag overrides its value (default: cpu)")
+    model, train, evals = common.add_gpt_flags(
+        parser, PRESETS, "cpu", "model size and training length: quick (about a minute on a "
+        "CPU), cpu (minutes), gpu (one GPU)", "sequences a step")
     parser.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                         help="sdpa: torch's fused kernel; manual: the same computation written "
                              "out, to read (default: sdpa)")
-    model = parser.add_argument_group("model (default: the preset's value)")
-    for flag, text in (("--n-layer", "Transformer blocks"), ("--n-head", "attention heads"),
-                       ("--n-embd", "width of the residual stream"),
-                       ("--block-size", "longest context the model can take")):
-        model.add_argument(flag, type=int, help=text)
     model.add_argument("--dropout", type=float, help="dropout probability (0: none)")
     model.add_argument("--init-from", "--checkpoint", type=Path,
                        help="the checkpoint --sample reads")
-    train = parser.add_argument_group("training (default: the preset's value)")
-    for flag, kind, text in (
-            ("--batch-size", int, "sequences a step"),
-            ("--max-steps", int, "optimizer steps; the cosine ends here"),
-            ("--warmup-steps", int, "steps of linear warmup to --lr"),
-            ("--lr", float, "peak learning rate")):
-        train.add_argument(flag, type=kind, help=text)
-    common.add_shared_flags(parser, train)
-    evals = parser.add_argument_group("evaluation and samples (default: the preset's value)")
-    for flag, kind, text in (
-            ("--eval-every", int, "steps between evaluations during training (0: off)"),
-            ("--eval-batches", int, "batches (per rank) in each loss estimate, always the same")):
-        evals.add_argument(flag, type=kind, help=text)
     common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"))
-    args = common.apply_preset(parser.parse_args(argv), PRESETS)
-    common.check_args(
-        args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                        "max_steps", "eval_batches", "lr"),
-        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
-        ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
-                ("grad_clip", 0, math.inf), ("temperature", 0, 100), ("dropout", 0, 0.99)))
-    if args.n_embd % args.n_head:
-        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
-            "(each head gets n_embd / n_head channels)")
+    args = common.parse_gpt_args(parser, argv, PRESETS, ranges=(("dropout", 0, 0.99),))
     if not args.prompt:
         die("--prompt must not be empty; give at least one character to start from")
     return args

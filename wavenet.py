@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, no_figure, pick_device, plot_losses,
+from common import (Log, check_args, die, make_parser, pick_device, plot_losses,
                     prepare_out_dir, print_header, pyplot, read_text, save_figure, write_json)
 
 STAGE = "wavenet"
@@ -313,7 +313,7 @@ def draw_figure(path, outputs, step_losses, evals):
     curves. Returns the figure's path, or None without matplotlib."""
     plt = pyplot()
     if plt is None:
-        return no_figure()
+        return None
     fig, (ax_act, ax_grad, ax) = plt.subplots(1, 3, figsize=(19, 5.5))
     for level, (out, grad) in enumerate(outputs, start=1):
         sat = (out.abs() > 0.97).float().mean().item()

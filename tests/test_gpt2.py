@@ -325,7 +325,7 @@ def test_tiny_run_writes_log_metrics_figure_checkpoint(tmp_path, shards, monkeyp
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 8 and checkpoint["config"]["n_embd"] == 32
     assert set(checkpoint["loader"]) >= {"epoch", "shard", "offset"}
-    assert {"torch", "python", "numpy"} <= set(checkpoint["rng"])
+    assert isinstance(checkpoint["rng"]["torch"], torch.Tensor)  # the state training draws from
     model = gpt2.load_model(out, "cpu")  # what hellaswag.py's CLI calls
     assert not model.training
     torch.testing.assert_close(model.state_dict()["lm_head.weight"],
