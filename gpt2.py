@@ -24,9 +24,8 @@ earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB (torch 2.11,
 bf16, compile). The CPU quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,400
 tokens/s in 325 s on 2 cores (2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
-Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step: train_loss, lr, grad_norm,
-ms, tokens_per_s, mfu; one an evaluation: val_loss, hellaswag), metrics.json, loss.png,
-checkpoint.pt (model, optimizer, step, config, loader position, RNG state).
+Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
+metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
 """
 import argparse
 import contextlib
@@ -470,24 +469,15 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
 
 
 def write_outputs(args, records, metrics):
-    """loss.png (GPT-2 124M's val loss drawn only on FineWeb-Edu) and metrics.json."""
-    name = fineweb.dataset_name(args.data)
-    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, f"gpt2.py --preset "
-                                    f"{args.preset} on {name}", "fineweb-edu" in name.lower())
+    """loss.png and metrics.json."""
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, args)
     common.write_json(args.out_dir / "metrics.json", metrics)
 
 
-def sample_share(model, prompt, args, generator, decode, autocast, rank, world_size):
-    """(index, text) of this rank's share of --num-samples samples."""
-    mine = range(rank, args.num_samples, world_size)
-    return zip(mine, sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
-                                  args.top_k, generator, decode, autocast) if mine else [])
-
-
-def draw_figure(path, records, title, fineweb_edu):
+def draw_figure(path, records, args):
     """Train and val loss, and HellaSwag, against step, with GPT-2 124M's scores (its val loss
     only on FineWeb-Edu, the data it was measured on)."""
-    plt = common.pyplot()
+    name, plt = fineweb.dataset_name(args.data), common.pyplot()
     if plt is None:
         return None
     hella = [(r["step"], r["hellaswag"]) for r in records if "hellaswag" in r]
@@ -496,8 +486,9 @@ def draw_figure(path, records, title, fineweb_edu):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
-    axes[0][0].set(xlabel="step", ylabel="loss (nats per token)", title=title)
-    if fineweb_edu:
+    axes[0][0].set(xlabel="step", ylabel="loss (nats per token)",
+                   title=f"gpt2.py --preset {args.preset} on {name}")
+    if "fineweb-edu" in name.lower():
         axes[0][0].axhline(3.2924, color="red", ls="--", lw=1, label="OpenAI GPT-2 124M (3.2924)")
     if hella:
         axes[0][1].plot(*zip(*hella), marker="o", label="this run")
@@ -560,8 +551,9 @@ def resume(checkpoint, model, optimizer, scaler, loader):
 
 
 def tokenizer(args, vocab_size, sampling):
-    """GPT-2's tokenizer, the prompt's tokens (checked now, not an hour into the run) and a
-    decoder, which drops the padding rows' ids (past GPT-2's 50,257: they have no text)."""
+    """GPT-2's tokenizer (only samples and HellaSwag need it), the prompt's tokens (checked now,
+    not an hour into the run) and a decoder, which drops the padding rows' ids (past GPT-2's
+    50,257: they have no text)."""
     enc, prompt = fineweb.get_encoding(), None
     if sampling:
         # An empty prompt starts where every document starts: after end-of-text.
@@ -625,7 +617,6 @@ def main(args):
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args)
-    # Only samples and HellaSwag need the tokenizer (and maybe the network to build it).
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
@@ -682,8 +673,10 @@ def main(args):
                 print0(f"step {step:5d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in evaluation.items() if k != "hellaswag_n"))
             if args.sample_every and step > 0 and (last or step % args.sample_every == 0):
-                for i, text in sample_share(model, prompt, args, sample_generator, decode,
-                                            autocast, rank, world_size):
+                mine = range(rank, args.num_samples, world_size)  # this rank's share
+                texts = sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
+                                     args.top_k, sample_generator, decode, autocast) if mine else []
+                for i, text in zip(mine, texts):
                     print(f"step {step:5d} | sample {i}: {text!r}", flush=True)
 
             timer.start()
@@ -710,12 +703,11 @@ def main(args):
                     or step + 1 == end_step:
                 save(step + 1)
     log.close()
-    config = model.config
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "stopped": stopped,
-               "world_size": world_size, "device": str(device), "dtype": str(dtype)[6:],
-               "compile": use_compile, "total_batch_size": args.total_batch_size,
-               "steps_done": start_step + len(timer.rates), "seconds": timer.seconds(),
-               "tokens_per_s": timer.median(), **common.summarize(
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
+               "stopped": stopped, "world_size": world_size, "device": str(device),
+               "dtype": str(dtype)[6:], "compile": use_compile, "tokens_per_s": timer.median(),
+               "total_batch_size": args.total_batch_size, "seconds": timer.seconds(),
+               "steps_done": start_step + len(timer.rates), **common.summarize(
                    log.records, args.out_dir, f"{len(timer.rates)} steps in {timer.seconds()} s")}
     if rank == 0:
         write_outputs(args, log.records, metrics)

@@ -320,12 +320,11 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
-    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, f"transformer.py --preset "
-                                    f"{args.preset} on {args.data.name}")
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, args)
     common.write_json(args.out_dir / "metrics.json", metrics)
 
 
-def draw_figure(path, records, title):
+def draw_figure(path, records, args):
     """Train and val loss against step."""
     plt = common.pyplot()
     if plt is None:
@@ -335,7 +334,8 @@ def draw_figure(path, records, title):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
-    axes[0][0].set(xlabel="step", ylabel="loss (nats per character)", title=title)
+    axes[0][0].set(xlabel="step", ylabel="loss (nats per character)",
+                   title=f"transformer.py --preset {args.preset} on {args.data.name}")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
