@@ -3,6 +3,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -386,3 +388,29 @@ def test_eval_every_0_means_no_evaluation_during_training(tmp_path, play_file):
     metrics = tf.main(train_args(tmp_path, play_file, "--eval-every", "0"))
     rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [12] and metrics["best_step"] == 12
+
+
+def test_ctrl_c_ends_training_but_still_evaluates_samples_and_writes(tmp_path, play_file):
+    """Ctrl-C (SIGINT) mid-run: the step in flight finishes, then the run evaluates, keeps its
+    best checkpoint, samples from it and writes its outputs, with exit status 0."""
+    out = tmp_path / "out"
+    args = [*TINY, "--data", play_file, "--out-dir", out, "--max-steps", "100000",
+            "--eval-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "transformer.py"), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("step     2 |"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "received SIGINT: training stopped at step" in rest
+    assert "--- a sample from the best checkpoint" in rest
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped"] == "SIGINT" and 2 <= metrics["steps"] < 100000
+    assert metrics["best_step"] <= metrics["steps"]
+    assert common.load_checkpoint(out / "checkpoint.pt", "transformer", "")["step"] > 0
