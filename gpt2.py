@@ -506,15 +506,17 @@ def load_model(source, device="cpu"):
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
     hint = "pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2"
-    if path.is_file():
-        checkpoint = common.load_checkpoint(path, STAGE, hint)
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    else:
+    if not path.is_file():
         try:
-            model = GPT.from_pretrained(str(path))
+            return GPT.from_pretrained(str(path)).to(device).eval()
         except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             die(f"cannot load weights from {source}: {err!r}; {hint}")
+    checkpoint = common.load_checkpoint(path, STAGE, hint)
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        die(f"checkpoint {path} does not match this {STAGE}.py ({err!r}); {hint}")
     return model.to(device).eval()
 
 
@@ -551,9 +553,8 @@ def resume(checkpoint, model, optimizer, scaler, loader):
 
 
 def tokenizer(args, vocab_size, sampling):
-    """GPT-2's tokenizer (only samples and HellaSwag need it), the prompt's tokens (checked now,
-    not an hour into the run) and a decoder, which drops the padding rows' ids (past GPT-2's
-    50,257: they have no text)."""
+    """GPT-2's tokenizer (samples and HellaSwag need it), the prompt's tokens (checked now, not an
+    hour into the run), and a decoder that drops the padding ids (past 50,257: no text)."""
     enc, prompt = fineweb.get_encoding(), None
     if sampling:
         # An empty prompt starts where every document starts: after end-of-text.

@@ -355,8 +355,8 @@ def load_model(source, device="cpu"):
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} does not match this transformer.py ({err!r}); {hint}")
+    except (KeyError, TypeError, RuntimeError) as err:
+        die(f"checkpoint {path} does not match this {STAGE}.py ({err!r}); {hint}")
     return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
 
 

@@ -529,6 +529,12 @@ def test_bad_flags(tmp_path, shards, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
     user_error(capsys, ["--sample", "--init-from", bad], "not a readable")
+    common.save_checkpoint(bad, {"stage": "transformer", "model": {}})
+    user_error(capsys, ["--sample", "--init-from", bad], "not written by gpt2.py")
+    tiny = {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8, "vocab_size": 16}
+    for config in ({"n_layers": 1}, tiny):  # an unknown field; weights that do not fit
+        common.save_checkpoint(bad, {"stage": "gpt2", "config": config, "model": {}})
+        user_error(capsys, ["--sample", "--init-from", bad], "does not match this gpt2.py")
     user_error(capsys, ["--sample", "--init-from", tmp_path / "none"], "cannot load")
 
 
