@@ -206,6 +206,20 @@ def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(again(x)[0], model(x)[0])
 
 
+def test_export_hf_to_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """A folder under a file cannot be created: one line and exit 2, nothing half-written."""
+    pytest.importorskip("safetensors")
+    model = tiny_model(vocab=300)
+    ckpt = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
+                                "config": vars(model.config).copy()})
+    (tmp_path / "blocker").write_text("a file")
+    user_error(capsys, ["--init-from", ckpt, "--export-hf", tmp_path / "blocker" / "export"],
+               "cannot write to")
+    user_error(capsys, ["--init-from", ckpt, "--export-hf", tmp_path / "blocker"],
+               "not a directory")
+
+
 # --- training helpers
 
 def test_learning_rate_schedule_warmup_peak_end():
