@@ -84,7 +84,10 @@ def add_gpt_flags(parser, presets, default, preset_help, batch_help):
 
 def parse_gpt_args(parser, argv, presets, positive=(), non_negative=(), ranges=()):
     """The flags, unset ones from the preset, checked: GPT_FLAGS' and the stage's own."""
-    args = apply_preset(parser.parse_args(argv), presets)
+    args = parser.parse_args(argv)
+    for key, value in presets[args.preset].items():  # flags left unset take the preset's value
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     check_args(args, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
                       "eval_batches", "lr", *positive),
                ("warmup_steps", "eval_every", "sample_tokens", "top_k", *non_negative),
@@ -119,14 +122,6 @@ def check_args(args, positive=(), non_negative=(), ranges=()):
             value = getattr(args, name)
             if value is not None and not test(value):  # NaN passes no test
                 die(f"--{name.replace('_', '-')} must be {wording}, got {value}")
-    return args
-
-
-def apply_preset(args, presets):
-    """Flags left unset (None) take the chosen preset's value."""
-    for key, value in presets[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     return args
 
 
