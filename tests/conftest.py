@@ -18,6 +18,23 @@ def run_script(script, *args, timeout=300, env=None):
     )
 
 
+def signal_after(script, args, first_words, sig, env=None):
+    """Run `python <script> <args>` until it prints a line that starts with `first_words`, then
+    send it `sig`; returns (exit status, the rest of its stdout, its stderr)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        for line in proc.stdout:
+            if line.startswith(first_words):
+                break
+        proc.send_signal(sig)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, rest, err
+
+
 def assert_user_error(result, *words):
     """A user's mistake: exit status 2, exactly one line on stderr that names the problem."""
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])

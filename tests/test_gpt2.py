@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common
 import gpt2
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, signal_after
 
 VOCAB = 256
 # A tiny model and a short run: 2 micro-steps of 2 x 16 tokens per optimizer step.
@@ -412,18 +412,8 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, shards):
     out = tmp_path / "out"
     args = TINY + ["--data", shards, "--out-dir", out, "--max-steps", "100000",
                    "--eval-every", "0"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        for line in proc.stdout:
-            if line.startswith("step     2 |"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    returncode, rest, err = signal_after("gpt2.py", args, "step     2 |", signal.SIGTERM)
+    assert returncode == 0, err
     assert "received SIGTERM" in rest
     step = common.load_checkpoint(out / "checkpoint.pt", "gpt2", "")["step"]
     assert step >= 3 and len(train_losses(out)) == step

@@ -3,7 +3,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, signal_after
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -396,18 +395,9 @@ def test_ctrl_c_ends_training_but_still_evaluates_samples_and_writes(tmp_path, p
     out = tmp_path / "out"
     args = [*TINY, "--data", play_file, "--out-dir", out, "--max-steps", "100000",
             "--eval-every", "1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "transformer.py"), *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
-    try:
-        for line in proc.stdout:
-            if line.startswith("step     2 |"):
-                break
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    returncode, rest, err = signal_after("transformer.py", args, "step     2 |", signal.SIGINT,
+                                         env=ONE_THREAD)
+    assert returncode == 0, err
     assert "received SIGINT: training stopped at step" in rest
     assert "--- a sample from the best checkpoint" in rest
     metrics = json.loads((out / "metrics.json").read_text())
