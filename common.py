@@ -33,7 +33,8 @@ def make_parser(stage, description, data, data_help, seed):
     global PROG
     PROG = f"{stage}.py"
     parser = argparse.ArgumentParser(prog=PROG, description=description)
-    parser.error, add = die, parser.add_argument
+    parser.error = die
+    add = parser.add_argument
     add("--data", type=Path, default=Path(data), help=f"{data_help} (default: %(default)s)")
     add("--out-dir", type=Path, default=Path("out") / stage, help="where log.jsonl, metrics.json, "
         "the figure and any checkpoint go (default: %(default)s)")
