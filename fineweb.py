@@ -26,10 +26,10 @@ with no process start-up, no pickling of documents or token arrays, and one copy
 tokenizer. Each task tokenizes a batch of documents joined by the text `<|endoftext|>` in a
 single call (encoded as the special token, it separates the documents exactly as encoding them
 one by one would). Measured with `python bench.py fineweb` (30,000 documents, 19.5 M characters,
-5.96 M tokens of Shakespeare paragraphs; 2 CPU cores shared with other jobs, so the absolute
-rates are low; best of 3 rounds each) against a multiprocessing Pool that tokenizes one document
-per task: 2.00 vs 0.89 M tokens/s (2.2x), 0.29 vs 0.66 CPU seconds per million tokens, peak
-memory of all processes 86 vs 157 MiB (PSS), and byte-identical shards.
+5.96 M tokens of Shakespeare paragraphs; 2 CPU cores, so the absolute rates are low; best of 3
+rounds each) against a multiprocessing Pool that tokenizes one document per task: 3.57 vs 1.86 M
+tokens/s (1.92x), 0.40 vs 0.77 CPU seconds per million tokens, peak memory of all processes 90
+vs 161 MiB (PSS), and byte-identical shards (2026-11-25).
 """
 import argparse
 import collections

@@ -21,8 +21,8 @@ exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; the reproduction followed here (10B tokens, 8xA100) reached 0.3009 and 3.0944. An
 earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB (torch 2.11, micro-batch 64,
-bf16, compile). The CPU quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,130
-tokens/s in 399 s on 2 busy cores (2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+bf16, compile). The CPU quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,350
+tokens/s in 338 s on 2 cores (2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).

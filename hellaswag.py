@@ -31,8 +31,8 @@ computed only at the positions that are scored (when the model offers `hidden_st
 model. Measured with `python bench.py hellaswag --data hellaswag_val.jsonl --limit 0` on all
 10,042 validation examples (4 layers, 256 wide, vocabulary 50,304, random weights; 2 CPU cores,
 2 threads; the two designs take turns on chunks of 250 examples) against one forward pass per
-example with full logits: 22.06 vs 7.30 examples/s, 3.02x (CPU time 3.01x), the same picks for
-every example.
+example with full logits: 16.11 vs 4.87 examples/s, 3.31x (CPU time 3.37x), the same picks for
+every example (2026-11-25).
 """
 import argparse
 import contextlib

@@ -21,8 +21,8 @@ Run:
     python mlp.py --device cuda                      # one GPU (auto picks it when present)
 
 Measured on the canonical list (32,033 names), default flags (8,000 steps of batch 256,
-32,675 parameters), on the 2-core CPU (2 threads): 28 s wall (20 s on a faster day); loss at
-init 3.3044 vs ln(27) = 3.2958; train 1.9278, val 2.0211, test 2.0209.
+32,675 parameters), on the 2-core CPU (2 threads): 32 s wall; loss at init 3.3044 vs
+ln(27) = 3.2958; train 1.9278, val 2.0211, test 2.0209.
 On the bundled data/names.txt (29,910 names): train 1.9310, val 2.0373, test 2.0378.
 Anchors: the lecture's MLP reaches val 2.17 (11,897 params, 200K steps of batch 32), 2.1048 with
 BatchNorm and the init fixes.

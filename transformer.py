@@ -20,7 +20,7 @@ Run:
 
 Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10% val)
 on 2 CPU cores, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of 12 x 64
-characters, 73 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 315 s. On the bundled
+characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 275 s. On the bundled
 data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU
 recipe 1.8857; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 minutes.
 Ctrl-C ends training early: the run still evaluates, samples and writes its outputs.

@@ -25,8 +25,7 @@ Run:
 
 Measured on the canonical list (32,033 names), default flags (15,000 steps of batch 256, i.e.
 3.8M examples against the lecture's 6.4M; 163,683 parameters), on the 2-core CPU (2 threads):
-232 s wall (154 s on a faster day); loss at init 3.2885 vs ln(27) = 3.2958; train 1.8432, val
-1.9761, test 1.9676.
+221 s wall; loss at init 3.2885 vs ln(27) = 3.2958; train 1.8432, val 1.9761, test 1.9676.
 On the bundled data/names.txt (29,910 names): train 1.8444, val 1.9845, test 1.9832.
 Anchor: the lecture's WaveNet reaches val 1.993 (76K params, 200K steps of batch 32).
 
