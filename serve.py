@@ -1,0 +1,779 @@
+"""Stage 8: serving, many clients at once, through continuous batching and an OpenAI-style API.
+
+gpt2.py samples one batch of equal prompts and waits for the batch to end; chat.py answers one
+person. A server meets many people at once, each arriving at their own moment with prompts and
+replies of their own lengths. Static batching (wait for a batch, pad it, run it to its longest
+reply) leaves most of the batch idle. Continuous batching (Yu et al., 2022, "Orca"; vLLM and
+nano-vllm after it) schedules per token instead: the engine below keeps --max-batch slots over
+one KV cache, and at every step lets new requests into free slots, runs one forward pass for
+every slot at its own position, samples each with its own settings and frees the finished ones.
+A request never waits for another to end; with temperature 0 it gets exactly the tokens of
+gpt2.GPT.generate on its prompt alone, whatever else runs beside it.
+
+Around the engine: an OpenAI-compatible HTTP API (FastAPI + uvicorn), so the official `openai`
+client works unchanged (/v1/completions, /v1/chat/completions for chat.py checkpoints, streaming,
+/v1/embeddings, /v1/models, /health), and a chat page at /.
+
+Run:
+    python serve.py --init-from out/chat/checkpoint.pt     # or a gpt2.py checkpoint, or gpt2
+    open http://127.0.0.1:8000/ , or from Python:
+        from openai import OpenAI
+        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+        client.completions.create(model="chat", prompt="Hello", max_tokens=16)
+    python bench.py serve     # the engine against one-at-a-time and transformers' static batches
+The bench's figures (2 CPU cores) and what this server is not for are in README.md (Serving).
+"""
+import argparse
+import asyncio
+import base64
+import json
+import math
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import chat
+import common
+import fineweb
+import gpt2
+from common import die
+
+STAGE = "serve"
+
+
+# --- the engine
+
+@dataclass
+class Request:
+    """One generation: its prompt and settings, where its tokens go, and its progress."""
+    prompt: list  # token ids
+    max_tokens: int
+    deliver: object  # deliver(event) is called from the engine's thread with each event (a dict)
+    temperature: float = 1.0  # 0: the likeliest token
+    top_p: float = 1.0  # sample among the likeliest tokens that hold this much probability
+    top_k: int = 0  # sample among the k likeliest (0: all)
+    seed: int = None  # the same seed, the same text, alone or in company
+    stop: list = field(default_factory=list)  # strings that end the text (not included)
+    stop_tokens: frozenset = frozenset()  # tokens that end it (not included)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    cancelled: bool = False  # set by the client's side: the engine frees its slot
+    output: list = field(default_factory=list)  # the tokens generated so far
+    text: str = ""  # their text, without a stop token or anything from a stop string on
+    sent: int = 0  # characters of `text` already delivered
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float = None
+    generator: torch.Generator = None
+
+
+def gpt2_text(tokens):
+    """The text of GPT-2 tokens; the special and padded ids past its 50,257 have none."""
+    enc = chat.encoding()
+    return enc.decode([t for t in tokens if t < enc.n_vocab])
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots. One KV cache holds every slot's keys and
+    values: (layers, slots, heads, context, head size). Its loop, in a thread of its own, repeats
+    step(): admit waiting requests into free slots (prefill), one decode forward for all active
+    slots, sample, deliver, free. Requests come in through a thread-safe queue (submit); each
+    goes out through its own deliver callback."""
+
+    def __init__(self, model, max_batch=16, max_queue=256, decode=None, log=print, seed=None):
+        self.model, self.max_batch, self.log = model, max_batch, log
+        self.seeds = random.Random(seed)  # the seeds of requests that bring none
+        config, weight = model.config, model.transformer.wte.weight
+        self.block_size = config.block_size
+        shape = (config.n_layer, max_batch, config.n_head, config.block_size,
+                 config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, S, nh, T, hs)
+        self.v = torch.zeros_like(self.k)  # (L, S, nh, T, hs)
+        self.slots = [None] * max_batch  # the request in each slot, None where free
+        self.pos = [0] * max_batch  # tokens in each slot's cache
+        self.waiting = queue.Queue(max_queue)  # thread-safe: submit() puts, the engine takes
+        self.decode = decode or gpt2_text
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
+
+    def submit(self, request):
+        """Queue a request for the next free slot; raises queue.Full when --max-queue wait."""
+        self.waiting.put_nowait(request)
+
+    def active(self):
+        return sum(request is not None for request in self.slots)
+
+    # The loop and its step.
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+
+    @torch.no_grad()
+    def loop(self):
+        with gpt2.variable_length_attention():  # every step is a new length (see gpt2.py)
+            while not self.stopping.is_set():
+                self.step()
+        for slot, request in enumerate(self.slots):
+            if request is not None:
+                self.finish(slot, error="the server stopped before this request finished")
+
+    def step(self):
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.cancelled:  # the client is gone
+                self.finish(slot, "cancelled")
+        self.admit()
+        active = [slot for slot, request in enumerate(self.slots) if request is not None]
+        if not active:
+            return
+        try:
+            logits = self.decode_step(active)  # (max(active) + 1, V)
+        except Exception as err:  # noqa: BLE001 (the engine outlives any request)
+            for slot in active:
+                self.finish(slot, error=f"the decode step failed: {err}")
+            return
+        for slot in active:
+            self.emit(slot, logits[slot])
+
+    def admit(self):
+        """Fill free slots (the lowest first, so the active ones stay packed) from the queue;
+        prefill each prompt and hand out its first token at once. When nothing runs, wait a
+        moment for work instead of spinning."""
+        while None in self.slots:
+            try:
+                request = self.waiting.get(block=self.active() == 0, timeout=0.05)
+            except queue.Empty:
+                return
+            if request.cancelled:
+                continue
+            slot = self.slots.index(None)
+            self.slots[slot] = request
+            try:
+                seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
+                request.generator = torch.Generator(self.k.device).manual_seed(seed)
+                logits = self.prefill(slot, request.prompt)  # (1, V)
+            except Exception as err:  # noqa: BLE001 (a bad request fails alone)
+                self.finish(slot, error=f"the request could not start: {err}")
+                continue
+            self.emit(slot, logits[0])
+
+    # The model, run two ways: a whole prompt into one slot, or one token into every slot.
+
+    def forward(self, x, attend):
+        """gpt2.GPT's blocks on x (B, T, C) with attention done by attend(layer, q, k, v), which
+        also writes the new keys and values into the cache; the last position's logits."""
+        for layer, block in enumerate(self.model.transformer.h):
+            B, T, C = x.shape
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
+            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+                       for t in (q, k, v))  # (B, nh, T, hs) each
+            y = attend(layer, q, k, v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+            x = x + attn.c_proj(y)  # (B, T, C)
+            x = x + block.mlp(block.ln_2(x))  # (B, T, C)
+        return self.model.lm_head(self.model.transformer.ln_f(x[:, -1])).float()  # (B, V)
+
+    def prefill(self, slot, prompt):
+        """The prompt's keys and values into the slot's cache rows 0..T-1; the next-token
+        logits (1, V). Causal attention within the prompt, as in gpt2.GPT.generate."""
+        wte, wpe = self.model.transformer.wte, self.model.transformer.wpe
+        T = len(prompt)
+        idx = torch.tensor([prompt], device=self.k.device)  # (1, T)
+        x = wte(idx) + wpe(torch.arange(T, device=idx.device))  # (1, T, C)
+
+        def attend(layer, q, k, v):  # (1, nh, T, hs) each
+            self.k[layer, slot, :, :T] = k[0]
+            self.v[layer, slot, :, :T] = v[0]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (1, nh, T, hs)
+
+        logits = self.forward(x, attend)
+        self.pos[slot] = T
+        return logits
+
+    def decode_step(self, active):
+        """One forward for slots 0..max(active): each feeds its newest token at its own
+        position and attends to its own cache up to there; the longer contexts of other slots
+        are masked out. Free slots among them compute something harmless that nobody reads."""
+        n = max(active) + 1
+        tokens, positions = [0] * n, [0] * n
+        for slot in active:
+            tokens[slot], positions[slot] = self.slots[slot].output[-1], self.pos[slot]
+        device = self.k.device
+        tokens = torch.tensor(tokens, device=device)  # (n,)
+        positions = torch.tensor(positions, device=device)  # (n,)
+        length = int(positions.max()) + 1  # the longest context among the slots
+        # (n, 1, 1, length): slot s sees its cache up to its own position, broadcast over heads
+        mask = (torch.arange(length, device=device) <= positions[:, None]).view(n, 1, 1, length)
+        rows = torch.arange(n, device=device)
+        wte, wpe = self.model.transformer.wte, self.model.transformer.wpe
+        x = (wte(tokens) + wpe(positions))[:, None]  # (n, 1, C)
+
+        def attend(layer, q, k, v):  # (n, nh, 1, hs) each
+            self.k[layer][rows, :, positions] = k[:, :, 0]  # each slot's row at its position
+            self.v[layer][rows, :, positions] = v[:, :, 0]
+            keys, values = self.k[layer, :n, :, :length], self.v[layer, :n, :, :length]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (n, nh, 1, hs)
+
+        logits = self.forward(x, attend)  # (n, V)
+        for slot in active:
+            self.pos[slot] += 1
+        return logits
+
+    # Sampling, delivering and finishing, one request at a time.
+
+    def sample(self, request, logits):
+        """A token from logits (V,) with the request's own settings and generator; the same
+        operations as gpt2.GPT.generate, plus top_p."""
+        if request.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / request.temperature
+        if request.top_k:
+            kth = torch.topk(logits, min(request.top_k, logits.size(-1))).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)  # (V,)
+        if request.top_p < 1:
+            # Nucleus sampling (Holtzman et al., 2019): the likeliest tokens whose probabilities
+            # add up to top_p; a token is kept while the mass before it is below top_p.
+            sorted_probs, order = probs.sort(descending=True)  # (V,) each
+            drop = sorted_probs.cumsum(0) - sorted_probs >= request.top_p  # (V,)
+            probs = probs.index_fill(0, order[drop], 0.0)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def emit(self, slot, logits):
+        """Sample the slot's next token, deliver its text, and free the slot if it is done."""
+        request = self.slots[slot]
+        try:
+            token = self.sample(request, logits)
+        except Exception as err:  # noqa: BLE001 (a bad setting fails its own request only)
+            return self.finish(slot, error=f"sampling failed: {err}")
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        request.output.append(token)
+        reason = None
+        if token in request.stop_tokens:
+            reason = "stop"
+        else:
+            reason = self.update_text(request)
+        if reason is None and (len(request.output) >= request.max_tokens
+                               or len(request.prompt) + len(request.output) >= self.block_size):
+            reason = "length"  # max_tokens reached, or the context is full
+        request.deliver({"token": token, "text": self.pending_text(request, reason is not None)})
+        if reason:
+            self.finish(slot, reason)
+
+    def update_text(self, request):
+        """Decode the output; a stop string cuts the text before it and ends the request."""
+        request.text = self.decode(request.output)
+        cuts = [request.text.find(s) for s in request.stop if s in request.text]
+        if cuts:
+            request.text = request.text[:min(cuts)]
+            return "stop"
+        return None
+
+    def pending_text(self, request, final):
+        """The text not yet delivered. Before the end, hold back what may still change: a
+        tail that could begin a stop string, or a character whose bytes are incomplete."""
+        end = len(request.text)
+        if not final:
+            end -= max((n for s in request.stop for n in range(len(s) - 1, 0, -1)
+                        if request.text.endswith(s[:n])), default=0)
+            while end > request.sent and request.text[end - 1] == "\ufffd":
+                end -= 1
+        delta = request.text[request.sent:end]
+        request.sent = max(request.sent, end)
+        return delta
+
+    def finish(self, slot, reason=None, error=None):
+        """Free the slot; tell the client how it ended (unless it left); log one line."""
+        request, self.slots[slot], self.pos[slot] = self.slots[slot], None, 0
+        done, n = time.perf_counter(), len(request.output)
+        if error:
+            request.deliver({"error": error})
+        elif reason != "cancelled":
+            request.deliver({"finish": reason, "prompt_tokens": len(request.prompt),
+                             "completion_tokens": n})
+        first = (f"first token {request.first_token_at - request.arrived:.3f} s"
+                 if request.first_token_at else "no token")
+        self.log(f"request {request.id}: {len(request.prompt)} prompt + {n} completion tokens, "
+                 f"{first}, {n / max(done - request.arrived, 1e-9):.1f} tokens/s, "
+                 f"{error or reason}", flush=True)
+
+
+@torch.no_grad()
+def embed(model, token_lists, batch_size=16):
+    """One unit vector per input: the mean of the final hidden states (after ln_f) over its
+    tokens, L2-normalised. Inputs are right-padded into batches: causal attention never lets a
+    real token see the padding after it, and the mean skips it, so batching changes nothing."""
+    device = model.transformer.wte.weight.device
+    vectors = []
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start:start + batch_size]
+        T = max(map(len, chunk))
+        idx = torch.zeros(len(chunk), T, dtype=torch.long)  # (B, T), padded with token 0
+        mask = torch.zeros(len(chunk), T, 1)  # (B, T, 1), 1 on real tokens
+        for row, tokens in enumerate(chunk):
+            idx[row, :len(tokens)] = torch.tensor(tokens)
+            mask[row, :len(tokens)] = 1
+        hidden = model.hidden_states(idx.to(device)).float().cpu()  # (B, T, C)
+        mean = (hidden * mask).sum(1) / mask.sum(1)  # (B, C)
+        vectors.append(F.normalize(mean, dim=-1))  # (B, C)
+    return torch.cat(vectors).tolist()
+
+
+# --- the API
+
+MAX_BODY = 1 << 20  # bytes of a request body (413 beyond)
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>serve.py chat</title><style>
+body { font: 15px sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; }
+#log div { white-space: pre-wrap; margin: .5em 0; padding: .5em .8em; border-radius: .5em; }
+.user { background: #dbeafe; margin-left: 20%; } .assistant { background: #f1f5f9; }
+.error { background: #fee2e2; } form { display: flex; gap: .5em; } #question { flex: 1; }
+#settings { margin: .5em 0; color: #555; } #settings input { width: 5em; }
+</style></head><body>
+<h3>Chat with <span id="model">the model</span></h3>
+<div id="log"></div>
+<form id="form"><input id="question" autocomplete="off" placeholder="Ask something">
+<button id="send">Send</button></form>
+<div id="settings">temperature <input id="temperature" value="0.8">
+max tokens <input id="max-tokens" value="256">
+API key <input id="key" type="password" placeholder="if any" style="width: 8em"></div>
+<script>
+const messages = [];  // the conversation so far, sent whole with every question
+const $ = (id) => document.getElementById(id);
+fetch("/v1/models").then((r) => r.json()).then((m) => { $("model").textContent = m.data[0].id; })
+  .catch(() => {});
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = role; div.textContent = text; $("log").appendChild(div); return div;
+}
+$("form").onsubmit = async (event) => {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (!question) return;
+  $("question").value = ""; $("send").disabled = true;
+  messages.push({role: "user", content: question});
+  bubble("user", question);
+  const answer = bubble("assistant", "");
+  let reply = "";
+  try {
+    const headers = {"Content-Type": "application/json"};
+    if ($("key").value) headers.Authorization = "Bearer " + $("key").value;
+    const response = await fetch("/v1/chat/completions", {method: "POST", headers,
+      body: JSON.stringify({messages, stream: true, temperature: Number($("temperature").value),
+                            max_tokens: Number($("max-tokens").value)})});
+    if (!response.ok) throw new Error((await response.json()).error.message);
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {  // server-sent events: "data: {json}" blocks separated by blank lines
+      const {done, value} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      const events = buffer.split("\\n\\n");
+      buffer = events.pop();
+      for (const data of events.map((e) => e.replace(/^data: /, ""))) {
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        reply += chunk.choices[0].delta.content || "";
+        answer.textContent = reply;
+      }
+    }
+    if (reply.trim()) messages.push({role: "assistant", content: reply});
+    else { messages.pop(); answer.textContent = "(an empty reply: ask again)"; }
+    answer.classList.add("done");
+  } catch (err) {
+    messages.pop();
+    answer.textContent = "error: " + err.message; answer.classList.add("error", "done");
+  }
+  $("send").disabled = false; $("question").focus();
+};
+</script></body></html>
+"""
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error",
+                 headers=None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = headers
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+        return JSONResponse({"error": {"message": str(self), "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            self.status, headers=self.headers)
+
+
+def number(body, name, default, low, high, integer=False, open_low=False):
+    """body[name] (default when absent or null), checked to lie in [low, high] (or (low, high])."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    inside = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+              and (low < value if open_low else low <= value) and value <= high)
+    if not inside:
+        what = "an integer" if integer else "a number"
+        where = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ApiError(400, f"{name} must be {what} in {where}, got {json.dumps(value)}", name)
+    return value
+
+
+def sampling(body, max_tokens):
+    """The generation settings of a request body, checked (400 names the bad one)."""
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "n must be 1 (send several requests for several completions)", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if (not isinstance(stop, list) or len(stop) > 4
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 4", "stop")
+    return dict(max_tokens=number(body, "max_tokens", max_tokens, 1, 1 << 20, integer=True),
+                temperature=number(body, "temperature", 1.0, 0, 2),
+                top_p=number(body, "top_p", 1.0, 0, 1, open_low=True),
+                top_k=max(0, number(body, "top_k", 0, -1, 1 << 20, integer=True)),  # -1: off
+                seed=number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
+                stop=stop)
+
+
+def token_inputs(value, name, encode):
+    """A string, a list of strings, a list of token ids or a list of lists of them, as lists
+    of token ids (OpenAI accepts all four for prompts and embedding inputs)."""
+    def is_tokens(x):
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           for t in x)
+    if isinstance(value, str) or (is_tokens(value) and value):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(x, str) or is_tokens(x) for x in value):
+        raise ApiError(400, f"{name} must be a string, a list of strings or token ids", name)
+    return [encode(x) if isinstance(x, str) else x for x in value]
+
+
+def create_app(engine, name, chat_format=None, api_key=None, max_body=MAX_BODY):
+    """The HTTP API around a running engine: every generation request becomes an engine
+    Request whose events come back through an asyncio queue."""
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="serve.py", docs_url=None, redoc_url=None, openapi_url=None)
+    model, encode = engine.model, chat.encode_text
+    vocab = model.config.vocab_size
+    app.add_exception_handler(ApiError, lambda request, err: err.response())
+    app.add_exception_handler(HTTPException, lambda request, err: ApiError(
+        err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+        code=err.status_code).response())
+
+    async def read_body(request):
+        """The JSON body, after the key and the size are checked."""
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "a missing or wrong API key: send Authorization: Bearer <key> "
+                           "with the server's --api-key", code="invalid_api_key")
+        too_large = ApiError(413, f"the request body is larger than {max_body:,} bytes",
+                             code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > max_body:
+            raise too_large
+        raw = await request.body()
+        if len(raw) > max_body:
+            raise too_large
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, name):
+            raise ApiError(400, f"unknown model {str(body['model'])[:80]!r}; this server "
+                           f"serves {name!r} (GET /v1/models)", "model", "model_not_found")
+        return body
+
+    def start(prompt, settings, stop_tokens):
+        """Submit one generation; (the engine Request, the asyncio queue of its events)."""
+        if not prompt:
+            prompt = [fineweb.EOT]  # an empty prompt starts where every document starts
+        if len(prompt) >= engine.block_size:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
+                           f"{engine.block_size}, with room for at least one new token: shorten "
+                           "it", "prompt", "context_length_exceeded")
+        if max(prompt) >= vocab or min(prompt) < 0:
+            raise ApiError(400, f"token ids must lie in [0, {vocab})", "prompt")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request = Request(prompt=prompt, stop_tokens=frozenset(stop_tokens), **settings,
+                          deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait,
+                                                                          event))
+        try:
+            engine.submit(request)
+        except queue.Full:
+            raise ApiError(503, f"the server is busy: {engine.waiting.maxsize} requests are "
+                           "waiting already; retry shortly", kind="server_error",
+                           code="overloaded", headers={"Retry-After": "1"}) from None
+        return request, events
+
+    async def collect(http_request, job, events):
+        """A whole completion: (text, final event); cancelled if the client leaves first."""
+        parts = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http_request.is_disconnected():
+                        return None
+                    continue
+                if "error" in event:
+                    raise ApiError(500, event["error"], kind="server_error")
+                parts.append(event.get("text", ""))
+                if "finish" in event:
+                    return "".join(parts), event
+        finally:
+            job.cancelled = True  # frees the slot if it still runs; harmless once finished
+
+    def usage(finals):
+        prompt = sum(f["prompt_tokens"] for f in finals)
+        completion = sum(f["completion_tokens"] for f in finals)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def stream(job, events, chunk, include_usage):
+        """Server-sent events: one chunk per piece of text, a last one with finish_reason
+        (and usage when asked), then [DONE]. Closing the stream (the client left) cancels."""
+        async def generate():
+            try:
+                yield f"data: {json.dumps(chunk(None, None))}\n\n" if chunk(None, None) else ""
+                while True:
+                    event = await events.get()
+                    if "error" in event:
+                        error = {"message": event["error"], "type": "server_error"}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        break
+                    if event.get("text"):
+                        yield f"data: {json.dumps(chunk(event['text'], None))}\n\n"
+                    if "finish" in event:
+                        yield f"data: {json.dumps(chunk('', event['finish']))}\n\n"
+                        if include_usage:
+                            last = {**chunk("", None), "choices": [], "usage": usage([event])}
+                            yield f"data: {json.dumps(last)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True
+        return StreamingResponse(generate(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    def head(kind):
+        return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-"
+                      f"{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+                "model": name}
+
+    @app.post("/v1/completions")
+    async def completions(http_request: HttpRequest):
+        body = await read_body(http_request)
+        prompts = token_inputs(body.get("prompt", ""), "prompt", encode)
+        settings = sampling(body, 16)  # OpenAI's default max_tokens for completions
+        top = head("text_completion")
+        if body.get("stream"):
+            if len(prompts) > 1:
+                raise ApiError(400, "stream takes one prompt; send one request per prompt",
+                               "prompt")
+            job, events = start(prompts[0], settings, {fineweb.EOT})
+
+            def chunk(text, finish):
+                if text is None:
+                    return None  # completions have no opening chunk
+                return {**top, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                            "finish_reason": finish}]}
+            return stream(job, events, chunk, (body.get("stream_options") or {}).get(
+                "include_usage"))
+        jobs = [start(prompt, settings, {fineweb.EOT}) for prompt in prompts]
+        results = await asyncio.gather(*(collect(http_request, *job) for job in jobs))
+        if any(result is None for result in results):
+            return JSONResponse({}, 499)  # the client left; nobody reads this
+        return {**top, "choices": [{"text": text, "index": i, "logprobs": None,
+                                    "finish_reason": final["finish"]}
+                                   for i, (text, final) in enumerate(results)],
+                "usage": usage([final for _, final in results])}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http_request: HttpRequest):
+        body = await read_body(http_request)
+        if chat_format is None:
+            raise ApiError(400, f"{name} is a base model, not a chat model: /v1/chat/completions "
+                           "needs a checkpoint written by chat.py (use /v1/completions here)",
+                           "model", "not_a_chat_model")
+        try:
+            prompt = chat.render_prompt(body.get("messages"))
+        except ValueError as err:
+            raise ApiError(400, f"messages: {err}", "messages") from None
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+            body["max_tokens"] = body["max_completion_tokens"]
+        settings = sampling(body, engine.block_size)  # default: until the context is full
+        job, events = start(prompt, settings, {chat.ASSISTANT_END, fineweb.EOT})
+        top = head("chat.completion")
+        if body.get("stream"):
+            top["object"] = "chat.completion.chunk"
+
+            def chunk(text, finish):
+                delta = ({"role": "assistant", "content": ""} if text is None else
+                         {"content": text} if text else {})
+                return {**top, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish}]}
+            return stream(job, events, chunk, (body.get("stream_options") or {}).get(
+                "include_usage"))
+        result = await collect(http_request, job, events)
+        if result is None:
+            return JSONResponse({}, 499)
+        text, final = result
+        return {**top, "choices": [{"index": 0, "logprobs": None, "finish_reason": final["finish"],
+                                    "message": {"role": "assistant", "content": text}}],
+                "usage": usage([final])}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http_request: HttpRequest):
+        body = await read_body(http_request)
+        encoding_format = body.get("encoding_format") or "float"
+        if encoding_format not in ("float", "base64"):
+            raise ApiError(400, "encoding_format must be float or base64", "encoding_format")
+        inputs = token_inputs(body.get("input"), "input", encode)
+        for tokens in inputs:
+            if not tokens or len(tokens) > engine.block_size or max(tokens) >= vocab:
+                raise ApiError(400, f"each input must be 1 to {engine.block_size} tokens with "
+                               f"ids below {vocab}", "input")
+        # In a worker thread: the event loop stays free. The model is only read, so this is
+        # safe beside the engine's thread.
+        vectors = await asyncio.to_thread(embed, model, inputs)
+        if encoding_format == "base64":  # little-endian float32 bytes (the openai client's ask)
+            vectors = [base64.b64encode(torch.tensor(v).numpy().tobytes()).decode()
+                       for v in vectors]
+        n = sum(map(len, inputs))
+        return {"object": "list", "model": name,
+                "data": [{"object": "embedding", "index": i, "embedding": vector}
+                         for i, vector in enumerate(vectors)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.get("/v1/models")
+    async def models(http_request: HttpRequest):
+        if api_key is not None and http_request.headers.get("authorization") != \
+                f"Bearer {api_key}":
+            raise ApiError(401, "a missing or wrong API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key")
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "serve.py"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": engine.active(), "waiting": engine.waiting.qsize()}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE
+
+    return app
+
+
+# --- main
+
+def model_name(source):
+    """The name /v1/models gives: the checkpoint's folder (out/chat/checkpoint.pt: chat), a
+    folder's or file's own name, or the hub name."""
+    path = Path(source)
+    if path.name == "checkpoint.pt":
+        return path.resolve().parent.name
+    return path.stem if path.is_file() else path.name
+
+
+def main(args):
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
+    common.print_header(device)
+    model, chat_format = chat.load_chat_model(args.init_from, device)
+    model.to(dtype)  # inference only: the weights themselves in bf16 on a GPU, no autocast
+    name = args.model_name or model_name(args.init_from)
+    engine = Engine(model, args.max_batch, args.max_queue, seed=args.seed)
+    app = create_app(engine, name, chat_format, args.api_key, args.max_body)
+
+    import uvicorn
+    try:  # bound here, before anything is printed: a taken port is one line, and --port 0 works
+        sock = socket.create_server((args.host, args.port), backlog=2048)
+    except OSError as err:
+        die(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port")
+    host, port = sock.getsockname()[:2]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"serving {name} ({'chat' if chat_format else 'base'} model, {params:,} parameters, "
+          f"context {model.config.block_size}) on http://{host}:{port} with {args.max_batch} "
+          f"slots, {device} {str(dtype).removeprefix('torch.')}; chat page at /, "
+          "API at /v1; Ctrl-C or SIGTERM drains and stops", flush=True)
+    engine.start()
+    # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (no new connections; those in
+    # flight finish, up to --drain-seconds) and then raises the signal again: these handlers
+    # take that second delivery, so the process exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=args.drain_seconds))
+    server.run(sockets=[sock])
+    engine.stop()
+    print(f"stopped: {engine.active()} requests unfinished", flush=True)
+    return {"host": host, "port": port}
+
+
+# --- command line
+
+def parse_args(argv=None):
+    parser = common.make_parser(STAGE, "Serve a model over an OpenAI-compatible HTTP API.",
+                                ".", "unused", seed=0)
+    for action in parser._actions:  # the shared flags a server has no use for
+        if action.dest in ("data", "out_dir"):
+            action.help = argparse.SUPPRESS
+    parser.set_defaults(seed=None)
+    parser.add_argument("--init-from", required=True, help="a chat.py or gpt2.py checkpoint "
+                        "(or an --out-dir holding checkpoint.pt), a Hugging Face GPT-2 folder, "
+                        "or a hub name such as gpt2")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port (default: %(default)s; 0: any free one)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="slots: requests generated together (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests that may wait for a slot; more get 503 (default: "
+                        "%(default)s)")
+    parser.add_argument("--api-key", help="require Authorization: Bearer <key> on /v1")
+    parser.add_argument("--max-body", type=int, default=MAX_BODY,
+                        help="largest request body in bytes; larger gets 413 (default: "
+                        "%(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=30.0,
+                        help="on SIGTERM or Ctrl-C, time for requests in flight to finish "
+                        "(default: %(default)s)")
+    parser.add_argument("--model-name", help="the model's id in the API (default: from "
+                        "--init-from)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        default="auto", help="weights' dtype; auto: float32 on CPU, bfloat16 on "
+                        "GPUs that have it")
+    args = parser.parse_args(argv)
+    common.check_args(args, positive=("max_batch", "max_queue", "max_body"),
+                      non_negative=("drain_seconds",), ranges=(("port", 0, 65535),))
+    if args.api_key is not None and not args.api_key.strip():
+        die("--api-key is empty; give a key or leave the flag out")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

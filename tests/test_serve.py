@@ -1,0 +1,461 @@
+"""serve.py: the engine gives each request exactly what gpt2.GPT.generate gives it alone, whatever
+else runs; the API works with the official openai client, answers every error with OpenAI's body
+and status, survives 32 clients at once, frees the slot of a client that leaves, and drains on
+SIGTERM. A tiny random-weight model written to tmp_path; servers on 127.0.0.1, on a free port."""
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import httpx
+import openai
+import pytest
+import torch
+
+import chat
+import fineweb
+import gpt2
+import serve
+from conftest import ROOT
+
+CONFIG = gpt2.GPTConfig(block_size=1024, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return gpt2.GPT(CONFIG).eval()
+
+
+def write_checkpoint(path, model, chat_format=None):
+    """A gpt2.py checkpoint, or a chat.py one when chat_format is given."""
+    checkpoint = {"stage": "chat" if chat_format else "gpt2", "model": model.state_dict(),
+                  "config": asdict(model.config)}
+    if chat_format:
+        checkpoint["chat_format"] = chat_format
+    torch.save(checkpoint, path)
+    return path
+
+
+def greedy(model, prompt, n):
+    return model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+
+
+def decode(tokens):
+    enc = fineweb.get_encoding()
+    return enc.decode([t for t in tokens if t < enc.n_vocab])
+
+
+# --- the engine, in this process
+
+def run_engine(engine, requests, delays=None):
+    """Submit each request (after its delay, from a thread of its own, as clients would) and
+    wait for all; returns each one's events."""
+    events = [queue.Queue() for _ in requests]
+    for request, inbox in zip(requests, events):
+        request.deliver = inbox.put
+
+    def client(i):
+        time.sleep(delays[i] if delays else 0)
+        engine.submit(requests[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    results = []
+    for inbox in events:
+        got = []
+        while not got or not ({"finish", "error"} & set(got[-1])):
+            got.append(inbox.get(timeout=60))
+        results.append(got)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def engine(model):
+    engine = serve.Engine(model, max_batch=3, log=lambda *a, **k: None).start()
+    yield engine
+    engine.stop()
+
+
+def test_engine_greedy_equals_generate_with_staggered_arrivals(model, engine):
+    """Temperature 0: every request gets generate's tokens for its prompt alone, although
+    requests arrive while others decode, wait for one of 3 slots, and differ in prompt length
+    and max_tokens."""
+    g = torch.Generator().manual_seed(1)
+    lengths, max_tokens = [5, 40, 1, 17, 90, 3, 26, 8], [30, 6, 45, 12, 20, 35, 4, 25]
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
+    requests = [serve.Request(prompt=p, max_tokens=m, temperature=0, deliver=None)
+                for p, m in zip(prompts, max_tokens)]
+    results = run_engine(engine, requests, delays=[0.01 * i for i in range(len(requests))])
+    for request, events, prompt, n in zip(requests, results, prompts, max_tokens):
+        assert events[-1]["finish"] == "length" and events[-1]["completion_tokens"] == n
+        assert request.output == greedy(model, prompt, n)
+        assert [e["token"] for e in events[:-1]] == request.output  # one event per token
+    assert engine.active() == 0 and engine.waiting.qsize() == 0
+
+
+def test_engine_seeded_sampling_is_the_same_alone_or_in_company(model, engine):
+    """A seeded sampled request gives the same tokens alone and among others; with top_p 1 they
+    are generate's with a generator of that seed (the same operations in the same order)."""
+    prompt = [464, 3290, 318]
+    settings = dict(prompt=prompt, max_tokens=20, temperature=0.9, top_k=40, seed=7)
+    alone = serve.Request(**settings, deliver=None)
+    run_engine(engine, [alone])
+    crowd = [serve.Request(prompt=[11, 12, 13, 14], max_tokens=30, temperature=1.0, seed=i,
+                           deliver=None) for i in range(4)]
+    nucleus = [serve.Request(**settings, top_p=0.8, deliver=None) for _ in range(2)]
+    again = serve.Request(**settings, deliver=None)
+    run_engine(engine, crowd[:2] + [again] + crowd[2:] + nucleus, delays=[0, 0.01, 0.02, 0, 0,
+                                                                          0.01, 0.03])
+    assert again.output == alone.output
+    reference = model.generate(torch.tensor([prompt]), 20, temperature=0.9, top_k=40,
+                               generator=torch.Generator().manual_seed(7))[0, 3:].tolist()
+    assert alone.output == reference
+    assert nucleus[0].output == nucleus[1].output != alone.output  # top_p acts, reproducibly
+    assert len({tuple(r.output) for r in crowd}) == 4  # different seeds, different text
+
+
+def test_engine_survives_failing_requests(model, engine):
+    """A request that fails at admission (a seed torch cannot take) or at sampling (a broken
+    setting) gets an error event; the others finish with generate's tokens; no slot stays busy."""
+    good = [serve.Request(prompt=[100 + i, 200, 300], max_tokens=15, temperature=0, deliver=None)
+            for i in range(3)]
+    bad_seed = serve.Request(prompt=[1, 2], max_tokens=5, seed=1 << 80, deliver=None)
+    bad_setting = serve.Request(prompt=[1, 2], max_tokens=5, temperature="hot", deliver=None)
+    results = run_engine(engine, [good[0], bad_seed, good[1], bad_setting, good[2]])
+    assert "error" in results[1][-1] and "error" in results[3][-1]
+    for request in good:
+        assert request.output == greedy(model, request.prompt, 15)
+    assert engine.active() == 0
+
+
+def test_engine_stops_at_end_tokens_stop_strings_and_a_full_context(model, engine):
+    """finish_reason stop at an end token (not in the text) or at a stop string (the text cut
+    before it, held back while it might still begin one); length when the context is full."""
+    prompt = [464, 3290, 318, 257]
+    tokens = greedy(model, prompt, 12)
+    text = decode(tokens)
+    stop_token = serve.Request(prompt=prompt, max_tokens=12, temperature=0, deliver=None,
+                               stop_tokens=frozenset({tokens[5]}))
+    stop_string = text[len(decode(tokens[:4])):][:3]  # begins in the 5th token's text
+    stopped = serve.Request(prompt=prompt, max_tokens=12, temperature=0, deliver=None,
+                            stop=["\u2603 never", stop_string])
+    long_prompt = list(range(1000, 1000 + CONFIG.block_size - 3))
+    full = serve.Request(prompt=long_prompt, max_tokens=50, temperature=0, deliver=None)
+    results = run_engine(engine, [stop_token, stopped, full])
+    end = tokens.index(tokens[5])  # its first occurrence
+    assert results[0][-1]["finish"] == "stop" and stop_token.output == tokens[:end + 1]
+    assert "".join(e.get("text", "") for e in results[0]) == decode(tokens[:end])
+    assert results[1][-1]["finish"] == "stop"
+    streamed = "".join(e.get("text", "") for e in results[1])
+    assert streamed == text[:text.index(stop_string)] and stop_string not in streamed
+    assert results[2][-1] == {"finish": "length", "prompt_tokens": CONFIG.block_size - 3,
+                              "completion_tokens": 3}
+    assert full.output == greedy(model, long_prompt, 3)
+
+
+def test_embeddings_are_the_same_alone_or_batched(model):
+    """The mean of the final hidden states over the input's tokens, unit length; padding in a
+    batch changes nothing (within 1e-5 in float32)."""
+    inputs = [[464, 3290], list(range(300, 340)), [7]]
+    batched = torch.tensor(serve.embed(model, inputs))  # (3, C)
+    for row, tokens in zip(batched, inputs):
+        alone = torch.tensor(serve.embed(model, [tokens])[0])
+        assert torch.allclose(row, alone, atol=1e-5)
+        with torch.no_grad():
+            mean = model.hidden_states(torch.tensor([tokens]))[0].mean(0)  # (C,)
+        assert torch.allclose(row, mean / mean.norm(), atol=1e-5)
+    assert torch.allclose(batched.norm(dim=1), torch.ones(3))
+
+
+# --- the API in this process: the errors that need a special set-up
+
+def test_api_key_base_model_and_full_queue(model, tmp_path):
+    """401 without the right key; 400 for chat on a base model; 503 with Retry-After when
+    --max-queue requests already wait; all in OpenAI's error body, no slot left busy."""
+    from fastapi.testclient import TestClient
+    engine = serve.Engine(model, max_batch=2, max_queue=1, log=lambda *a, **k: None)
+    client = TestClient(serve.create_app(engine, "base", None, api_key="sesame"))
+    key = {"Authorization": "Bearer sesame"}
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        response = client.post("/v1/completions", json=body, headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models").status_code == 401
+    response = client.post("/v1/chat/completions", headers=key, json={
+        "model": "base", "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 400 and "not a chat model" in response.json()["error"][
+        "message"]
+    engine.submit(serve.Request(prompt=[1], max_tokens=1, deliver=lambda event: None))
+    response = client.post("/v1/completions", json=body, headers=key)  # the engine is paused
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+    engine.start()
+    assert client.post("/v1/completions", json=body, headers=key).status_code == 200
+    assert client.get("/health").json() == {"status": "ok", "active": 0, "waiting": 0}
+    engine.stop()
+
+
+# --- a real server in a subprocess
+
+class Server:
+    """python serve.py ... --port 0 in a subprocess; its output lines are collected."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "serve.py"), "--port", "0", "--device", "cpu", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines, self.url, ready = [], None, threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                found = re.search(r"on (http://[\d.]+:\d+)", line)
+                if found:
+                    self.url = found.group(1)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(120) or self.url is None:
+            self.proc.kill()
+            raise RuntimeError("serve.py did not start:\n" + "".join(self.lines))
+
+    def health(self):
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    model = tiny_model()
+    return {"chat": write_checkpoint(directory / "chat.pt", model, chat.FORMAT),
+            "base": write_checkpoint(directory / "base.pt", model)}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    server = Server("--init-from", checkpoints["chat"], "--max-batch", "8",
+                    "--max-queue", "64", "--max-body", "100000")
+    yield server
+    server.stop()
+
+
+def test_server_prints_where_it_listens_on_loopback(server):
+    """127.0.0.1 unless --host says otherwise; the model, the slots and the device."""
+    line = next(line for line in server.lines if "serving" in line)
+    assert server.url.startswith("http://127.0.0.1:")
+    assert "chat" in line and "8 slots" in line and "cpu" in line
+
+
+def test_openai_client(server, model):
+    """The official client unchanged: completions (greedy: generate's text), streaming (the
+    same text in chunks), chat (rendered by chat.py, ending at the assistant's end token),
+    embeddings (its default base64 and floats), models, and errors as its exceptions."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["chat"]
+    prompt = "The meaning of life is"
+    tokens = greedy(model, chat.encode_text(prompt), 12)
+    done = client.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0)
+    assert done.choices[0].text == decode(tokens) and done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (5, 12)
+    chunks = list(client.completions.create(model="chat", prompt=prompt, max_tokens=12,
+                                            temperature=0, stream=True))
+    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks) == decode(tokens)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    rendered = chat.render_prompt(messages)
+    reply = greedy(model, rendered, 20)
+    if chat.ASSISTANT_END in reply:
+        reply = reply[:reply.index(chat.ASSISTANT_END)]
+    answer = client.chat.completions.create(model="chat", messages=messages, max_tokens=20,
+                                            temperature=0)
+    assert answer.choices[0].message.content == decode(reply)
+    assert answer.usage.prompt_tokens == len(rendered)
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        decode(reply)
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+    texts = ["a cat", "a dog sat on the mat"]
+    batch = client.embeddings.create(model="chat", input=texts)
+    alone = client.embeddings.create(model="chat", input=texts[1], encoding_format="float")
+    assert torch.allclose(torch.tensor(batch.data[1].embedding),
+                          torch.tensor(alone.data[0].embedding), atol=1e-5)
+    expected = serve.embed(model, [chat.encode_text(t) for t in texts])
+    assert torch.allclose(torch.tensor([d.embedding for d in batch.data]),
+                          torch.tensor(expected), atol=1e-5)
+
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model="chat", prompt="x", top_p=0)
+    with pytest.raises(openai.BadRequestError, match="message 1 is user"):
+        client.chat.completions.create(model="chat", messages=messages * 2)
+    assert server.health() == {"status": "ok", "active": 0, "waiting": 0}
+
+
+ERRORS = [  # (path, body, status, the error's param or code, words of its message)
+    ("/v1/completions", {"prompt": "x " * 1100}, 400, "context_length_exceeded", "context"),
+    ("/v1/completions", {"prompt": [5, 60000]}, 400, "prompt", "token ids"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k", "integer"),
+    ("/v1/completions", {"prompt": "x", "seed": True}, 400, "seed", "integer"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 5}, 400, "stop", "at most 4"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
+    ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt", "string"),
+    ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "prompt", "one prompt"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 400, "model_not_found", "unknown"),
+    ("/v1/completions", "not json", 400, None, "not JSON"),
+    ("/v1/completions", [1, 2], 400, None, "JSON object"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages",
+     "unknown role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, 400,
+     "top_p", "(0, 1]"),
+    ("/v1/embeddings", {"input": ""}, 400, "input", "1 to 1024"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format", "base64"),
+    ("/v1/completions", {"prompt": "x" * 200000}, 413, "request_too_large", "larger than"),
+    ("/v1/nothing", {}, 404, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, where, words", ERRORS,
+                         ids=[f"{e[2]}-{e[3]}-{i}" for i, e in enumerate(ERRORS)])
+def test_errors_have_their_status_and_openai_body(server, path, body, status, where, words):
+    """Each mistake: its status and {"error": {"message", "type", "param", "code"}}; nothing
+    left waiting or busy."""
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = httpx.post(server.url + path, content=content,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert where in (error["param"], error["code"]) and words in error["message"], error
+    assert server.health() == {"status": "ok", "active": 0, "waiting": 0}
+
+
+def test_load_32_clients_x_3_requests(server, model):
+    """32 clients at once (8 slots, the rest waiting), 3 requests each with its own prompt and
+    length: every answer is the greedy text of its own prompt, of the asked length; the server
+    is healthy and idle afterwards."""
+    def job(client, turn):
+        prompt = [1000 + 37 * client + turn, 2000 + turn, 300 + client]
+        return prompt, 3 + (5 * client + 3 * turn) % 11
+
+    failures, answers = [], {}
+
+    def client(i):
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for turn in range(3):
+                prompt, n = job(i, turn)
+                response = http.post("/v1/completions", json={
+                    "prompt": prompt, "max_tokens": n, "temperature": 0})
+                if response.status_code != 200:
+                    failures.append(response.text)
+                    return
+                answers[i, turn] = response.json()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not failures and len(answers) == 96
+    for (i, turn), answer in answers.items():
+        prompt, n = job(i, turn)
+        tokens = greedy(model, prompt, n)
+        assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": n,
+                                   "total_tokens": 3 + n}
+        assert answer["choices"][0]["text"] == decode(tokens)
+    assert server.health() == {"status": "ok", "active": 0, "waiting": 0}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    """Closing a stream cancels its request: /health's active count drops at once, long before
+    the request would have ended, and the log says so."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={
+                "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
+                "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            assert server.health()["active"] == 1
+    left = time.perf_counter()
+    while server.health()["active"] and time.perf_counter() - left < 5:
+        time.sleep(0.01)
+    assert server.health() == {"status": "ok", "active": 0, "waiting": 0}
+    time.sleep(0.2)
+    line = [line for line in server.lines if "cancelled" in line][-1]
+    assert int(re.search(r"(\d+) completion tokens", line).group(1)) < 1000
+
+
+def test_sigterm_drains_the_requests_in_flight_and_exits_0(checkpoints):
+    """After SIGTERM no new connection is taken, the stream in flight still gets every token
+    and [DONE], and the process exits 0."""
+    server = Server("--init-from", checkpoints["base"], "--drain-seconds", "30")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json={
+                    "prompt": "Once", "max_tokens": 400, "temperature": 0,
+                    "stream": True}) as response:
+                lines = response.iter_lines()
+                first = next(line for line in lines if line.startswith("data:"))
+                server.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                with pytest.raises(httpx.ConnectError):
+                    httpx.get(server.url + "/health")
+                rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        final = json.loads(rest[-2][len("data: "):])
+        assert final["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(60) == 0
+        assert "400 completion tokens" in "".join(server.lines), "".join(server.lines)
+        assert len(first) > 6
+    finally:
+        server.stop()
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, capsys):
+    """A bad flag or a checkpoint that is not one: one line on stderr naming the fix, exit 2."""
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    for argv, words in ((["--init-from", "x", "--max-batch", "0"], "--max-batch"),
+                        (["--init-from", "x", "--port", "70000"], "--port"),
+                        (["--init-from", "x", "--api-key", " "], "--api-key"),
+                        (["--init-from", str(tmp_path / "junk.pt")], "--init-from")):
+        with pytest.raises(SystemExit) as exit_info:
+            serve.main(serve.parse_args(argv))
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("serve.py: error:") and words in lines[0]
