@@ -6,9 +6,9 @@
                                  # 64 x 1024, 8 micro-steps (524,288 tokens), bf16, compiled,
                                  # against build-nanogpt's step compiled the same way
     python bench.py sample       # generation tokens/s with and without the KV cache
-    python bench.py hellaswag --data ../shared/data/hellaswag_val.jsonl
-                                 # examples/s of hellaswag.evaluate's scoring against a loop
-                                 # of one forward pass per example with full logits
+    python bench.py hellaswag --data path/to/hellaswag_val.jsonl
+                                 # examples/s of hellaswag.evaluate's scoring against its
+                                 # plain scorer: one forward pass per example, full logits
     python bench.py transformer  # ms per training iteration of transformer.py against the
                                  # design of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide)
     python bench.py fineweb      # tokens/s and peak memory of fineweb.py against a
@@ -27,8 +27,9 @@ BENCHMARKS; adding one is adding a line there.
   same weights, see the same micro-batches and take turns; the median step of each counts.
 - hellaswag: one gpt2.GPT (on CPU 4 layers, 4 heads, 256 wide, vocabulary 50,304, seed 0) is
   scored by hellaswag.score_examples, the work of hellaswag.evaluate (batches of examples sorted
-  by length, logits only where scored), and by per_example_choices (the 4 rows of one example per
-  forward pass, full logits, masked losses), taking turns on --chunk examples.
+  by length, logits only where scored), and by hellaswag.score_example, the plain scorer (the 4
+  rows of one example per forward pass, full logits, masked losses), taking turns on --chunk
+  examples.
 - transformer: the reference is the recipe's design (no biases, exact GELU, tied embeddings,
   the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, WindowLoader and
   configure_optimizer run the same iteration; its written-out attention is timed for the record.
@@ -445,7 +446,7 @@ def run_sample(args):
     return result
 
 
-# --- hellaswag: hellaswag.evaluate's scoring against one forward pass per example
+# --- hellaswag: hellaswag.evaluate's scoring against its plain scorer, an example a pass
 
 def add_hellaswag_arguments(parser):
     add_model_arguments(parser, "cpu")
@@ -464,30 +465,13 @@ def add_hellaswag_arguments(parser):
                              "the speed does not depend on them")
 
 
-def per_example_choices(model, examples, enc, device, autocast):
-    """The straightforward scoring: a forward pass of each example's 4 rows, the full logits,
-    the losses of the ending's tokens; the picks (acc, acc_norm, acc_norm_chars) of each."""
-    picks = []
-    with torch.no_grad(), autocast:
-        for example in examples:
-            tokens, mask, _ = hellaswag.render_example(example, enc)  # (4, T), (4, T)
-            tokens, mask = tokens.to(device), mask.to(device)
-            logits, _ = model(tokens)  # (4, T, V)
-            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
-                                     reduction="none")  # (4, T-1): token t+1 from position t
-            sums = (losses.double() * mask[:, 1:]).sum(dim=1).tolist()  # (4,)
-            counts = mask[:, 1:].sum(dim=1).tolist()  # (4,)
-            picks.append(hellaswag.choose(sums, counts, [len(e) for e in example["endings"]]))
-    return picks
-
-
 def run_hellaswag(args):
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
     require_positive(args, "chunk", "batch_size")
     if args.limit < 0:
         die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
-    hint = "; pass --data with a local hellaswag_val.jsonl"
+    hint = "" if args.data else "; pass --data with a local copy of hellaswag_val.jsonl"
     examples = hellaswag.examples_or_die(args.data, hint, args.limit)
     if args.init_from:
         model = gpt2.load_model(args.init_from, device)
@@ -506,7 +490,8 @@ def run_hellaswag(args):
         return hellaswag.score_examples(model, chunk, device, enc, args.batch_size, autocast_dtype)
 
     def reference(chunk):
-        return per_example_choices(model, chunk, enc, device, autocast)
+        with autocast:
+            return [hellaswag.score_example(model, example, enc, device) for example in chunk]
 
     ours(examples[:4])
     reference(examples[:4])
@@ -522,8 +507,8 @@ def run_hellaswag(args):
             seconds[name][0] += wall
             seconds[name][1] += cpu
         turns += 1
-    ours_picks = [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in results]
-    different = sum(a != b for a, b in zip(ours_picks, picks))
+    keys = ("pred", "pred_norm", "pred_norm_chars")
+    different = sum([r[k] for k in keys] != [p[k] for k in keys] for r, p in zip(results, picks))
     metrics = hellaswag.summarize(results)
     n = len(examples)
     (ours_s, ours_cpu), (ref_s, ref_cpu) = seconds["ours"], seconds["reference"]
@@ -844,6 +829,155 @@ def run_fineweb(args):
     return result
 
 
+# --- serve: serve.py's continuous batching against one request at a time and static batches
+
+def add_serve_arguments(parser):
+    add_model_arguments(parser, "gpt2")  # GPT-2 124M's shape, random weights, even on CPU
+    parser.add_argument("--requests", type=int, default=32, help="requests in the workload "
+                        "(default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=16, help="clients at once, and the "
+                        "engine's slots and the static batch size (default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[16, 256],
+                        metavar=("MIN", "MAX"), help="prompt lengths, drawn uniformly "
+                        "(default: 16 256)")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[16, 128],
+                        metavar=("MIN", "MAX"), help="tokens each request asks for, drawn "
+                        "uniformly (default: 16 128)")
+
+
+def engine_clients(engine, workload, clients):
+    """`clients` threads, each sending the workload's next request when its last one is done
+    (closed loop); returns (outputs, seconds to first token of each, wall seconds)."""
+    import queue
+    import threading
+
+    import serve
+    jobs, outputs, ttft = iter(enumerate(workload)), [None] * len(workload), [None] * len(workload)
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                i, (prompt, n) = next(jobs, (None, (None, None)))
+            if i is None:
+                return
+            done = queue.Queue()
+            request = serve.Request(prompt=prompt, max_tokens=n, temperature=0,
+                                    deliver=lambda event: "finish" in event and done.put(event))
+            engine.submit(request)
+            done.get()
+            outputs[i], ttft[i] = request.output, request.first_token_at - request.arrived
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    _, wall, _ = timed(lambda: [t.start() for t in threads] + [t.join() for t in threads])
+    return outputs, ttft, wall
+
+
+def static_batches(hf_model, workload, batch_size, device):
+    """transformers' generate in batches of `batch_size` in arrival order, left-padded, each
+    batch run to its longest request (the next batch's clients send when it is done); returns
+    (outputs cut to the tokens asked for, seconds from a batch's start to its first token)."""
+    from transformers import StoppingCriteria
+
+    class FirstToken(StoppingCriteria):  # called once a step, after the step's tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            self.at = getattr(self, "at", None) or time.perf_counter()
+            return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+
+    outputs, ttft = [], []
+    for start in range(0, len(workload), batch_size):
+        batch = workload[start:start + batch_size]
+        T = max(len(prompt) for prompt, _ in batch)
+        ids = torch.full((len(batch), T), fineweb.EOT, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T), 0 on the left padding
+        for row, (prompt, _) in enumerate(batch):
+            ids[row, T - len(prompt):], mask[row, T - len(prompt):] = torch.tensor(prompt), 1
+        first, began = FirstToken(), time.perf_counter()
+        with torch.no_grad():
+            out = hf_model.generate(ids.to(device), attention_mask=mask.to(device),
+                                    max_new_tokens=max(n for _, n in batch), do_sample=False,
+                                    pad_token_id=fineweb.EOT, eos_token_id=None,
+                                    stopping_criteria=[first])
+        outputs += [out[row, T:T + n].tolist() for row, (_, n) in enumerate(batch)]
+        ttft += [first.at - began] * len(batch)
+    return outputs, ttft
+
+
+def hf_copy(model):
+    """transformers' GPT2LMHeadModel with the same weights (its Conv1D layers store the
+    matrices transposed) and the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf_model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    weights = {k: w.t() if k.endswith(conv1d) else w for k, w in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
+    return hf_model
+
+
+def run_serve(args):
+    import serve
+    device = common.pick_device(args.device)
+    require_positive(args, "requests", "clients")
+    low, high = args.prompt_tokens
+    if not 0 < low <= high or not 0 < args.new_tokens[0] <= args.new_tokens[1]:
+        die("--prompt-tokens and --new-tokens take MIN MAX with 0 < MIN <= MAX")
+    config = model_config(args, device)
+    if high + args.new_tokens[1] > config.block_size:
+        die(f"--prompt-tokens {high} + --new-tokens {args.new_tokens[1]} exceed the block size "
+            f"{config.block_size}; lower them")
+    rng = random.Random(args.seed)
+    workload = [([rng.randrange(50257) for _ in range(rng.randint(low, high))],
+                 rng.randint(*args.new_tokens)) for _ in range(args.requests)]
+    torch.manual_seed(args.seed)
+    model = gpt2.GPT(config).to(device).eval()
+    hf_model = hf_copy(model).to(device).eval()
+    engine = serve.Engine(model, args.clients, max_queue=args.requests,
+                          log=lambda *a, **k: None).start()
+    engine_clients(engine, workload[:2], 2)  # warm-up
+    hf_model.generate(torch.tensor([workload[0][0]], device=device), max_new_tokens=2,
+                      do_sample=False, pad_token_id=fineweb.EOT)
+    batched, batched_ttft, batched_s = engine_clients(engine, workload, args.clients)
+    alone, alone_ttft, alone_s = engine_clients(engine, workload, 1)
+    engine.stop()
+    (static, static_ttft), static_s, _ = timed(lambda: static_batches(
+        hf_model, workload, args.clients, device))
+    tokens = sum(n for _, n in workload)
+    rows, result = [], {"device": device_name(device), "config": asdict(config),
+                        "requests": args.requests, "clients": args.clients,
+                        "prompt_tokens": sum(len(p) for p, _ in workload), "new_tokens": tokens}
+    for key, what, seconds, ttft in (
+            ("engine", f"serve.py engine, {args.clients} clients at once", batched_s,
+             batched_ttft),
+            ("one_at_a_time", "serve.py engine, one request at a time", alone_s, alone_ttft),
+            ("static", f"transformers generate, static batches of {args.clients}", static_s,
+             static_ttft)):
+        ttft = sorted(ttft)
+        median, p90 = statistics.median(ttft), ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
+        result.update({f"{key}_tokens_per_s": round(tokens / seconds, 1),
+                       f"{key}_seconds": round(seconds, 2), f"{key}_ttft_median_s":
+                       round(median, 3), f"{key}_ttft_p90_s": round(p90, 3)})
+        rows.append([what, f"{tokens / seconds:,.1f}", f"{median:.2f}", f"{p90:.2f}",
+                     f"{seconds:.1f}"])
+    result["speedup_vs_one_at_a_time"] = result["engine_tokens_per_s"] / result[
+        "one_at_a_time_tokens_per_s"]
+    result["speedup_vs_static"] = result["engine_tokens_per_s"] / result["static_tokens_per_s"]
+    result["same_tokens_engine"] = batched == alone
+    result["same_tokens_static"] = sum(a == b for a, b in zip(batched, static))
+    print_table(f"serving {args.requests} requests (prompts {low}..{high} tokens, "
+                f"{args.new_tokens[0]}..{args.new_tokens[1]} new, {result['prompt_tokens']:,} + "
+                f"{tokens:,} tokens), {config}, {result['device']}",
+                ["design", "output tokens/s", "TTFT median s", "TTFT p90 s", "wall s"], rows)
+    print(f"continuous batching: {result['speedup_vs_one_at_a_time']:.2f}x one at a time, "
+          f"{result['speedup_vs_static']:.2f}x static batches; greedy tokens identical "
+          f"batched and alone: {result['same_tokens_engine']}, equal to transformers' for "
+          f"{result['same_tokens_static']} of {args.requests} requests")
+    return result
+
+
 # name -> (add_arguments, run, help)
 BENCHMARKS = {
     "train": (add_train_arguments, run_train,
@@ -856,11 +990,24 @@ BENCHMARKS = {
                     "ms per training iteration of transformer.py against nanoGPT's CPU recipe"),
     "fineweb": (add_fineweb_arguments, run_fineweb,
                 "tokens/s and peak memory of fineweb.py against a multiprocessing Pool"),
+    "serve": (add_serve_arguments, run_serve,
+              "serve.py's continuous batching against one at a time and static batches"),
 }
 
 
+def main(args):
+    print("command:", " ".join(["bench.py", *sys.argv[1:]]))
+    print(f"python {platform.python_version()}, torch {torch.__version__}")
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    result = {"bench": args.bench, **args.run(args)}
+    print(json.dumps(result))
+    return result
+
+
+# --- command line
+
 def parse_args(argv=None):
-    common.PROG = "bench.py"
     parser = argparse.ArgumentParser(prog="bench.py", description="The project's benchmarks.")
     parser.error = die
     subparsers = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -873,16 +1020,6 @@ def parse_args(argv=None):
     if getattr(args, "threads", 0) < 0:
         die(f"--threads must be 0 (torch's choice) or positive, got {args.threads}")
     return args
-
-
-def main(args):
-    print("command:", " ".join(["bench.py", *sys.argv[1:]]))
-    print(f"python {platform.python_version()}, torch {torch.__version__}")
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    result = {"bench": args.bench, **args.run(args)}
-    print(json.dumps(result))
-    return result
 
 
 if __name__ == "__main__":

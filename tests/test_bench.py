@@ -4,6 +4,10 @@ KV cache, the same HellaSwag picks, byte-identical shards). Tiny models and inpu
 the plumbing is tested here, not the speed."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,10 +45,6 @@ def test_train_compares_with_the_reference_on_the_same_math(capsys):
     assert result["bench"] == "train"
     assert result["first_loss_ours"] == pytest.approx(result["first_loss_reference"], abs=1e-5)
     assert len(result["ours_rounds"]) == len(result["reference_rounds"]) == 2
-    # The reported rate is the median round's, and the speed-up is the ratio of the two rates.
-    assert min(result["ours_rounds"]) <= result["ours_tokens_per_s"] <= max(result["ours_rounds"])
-    assert result["speedup"] == pytest.approx(
-        result["ours_tokens_per_s"] / result["reference_tokens_per_s"], rel=1e-3)
     assert (result["batch_size"], result["grad_accum"], result["seq_len"]) == (2, 1, 16)
     assert any(line.strip().startswith("reference") for line in out)
 
@@ -62,8 +62,6 @@ def test_train_times_accumulation_like_gpt2_py(capsys):
 def test_sample_reports_kv_cache_speedup_with_identical_tokens(capsys):
     result, _ = run(["sample", *TINY, "--new-tokens", "24", "--prompt-tokens", "4"], capsys)
     assert result["same_tokens"] is True
-    assert result["speedup"] == pytest.approx(
-        result["kv_cache_tokens_per_s"] / result["reference_tokens_per_s"], rel=1e-2)
 
 
 @pytest.fixture
@@ -98,24 +96,24 @@ def test_hellaswag_compares_evaluate_with_the_per_example_loop(hellaswag_file, o
     assert result["examples"] == result["compared_examples"] == 8
     assert result["turns"] == 3
     assert result["different_picks"] == 0
-    assert result["speedup"] == pytest.approx(
-        result["ours_examples_per_s"] / result["reference_examples_per_s"], rel=1e-2)
-    assert result["acc_norm"] * 8 == pytest.approx(round(result["acc_norm"] * 8))  # k of 8
     assert any("one example per pass" in line for line in out)
 
 
-def test_per_example_choices_match_hellaswag_scoring(hellaswag_file):
-    """The reference's picks equal score_examples' picks example by example (the property the
-    benchmark's different_picks counts), here with a model whose losses differ visibly."""
+def test_gpt2_models_batched_scoring_equals_the_plain_scorer(hellaswag_file):
+    """The property the benchmark's different_picks counts, on gpt2.GPT itself (real attention
+    over right-padded batches): hellaswag.score_examples gives hellaswag.score_example's losses
+    and picks, example by example."""
     torch.manual_seed(0)
     model = bench.gpt2.GPT(bench.gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=1,
                                                 n_head=2, n_embd=32)).eval()
     examples = bench.hellaswag.load_examples(path=hellaswag_file)
     enc = bench.fineweb.get_encoding()
-    ours = bench.hellaswag.score_examples(model, examples, "cpu", enc, batch_size=4)
-    picks = bench.per_example_choices(model, examples, enc, torch.device("cpu"),
-                                      torch.autocast("cpu", enabled=False))
-    assert picks == [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in ours]
+    batched = bench.hellaswag.score_examples(model, examples, "cpu", enc, batch_size=4)
+    plain = [bench.hellaswag.score_example(model, e, enc, index=i) for i, e in enumerate(examples)]
+    for b, p in zip(batched, plain, strict=True):
+        assert b["loss_sum"] == pytest.approx(p["loss_sum"], rel=1e-4)
+        assert (b["pred"], b["pred_norm"], b["pred_norm_chars"]) == \
+            (p["pred"], p["pred_norm"], p["pred_norm_chars"])
 
 
 def test_transformer_times_transformer_py_against_the_recipe(one_thread, capsys):
@@ -124,14 +122,10 @@ def test_transformer_times_transformer_py_against_the_recipe(one_thread, capsys)
     result, out = run(["transformer", "--iters", "1", "--rounds", "2", *one_thread], capsys)
     for name in ("reference", "ours", "ours_manual"):
         assert len(result[f"{name}_rounds_ms"]) == 2
-        assert min(result[f"{name}_rounds_ms"]) <= result[f"{name}_ms_per_iter"] <= \
-            max(result[f"{name}_rounds_ms"])
         assert result[f"first_loss_{name}"] == pytest.approx(math.log(65), abs=0.3)
     assert result["config"] == {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4,
                                 "n_embd": 128}
     assert result["batch_size"] == 12
-    assert result["speedup"] == pytest.approx(
-        result["reference_ms_per_iter"] / result["ours_ms_per_iter"], rel=1e-2)
     assert any("transformer.py --attention manual" in line for line in out)
 
 
@@ -147,11 +141,25 @@ def test_fineweb_runs_both_designs_and_checks_identical_shards(tmp_path, capsys)
     assert result["identical_shards"] is True
     assert result["documents"] == 120 and result["shards"] > 2
     assert result["tokens"] > 120 * 4
-    assert result["speedup"] == pytest.approx(
-        result["ours_tokens_per_s"] / result["reference_tokens_per_s"], rel=1e-2)
-    for design in ("reference", "ours"):
-        assert result[f"{design}_peak_pss_mib"] > 1  # /proc sampling saw the process (MiB)
     assert any(line.strip().startswith("fineweb.py") for line in out)
+
+
+def test_tree_memory_counts_a_process_and_its_children():
+    """The fineweb benchmark's memory figure is the PSS of the design's process and all its
+    workers: a child that holds 80 MiB raises its parent's tree by about that much."""
+    if not Path(f"/proc/{os.getpid()}/smaps_rollup").exists():
+        pytest.skip("needs Linux's /proc")
+    before, _ = bench.tree_memory(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; held = b'x' * (80 << 20); "
+                              "print('ready', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        during, _ = bench.tree_memory(os.getpid())
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+    assert during - before > 70 << 20
 
 
 def test_fineweb_corpus_generation(tmp_path):

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from conftest import ROOT, assert_user_error, run_script
 
@@ -20,11 +19,14 @@ VOCAB = 50257
 # Handmade examples (not from the dataset).
 EXAMPLES = [
     {"ind": 0, "ctx": "The chef cracks two eggs into the bowl. She", "label": 1,
-     "endings": ["flies to the moon on a spoon.", "whisks them with a fork.", "sings.", "is a bowl of eggs eggs eggs."]},
+     "endings": ["flies to the moon on a spoon.", "whisks them with a fork.", "sings.",
+                 "is a bowl of eggs eggs eggs."]},
     {"ind": 1, "ctx": "A boy kicks the ball toward the goal and", "label": 2,
-     "endings": ["it melts.", "the goal kicks back at the boy hard.", "scores.", "the referee eats the ball whole."]},
+     "endings": ["it melts.", "the goal kicks back at the boy hard.", "scores.",
+                 "the referee eats the ball whole."]},
     {"ind": 2, "ctx": "Rain starts to fall, so the woman", "label": 0,
-     "endings": ["opens her umbrella.", "yes yes yes", "paints the rain blue with a very small brush.", "runs"]},
+     "endings": ["opens her umbrella.", "yes yes yes",
+                 "paints the rain blue with a very small brush.", "runs"]},
 ]
 
 
@@ -34,10 +36,7 @@ def write_examples(path, examples=EXAMPLES):
 
 
 class UnigramLM(nn.Module):
-    """A model that ignores context: every position predicts log_probs over the vocabulary.
-
-    It has both interfaces: model(idx) -> (logits, None), and hidden_states + lm_head.
-    """
+    """A model that ignores context: every position predicts log_probs over the vocabulary."""
 
     def __init__(self, log_probs):
         super().__init__()
@@ -48,9 +47,6 @@ class UnigramLM(nn.Module):
 
     def hidden_states(self, idx):
         return torch.zeros(*idx.shape, 1)  # (B, T, 1)
-
-    def forward(self, idx):
-        return self.lm_head(self.hidden_states(idx)), None  # (B, T, V)
 
 
 class TinyCausalLM(nn.Module):
@@ -68,20 +64,6 @@ class TinyCausalLM(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         steps = torch.arange(1, idx.shape[1] + 1).view(1, -1, 1)  # (1, T, 1)
         return torch.tanh(self.mix(x.cumsum(dim=1) / steps))  # (B, T, C)
-
-    def forward(self, idx):
-        return self.lm_head(self.hidden_states(idx))  # (B, T, V): plain logits, no tuple
-
-
-class NoFastPath(nn.Module):
-    """The same model seen only through model(idx): evaluate must take the generic path."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx):
-        return self.model(idx)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +83,8 @@ def test_render_puts_context_then_space_ending_and_masks_only_the_ending(enc):
         assert tokens[i, :n].tolist() == ctx + ending
         assert tokens[i, n:].tolist() == [0] * (T - n)  # right padding
         assert mask[i].tolist() == [0] * len(ctx) + [1] * len(ending) + [0] * (T - n)
-    assert enc.decode(tokens[1, :len(ctx) + len(endings[1])].tolist()) == example["ctx"] + " " + example["endings"][1]
+    text = enc.decode(tokens[1, :len(ctx) + len(endings[1])].tolist())
+    assert text == example["ctx"] + " " + example["endings"][1]
 
 
 def test_scoring_picks_the_ending_the_model_prefers(enc):
@@ -117,21 +100,25 @@ def test_the_three_accuracies_by_hand(enc):
     # can be worked out directly from the token lists, independently of hellaswag.py's batching.
     torch.manual_seed(1)
     log_probs = torch.log_softmax(torch.randn(VOCAB) * 3, dim=0)
-    results = hellaswag.score_examples(UnigramLM(log_probs), EXAMPLES, enc=enc, batch_size=2)
+    model = UnigramLM(log_probs)
+    results = hellaswag.score_examples(model, EXAMPLES, enc=enc, batch_size=2)
+    plain = [hellaswag.score_example(model, e, enc, index=i) for i, e in enumerate(EXAMPLES)]
     correct = {"acc": 0, "acc_norm": 0, "acc_norm_chars": 0}
-    for example, result in zip(EXAMPLES, results):
+    for example, result, simple in zip(EXAMPLES, results, plain):
         sums = [-sum(log_probs[t].item() for t in enc.encode(" " + e)) for e in example["endings"]]
         means = [s / len(enc.encode(" " + e)) for s, e in zip(sums, example["endings"])]
         per_char = [s / len(e) for s, e in zip(sums, example["endings"])]
         assert result["loss_sum"] == pytest.approx(sums, rel=1e-5)
+        assert simple["loss_sum"] == pytest.approx(sums, rel=1e-5)
         for key, values, pick in [("acc", sums, "pred"), ("acc_norm", means, "pred_norm"),
                                   ("acc_norm_chars", per_char, "pred_norm_chars")]:
-            assert result[pick] == values.index(min(values))
+            assert result[pick] == simple[pick] == values.index(min(values))
             correct[key] += values.index(min(values)) == example["label"]
     metrics = hellaswag.evaluate(UnigramLM(log_probs), EXAMPLES, enc=enc)
     assert metrics["n"] == 3
     assert metrics["correct"] == correct["acc"] and metrics["acc"] == correct["acc"] / 3
-    assert metrics["correct_norm"] == correct["acc_norm"] and metrics["acc_norm"] == correct["acc_norm"] / 3
+    assert metrics["correct_norm"] == correct["acc_norm"]
+    assert metrics["acc_norm"] == correct["acc_norm"] / 3
     assert metrics["correct_norm_chars"] == correct["acc_norm_chars"]
     assert metrics["acc_norm_chars"] == correct["acc_norm_chars"] / 3
 
@@ -144,32 +131,19 @@ def test_choose_sum_mean_and_per_character_rules_can_disagree():
     assert hellaswag.choose([3.0, 4.0, 5.0, 3.0], [1, 4, 2, 3], [10, 40, 60, 9]) == (0, 1, 2)
 
 
-def per_example_reference(model, examples, enc):
-    """One forward pass per example, full logits, masked losses: the plain way to score."""
-    picks, sums = [], []
-    for example in examples:
-        tokens, mask, _ = hellaswag.render_example(example, enc)
-        logits = model(tokens)
-        logits = logits[0] if isinstance(logits, tuple) else logits  # (4, T, V)
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # (4, T-1)
-        s = (losses * mask[:, 1:]).sum(dim=1).double().tolist()
-        sums.append(s)
-        picks.append(hellaswag.choose(s, mask.sum(dim=1).tolist(), [len(e) for e in example["endings"]]))
-    return picks, sums
-
-
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_batched_scoring_equals_one_example_at_a_time(enc, fast_path):
+def test_batched_scoring_equals_one_example_at_a_time(enc):
+    """The batched scorer (examples sorted by length and padded, logits only where scored) gives
+    the plain scorer's losses and picks, for a model whose outputs depend on the whole prefix."""
     model = TinyCausalLM().eval()
-    examples = EXAMPLES * 3
-    with torch.no_grad():
-        picks, sums = per_example_reference(model, examples, enc)
-        scored = model if fast_path else NoFastPath(model)
-        results = hellaswag.score_examples(scored, examples, enc=enc, batch_size=4)
-    assert hellaswag._has_fast_path(scored) == fast_path
-    assert [(r["pred"], r["pred_norm"], r["pred_norm_chars"]) for r in results] == picks
-    for r, s in zip(results, sums):
-        assert r["loss_sum"] == pytest.approx(s, rel=1e-5)
+    examples = [{**e, "ind": i} for i, e in enumerate(EXAMPLES * 3)]
+    plain = [hellaswag.score_example(model, e, enc) for e in examples]
+    batched = hellaswag.score_examples(model, examples, enc=enc, batch_size=4)
+    for b, p in zip(batched, plain, strict=True):
+        assert b["loss_sum"] == pytest.approx(p["loss_sum"], rel=1e-5)
+        assert b["loss_mean"] == pytest.approx(p["loss_mean"], rel=1e-5)
+        assert [b[k] for k in ("ind", "label", "pred", "pred_norm", "pred_norm_chars")] == \
+            [p[k] for k in ("ind", "label", "pred", "pred_norm", "pred_norm_chars")]
+    assert len({r["pred"] for r in plain}) > 1  # a model that does not always pick the same
 
 
 def test_ranks_score_disjoint_shares_that_add_up(enc):
@@ -184,7 +158,8 @@ def test_ranks_score_disjoint_shares_that_add_up(enc):
 
 def _gloo_worker(rank, world_size, port, examples, queue):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
     try:
         model = TinyCausalLM().eval()
         queue.put((rank, hellaswag.evaluate(model, examples, rank=rank, world_size=world_size)))
@@ -202,7 +177,8 @@ def test_counts_are_all_reduced_across_processes(enc):
     examples = EXAMPLES * 3
     context = mp.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_gloo_worker, args=(r, 2, port, examples, queue)) for r in range(2)]
+    workers = [context.Process(target=_gloo_worker, args=(r, 2, port, examples, queue))
+               for r in range(2)]
     for w in workers:
         w.start()
     results = dict(queue.get(timeout=120) for _ in workers)
@@ -213,7 +189,8 @@ def test_counts_are_all_reduced_across_processes(enc):
 
 
 BAD_LINES = [
-    ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n{"ctx": "b", "endings": ', "bad.jsonl:2", "json"),
+    ('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n{"ctx": "b", "endings": ',
+     "bad.jsonl:2", "json"),
     ('{"ctx": "a", "endings": ["1", "2", "3"], "label": 0}\n', "bad.jsonl:1", "4 strings"),
     ('{"endings": ["1", "2", "3", "4"], "label": 0}\n', "bad.jsonl:1", "ctx"),
     ('\n{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 4}\n', "bad.jsonl:2", "label"),
@@ -234,7 +211,8 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, content, where, word):
 
 def test_non_utf8_and_label_as_text(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "2"}\n{"ctx": "caf\xe9"}\n')
+    path.write_bytes(b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "2"}\n'
+                     b'{"ctx": "caf\xe9"}\n')
     with pytest.raises(hellaswag.DataError, match="latin1.jsonl:2: not UTF-8"):
         hellaswag.load_examples(path=path)
     path.write_bytes(b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": "2"}\n')
@@ -254,12 +232,35 @@ def test_download_is_checked_atomic_and_cached(tmp_path, monkeypatch):
     assert len(hellaswag.load_examples("val", cache_dir=cache)) == 3
 
     (tmp_path / "train.jsonl").write_bytes(data + b"\n")  # not the published bytes
-    monkeypatch.setitem(hellaswag.CHECKSUMS, "train", (len(data), hashlib.sha256(data).hexdigest()))
+    monkeypatch.setitem(hellaswag.CHECKSUMS, "train",
+                        (len(data), hashlib.sha256(data).hexdigest()))
     with pytest.raises(hellaswag.DataError, match="sha256"):
         hellaswag.load_examples("train", cache_dir=cache)
     with pytest.raises(hellaswag.DataError, match="cannot download"):
         hellaswag.load_examples("test", cache_dir=cache)  # no such "remote" file
-    assert sorted(p.name for p in cache.iterdir()) == ["hellaswag_val.jsonl"]  # nothing half-written
+    # nothing half-written
+    assert sorted(p.name for p in cache.iterdir()) == ["hellaswag_val.jsonl"]
+
+
+def test_a_failed_download_leaves_no_folder_and_names_hellaswag_pys_flag(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Without network: one line that says how to score a local copy with hellaswag.py's own
+    --data, and no empty data/hellaswag/ left behind."""
+    monkeypatch.setattr(hellaswag, "URL", (tmp_path / "nowhere" / "{split}.jsonl").as_uri())
+    cache = tmp_path / "data" / "hellaswag"
+    with pytest.raises(hellaswag.DataError, match="cannot download") as error:
+        hellaswag.load_examples("val", cache_dir=cache)
+    assert "--" not in str(error.value)  # no flag: each command line adds its own fix
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(hellaswag.parse_args(["--hf-model", "gpt2", "--cache-dir", str(cache),
+                                             "--device", "cpu"]))
+    captured = capsys.readouterr()
+    assert_user_error(SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out,
+                                      stderr=captured.err),
+                      "cannot download", "hellaswag_val.jsonl", "--data FILE")
+    assert "--hellaswag-data" not in captured.err and "(" + "[Errno" not in captured.err
+    assert not (tmp_path / "data").exists()
 
 
 def test_cli_sends_a_gpt2_checkpoint_to_gpt2_py(tmp_path, capsys):
@@ -272,6 +273,31 @@ def test_cli_sends_a_gpt2_checkpoint_to_gpt2_py(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gpt2.py --eval-hellaswag --init-from" in err[0]
+
+
+def test_help_shows_defaults_and_not_the_checkpoint_flag(capsys):
+    """--checkpoint only answers with the gpt2.py command: it works but stays out of --help."""
+    with pytest.raises(SystemExit):
+        hellaswag.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--checkpoint" not in text and "--hf-model" in text
+    for default in ("(default: val)", "(default: data/hellaswag)", "(default: out/hellaswag)",
+                    "(default: 32)", "(default: auto)", "(default: float32)"):
+        assert default in text, default
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path):
+    """--hf-model gpt2 without network and without a cached copy: one line at once that names
+    the fix, instead of half a minute of retries."""
+    data = write_examples(tmp_path / "mine.jsonl")
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    env = {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    result = run_script("hellaswag.py", "--hf-model", "gpt2", "--data", data, "--device", "cpu",
+                        "--out-dir", tmp_path / "out", env=env)
+    assert_user_error(result, "--hf-model gpt2", "cannot reach the Hugging Face hub",
+                      "local cache", "local folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_leaf_modules_import_no_stage():
@@ -298,35 +324,39 @@ def test_cli_scores_a_local_hugging_face_gpt2_with_reference_numbers(tmp_path, c
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
     data = write_examples(tmp_path / "mine.jsonl")
     metrics = hellaswag.main(hellaswag.parse_args([
-        "--hf-model", str(hf_dir), "--data", str(data), "--device", "cpu", "--out-dir", str(tmp_path / "out"),
-        "--predictions", str(tmp_path / "pred.jsonl"), "--batch-size", "2"]))
+        "--hf-model", str(hf_dir), "--data", str(data), "--device", "cpu",
+        "--out-dir", str(tmp_path / "out"), "--predictions", str(tmp_path / "pred.jsonl"),
+        "--batch-size", "2"]))
     out = capsys.readouterr().out
     assert "3 examples" in out and "acc_norm 0.2955" in out
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {key: saved[key] for key in metrics} == metrics
     lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["ind"] for p in lines] == [0, 1, 2]
-    assert set(lines[0]) >= {"ind", "label", "pred", "pred_norm", "pred_norm_chars", "loss_sum", "loss_mean"}
+    assert set(lines[0]) >= {"ind", "label", "pred", "pred_norm", "pred_norm_chars", "loss_sum",
+                             "loss_mean"}
     assert metrics["n"] == 3 and metrics["correct"] == sum(p["pred"] == p["label"] for p in lines)
-    # The adapter's fast path gives the same picks as its plain logits.
-    model = hellaswag.HFGPT2(transformers.GPT2LMHeadModel.from_pretrained(hf_dir)).eval()
-    fast = hellaswag.score_examples(model, EXAMPLES)
-    slow = hellaswag.score_examples(NoFastPath(model), EXAMPLES)
-    for r, s in zip(fast, slow):
-        assert r["loss_sum"] == pytest.approx(s["loss_sum"], rel=1e-5)
-        assert (r["pred"], r["pred_norm"], r["pred_norm_chars"]) == (s["pred"], s["pred_norm"], s["pred_norm_chars"])
+    # The adapter's hidden_states and lm_head give transformers' own logits.
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = hellaswag.HFGPT2(hf_model).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(model.hidden_states(idx)), hf_model(idx).logits,
+                              atol=1e-5)
 
 
 def test_cli_user_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n', encoding="utf-8")
+    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n',
+                   encoding="utf-8")
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"x")
     cases = [
         (["--data", str(bad), "--hf-model", "gpt2"], ["bad.jsonl:2"]),
-        (["--data", str(tmp_path / "none.jsonl"), "--hf-model", "gpt2"], ["--data", "no such file"]),
+        (["--data", str(tmp_path / "none.jsonl"), "--hf-model", "gpt2"],
+         ["--data", "no such file"]),
         (["--hf-model", str(tmp_path / "none")], ["--hf-model", "no such folder"]),
-        (["--data", str(bad)], ["--checkpoint", "--hf-model"]),
+        (["--data", str(bad)], ["--hf-model", "required"]),
         (["--checkpoint", str(ckpt), "--hf-model", "gpt2"], ["not allowed"]),
         (["--hf-model", "gpt2", "--limit", "-1"], ["--limit"]),
         (["--hf-model", "gpt2", "--batch-size", "0"], ["--batch-size"]),
@@ -342,8 +372,10 @@ def test_cli_user_errors(tmp_path, capsys):
 
 def test_cli_bad_line_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n', encoding="utf-8")
-    result = run_script("hellaswag.py", "--data", bad, "--hf-model", "gpt2", "--out-dir", tmp_path / "out")
+    bad.write_text('{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 1}\n{oops}\n',
+                   encoding="utf-8")
+    result = run_script("hellaswag.py", "--data", bad, "--hf-model", "gpt2",
+                        "--out-dir", tmp_path / "out")
     assert_user_error(result, "bad.jsonl:2")
     assert not (tmp_path / "out").exists()
 
