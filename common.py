@@ -1,7 +1,9 @@
-"""The plumbing every stage shares, so that the stages hold only their lesson. A leaf: it imports
-no stage, and every script may import it."""
+"""What the stages share, so that each holds only its lesson. First what every stage needs (the
+common flags and their checks, a user's mistake, the device, files and JSON, the log and the
+figure); then what the two GPT stages share (transformer.py and gpt2.py: presets, sampling
+flags, step timing, checkpoints, stop signals); last what only gpt2.py needs (mixed precision,
+GPU peaks for MFU, RNG states). A leaf: it imports no stage, and every script may import it."""
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -16,28 +18,34 @@ from pathlib import Path
 
 import torch
 
-PROG = Path(sys.argv[0]).name  # replaced by the script's name once its parser is built
+
+# --- every stage: the command line, a user's mistake, the device
+
+def print0(*args, **kwargs):
+    """print() on rank 0 alone: under torchrun every rank runs the same script (RANK says which;
+    a plain run is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
 
 
 def die(message):
-    """A user's mistake: one line naming the problem and the fix (rank 0's only), exit status 2."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    """A user's mistake: one line in the running script's name that says the problem and the fix,
+    and exit status 2 (under torchrun every rank exits, rank 0 alone says why)."""
+    print0(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-# --- the command line
-
 def make_parser(stage, description, data, data_help, seed):
     """The flags every stage has; argparse's own complaints end through die() like any mistake."""
-    global PROG
-    PROG = f"{stage}.py"
-    parser = argparse.ArgumentParser(prog=PROG, description=description)
+    parser = argparse.ArgumentParser(prog=f"{stage}.py", description=description)
     parser.error = die
     add = parser.add_argument
     add("--data", type=Path, default=Path(data), help=f"{data_help} (default: %(default)s)")
     add("--out-dir", type=Path, default=Path("out") / stage, help="where log.jsonl, metrics.json, "
         "the figure and any checkpoint go (default: %(default)s)")
+    add("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a "
+        "checkpoint, replacing it (a run never replaces one without this flag; stages that keep "
+        "no checkpoint rewrite their outputs anyway)")
     add("--device", default="auto",
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--seed", type=int, default=seed,
@@ -45,88 +53,27 @@ def make_parser(stage, description, data, data_help, seed):
     return parser
 
 
-# The flags of transformer.py and gpt2.py that mean the same in both: (group, flag, type, help).
-GPT_FLAGS = (
-    ("model", "--n-layer", int, "Transformer blocks"),
-    ("model", "--n-head", int, "attention heads"),
-    ("model", "--n-embd", int, "width of the residual stream"),
-    ("model", "--block-size", int, "longest context the model can take"),
-    ("training", "--max-steps", int, "optimizer steps; the cosine ends here"),
-    ("training", "--warmup-steps", int, "steps of linear warmup to --lr"),
-    ("training", "--lr", float, "peak learning rate"),
-    ("evaluation and samples", "--eval-every", int, "steps between evaluations (0: off)"),
-    ("evaluation and samples", "--eval-batches", int, "batches (per rank) in each loss estimate, "
-                                                      "always the same ones"))
-
-
-def add_gpt_flags(parser, presets, default, preset_help, batch_help):
-    """--preset, GPT_FLAGS (the preset's values unless given), the optimizer's, the output
-    folder's and --sample; returns the model, training and evaluation groups for the stage's own."""
-    parser.add_argument("--preset", choices=list(presets), default=default,
-                        help=f"{preset_help}; a flag overrides its value (default: {default})")
-    groups = {name: parser.add_argument_group(f"{name} (default: the preset's value)")
-              for name in ("model", "training", "evaluation and samples")}
-    groups["training"].add_argument("--batch-size", type=int, help=batch_help)
-    for group, flag, kind, text in GPT_FLAGS:
-        groups[group].add_argument(flag, type=kind, help=text)
-    group = groups["training"]
-    group.add_argument("--min-lr-ratio", type=float, default=0.1,
-                       help="the cosine ends at lr x this (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=0.1,
-                       help="AdamW weight decay of the matrices (default: %(default)s)")
-    group.add_argument("--grad-clip", type=float, default=1.0,
-                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="start afresh even though --out-dir holds a checkpoint, replacing it")
-    parser.add_argument("--sample", action="store_true", help="do not train: generate text "
-                        "from --init-from (default: <out-dir>/checkpoint.pt)")
-    return groups.values()
-
-
-def parse_gpt_args(parser, argv, presets, positive=(), non_negative=(), ranges=()):
-    """The flags, unset ones from the preset, checked: GPT_FLAGS' and the stage's own."""
-    args = parser.parse_args(argv)
-    for key, value in presets[args.preset].items():  # flags left unset take the preset's value
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    check_args(args, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
-                      "eval_batches", "lr", *positive),
-               ("warmup_steps", "eval_every", "sample_tokens", "top_k", *non_negative),
-               (("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
-                ("grad_clip", 0, math.inf), ("temperature", 0, 100), *ranges))
-    if args.n_embd % args.n_head:
-        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
-            "(each head gets n_embd / n_head channels)")
-    return args
-
-
-def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",)):
-    group.add_argument("--prompt", default=prompt,
-                       help="text the samples start from (default: %(default)r)")
-    group.add_argument(*names, dest="sample_tokens", type=int, default=tokens,
-                       help="tokens to generate per sample (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=1.0,
-                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
-    group.add_argument("--top-k", type=int, default=top_k,
-                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
-
-
 def check_args(args, positive=(), non_negative=(), ranges=()):
-    """die() on the first flag out of range (positive and non_negative ones must be finite);
-    `ranges` holds (name, low, high). A flag left unset (None) is not checked."""
-    checks = [(positive, lambda v: 0 < v < math.inf, "a positive number"),
-              (non_negative, lambda v: 0 <= v < math.inf, "0 (off) or a positive number")]
-    checks += [((name,), lambda v, low=low, high=high: low <= v <= high,
-                f"in [{low:g}, {high:g}]") for name, low, high in ranges]
-    for names, test, wording in checks:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not test(value):  # NaN passes no test
-                die(f"--{name.replace('_', '-')} must be {wording}, got {value}")
+    """die() on the first flag out of its range: `positive` flags are above 0, `non_negative`
+    ones 0 (off) or above, both finite; `ranges` holds (name, low, high), both ends allowed.
+    A flag left unset (None) is not checked; NaN is in no range."""
+    def refuse(name, value, wording):
+        die(f"--{name.replace('_', '-')} must be {wording}, got {value}")
+
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:
+            refuse(name, value, "a positive number")
+    for name in non_negative:
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < math.inf:
+            refuse(name, value, "0 (off) or a positive number")
+    for name, low, high in ranges:
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            refuse(name, value, f"in [{low:g}, {high:g}]")
     return args
 
-
-# --- device and dtype
 
 def pick_device(name="auto", local_rank=None):
     """auto: cuda, mps, cpu. A CUDA device always gets an index (cuda:LOCAL_RANK under torchrun,
@@ -154,35 +101,7 @@ def pick_device(name="auto", local_rank=None):
     return torch.device("cuda", index)
 
 
-def pick_dtype(name, device):
-    """bf16 on GPUs that have it (Ampere on), fp16 (with a gradient scaler) on older ones, fp32
-    on CPU and MPS unless asked for."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    if name == "float16" and device.type != "cuda":
-        die("--dtype float16 needs a CUDA GPU (it trains with a gradient scaler); "
-            "use --dtype bfloat16 or float32")
-    return getattr(torch, name)
-
-
-# Dense bf16 (else fp16) tensor-core TFLOP/s from the vendors' data sheets; the first name found
-# in the device's name wins, so the specific ones come first. Unknown cards: --peak-tflops.
-GPU_PEAK_TFLOPS = [
-    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("A6000", 155.0), ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-    ("V100", 125.0), ("T4", 65.0)]
-
-
-def gpu_peak_tflops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
-
-
-# --- files
+# --- every stage: files, the log, the figure
 
 def read_text(path, what="a UTF-8 text file"):
     """The whole file; a missing, unreadable, non-UTF-8 or empty one ends the run via die()."""
@@ -232,27 +151,31 @@ def prepare_out_dir(path, checkpoint=None, overwrite=False, resume_flag=False):
 
 def print_header(device, world_size=1):
     """The first lines of a run (rank 0's): the command line, the versions and the device."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
-              f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU "
-              "threads")
+    print0("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print0(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
+           f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU threads")
 
 
 class Log:
     """log.jsonl (also kept in .records), flushed line by line so that a crash loses nothing. A
-    resumed run keeps the steps before `keep_before`, dropping a line a crash cut short."""
+    resumed run keeps the records of the steps before `keep_before` (a line that a crash cut
+    short is dropped) and appends to them; `write=False` (the other ranks) keeps records only."""
 
     def __init__(self, path, keep_before=0, write=True):
-        path, self.records, self.file = Path(path), [], None
-        earlier = path.exists() and keep_before
-        for line in path.read_text(encoding="utf-8").splitlines() if earlier else []:
-            with contextlib.suppress(json.JSONDecodeError):
-                self.records += [r for r in [json.loads(line)] if r["step"] < keep_before]
+        path = Path(path)
+        self.records, self.file = [], None
+        if keep_before and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record["step"] < keep_before:
+                    self.records.append(record)
         if write:
             self.file = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")
-            self.file.writelines(json.dumps(r) + "\n" for r in self.records)
+            self.file.writelines(json.dumps(record) + "\n" for record in self.records)
             self.file.flush()
             os.replace(self.file.name, path)  # renamed while open: it grows under its real name
 
@@ -264,66 +187,6 @@ class Log:
     def close(self):
         if self.file is not None:
             self.file.close()
-
-
-def summarize(records, out_dir, head):
-    """metrics.json's final and best train loss, val loss and HellaSwag, printed after `head`."""
-    metrics, line = {}, [head]
-    for key, best in (("train_loss", min), ("val_loss", min), ("hellaswag", max)):
-        values = [r[key] for r in records if key in r]
-        if values:
-            metrics[f"final_{key}"], metrics[f"{best.__name__}_{key}"] = values[-1], best(values)
-            line.append(f"{key.replace('_', ' ')} {values[-1]:.4f}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(", ".join(line) + f"; outputs in {out_dir}")
-    return metrics
-
-
-class StepTimer:
-    """Each step's time (after a GPU sync: work, not queued launches), tokens/s and MFU."""
-
-    def __init__(self, tokens, flops_per_token=None, peak_tflops=None):
-        self.tokens, self.flops, self.peak = tokens, flops_per_token, peak_tflops
-        self.rates, self.started, self.mfu, self.total = [], time.time(), None, 0.0
-
-    def start(self):
-        self.t0 = time.time()
-
-    def stop(self, step):  # the step's timing fields for log.jsonl
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        self.ms = 1000 * (time.time() - self.t0)
-        self.total += self.ms / 1000  # seconds of training alone, without evaluations
-        self.rates.append(1000 * self.tokens / self.ms)
-        record = {"ms": round(self.ms, 2), "tokens_per_s": round(self.rates[-1], 1),
-                  "tokens": (step + 1) * self.tokens}
-        if self.peak:
-            record["mfu"] = self.mfu = self.flops * self.rates[-1] / (self.peak * 1e12)
-        return record
-
-    def __str__(self):
-        return (f"{self.ms:8.1f} ms | {self.rates[-1]:9,.0f} tok/s"
-                + (f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""))
-
-    def seconds(self):
-        return round(time.time() - self.started, 3)
-
-    def median(self):  # tokens/s of the median step: the first ones include compilation
-        return float(statistics.median(self.rates)) if self.rates else None
-
-
-def stop_on_bad_loss(loss, step, checkpoint, log):
-    """A NaN or infinite loss ends the run (exit status 1) unsaved: the last good one stays."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
-                else "no checkpoint was written")
-        print(f"{PROG}: error: the loss is {loss} at step {step}; stopping without saving "
-              f"({kept}); resume from it with a lower --lr or a longer --warmup-steps",
-              file=sys.stderr)
-    log.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.exit(1)
 
 
 def pyplot():
@@ -362,7 +225,83 @@ def save_figure(fig, path, dpi=100):
     return str(path)
 
 
-# --- checkpoints
+# --- transformer.py and gpt2.py: presets, sampling flags, progress, checkpoints, stop signals
+
+def by_preset(presets, key):
+    """Each preset's value of a flag, for its --help: '(default: quick/cpu 4, gpu 6)'."""
+    names = {}
+    for name, preset in presets.items():
+        names.setdefault(preset[key], []).append(name)
+    return "(default: " + ", ".join(f"{'/'.join(n)} {value:g}" for value, n in names.items()) + ")"
+
+
+def use_preset(args, presets):
+    """Flags left unset (None) take the value of the chosen --preset."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",), unit="tokens"):
+    """The flags of the samples: where they start, how long, how random."""
+    group.add_argument("--prompt", default=prompt,
+                       help="text the samples start from (default: %(default)r)")
+    group.add_argument(*names, dest="sample_tokens", type=int, default=tokens,
+                       help=f"{unit} to generate per sample (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    group.add_argument("--top-k", type=int, default=top_k, help=f"sample among the k likeliest "
+                       f"{unit} (0: all; default: %(default)s)")
+
+
+def print_step(step, *parts):
+    """A line of the run's progress, `step    42 | part | part`, printed by rank 0."""
+    print0(f"step {step:5d} | " + " | ".join(parts), flush=True)
+
+
+def summarize(records):
+    """metrics.json's final and best train loss, val loss and HellaSwag over the log's records."""
+    metrics = {}
+    for key, best in (("train_loss", min), ("val_loss", min), ("hellaswag", max)):
+        values = [r[key] for r in records if key in r]
+        if values:
+            metrics[f"final_{key}"], metrics[f"{best.__name__}_{key}"] = values[-1], best(values)
+    return metrics
+
+
+class StepTimer:
+    """Each step's time (after a GPU sync: work, not queued launches), tokens/s and MFU."""
+
+    def __init__(self, tokens, flops_per_token=None, peak_tflops=None):
+        self.tokens, self.flops, self.peak = tokens, flops_per_token, peak_tflops
+        self.rates, self.started, self.mfu, self.total = [], time.time(), None, 0.0
+
+    def start(self):
+        self.t0 = time.time()
+
+    def stop(self, step):  # the step's timing fields for log.jsonl
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.ms = 1000 * (time.time() - self.t0)
+        self.total += self.ms / 1000  # seconds of training alone, without evaluations
+        self.rates.append(1000 * self.tokens / self.ms)
+        record = {"ms": round(self.ms, 2), "tokens_per_s": round(self.rates[-1], 1),
+                  "tokens": (step + 1) * self.tokens}
+        if self.peak:
+            record["mfu"] = self.mfu = self.flops * self.rates[-1] / (self.peak * 1e12)
+        return record
+
+    def __str__(self):
+        return (f"{self.ms:8.1f} ms | {self.rates[-1]:9,.0f} tok/s"
+                + (f" | MFU {100 * self.mfu:.1f}%" if self.mfu is not None else ""))
+
+    def seconds(self):
+        return round(time.time() - self.started, 3)
+
+    def median(self):  # tokens/s of the median step: the first ones include compilation
+        return float(statistics.median(self.rates)) if self.rates else None
+
 
 def save_checkpoint(path, checkpoint):
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -386,19 +325,6 @@ def load_checkpoint(path, stage, hint):
     return checkpoint
 
 
-def rng_state():
-    """torch's RNG states, the only ones training draws from (its data order is the loader's own
-    state), so that a resumed run draws what an uninterrupted one would have drawn."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states are not needed
-    torch.set_rng_state(state["torch"])
-    for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(cuda_state, index)
-
-
 class StopSignals:
     """SIGTERM (a spot instance going away) or SIGINT (Ctrl-C) only set a flag: the loop ends
     its step, saves a checkpoint and exits. A second signal acts at once."""
@@ -416,3 +342,59 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# --- gpt2.py alone: mixed precision, GPU peaks for MFU, RNG states, a diverging loss
+
+def pick_dtype(name, device):
+    """bf16 on GPUs that have it (Ampere on), fp16 (with a gradient scaler) on older ones, fp32
+    on CPU and MPS unless asked for."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if name == "float16" and device.type != "cuda":
+        die("--dtype float16 needs a CUDA GPU (it trains with a gradient scaler); "
+            "use --dtype bfloat16 or float32")
+    return getattr(torch, name)
+
+
+# Dense bf16 (else fp16) tensor-core TFLOP/s from the vendors' data sheets; the first name found
+# in the device's name wins, so the specific ones come first. Unknown cards: --peak-tflops.
+GPU_PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("A6000", 155.0), ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("V100", 125.0), ("T4", 65.0)]
+
+
+def gpu_peak_tflops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def rng_state():
+    """torch's RNG states, the only ones training draws from (its data order is the loader's own
+    state), so that a resumed run draws what an uninterrupted one would have drawn."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states are not needed
+    torch.set_rng_state(state["torch"])
+    for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+def stop_on_bad_loss(loss, step, checkpoint, log):
+    """A NaN or infinite loss ends the run (exit status 1) unsaved: the last good one stays."""
+    kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
+            else "no checkpoint was written")
+    print0(f"{Path(sys.argv[0]).name}: error: the loss is {loss} at step {step}; stopping "
+           f"without saving ({kept}); resume from it with a lower --lr or a longer "
+           "--warmup-steps", file=sys.stderr)
+    log.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(1)

@@ -14,15 +14,16 @@ Run (CPU quick start: Shakespeare, a small model, a few minutes; the loss falls 
     python gpt2.py --sample --init-from out/gpt2/checkpoint.pt --prompt "ROMEO:"
 GPT-2 124M on FineWeb-Edu's 10B-token sample (`python fineweb.py --streaming` makes the shards):
     python gpt2.py                                     # one GPU: 8 micro-steps a step
-    torchrun --standalone --nproc_per_node=8 gpt2.py   # 8 GPUs: about 2 hours on 8xA100
+    torchrun --standalone --nproc_per_node=8 gpt2.py   # 8 GPUs, 1 micro-step a step
 (several machines: README.md). After a preemption the same command with --resume continues
 exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
-FineWeb-Edu; the reproduction followed here (10B tokens, 8xA100) reached 0.3009 and 3.0944. An
-earlier session measured 474,668 tokens/s, 41% MFU on one H100 80GB (torch 2.11, micro-batch 64,
-bf16, compile). The CPU quick start (359,202 tokens, 200 steps of 2,048) ran at about 1,350
-tokens/s in 338 s on 2 cores (2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+FineWeb-Edu; build-nanogpt, the reproduction followed here, reached 0.3009 and 3.0944 on 10B
+tokens in about 2 hours on 8xA100 (its figures). This file trained at 474,668 tokens/s, 41% MFU
+on one H100 80GB (torch 2.11, bf16, compile, micro-batch 64; 2026-11-25). The CPU quick start
+(359,202 tokens, 200 steps of 2,048) ran at about 1,350 tokens/s in 338 s on 2 CPU
+cores (torch 2.13, 2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
@@ -30,6 +31,7 @@ metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data posi
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -60,6 +62,9 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # No dropout (transformer.py had it): pre-training sees each of its 10B tokens about once,
+    # which leaves little to overfit, and dropout would only slow learning (nanoGPT and
+    # build-nanogpt pre-train without it; OpenAI's GPT-2 used 0.1).
 
 
 class KVCache:
@@ -242,16 +247,108 @@ class GPT(nn.Module):
             new = next_token
         return idx
 
+
     @classmethod
     def from_pretrained(cls, name_or_dir):
         """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub) or
-        any Hugging Face GPT-2 folder; the logits equal transformers' GPT2LMHeadModel's."""
-        config, weights = hellaswag.read_hf_gpt2(name_or_dir)
+        any Hugging Face GPT-2 folder; the logits equal transformers' GPT2LMHeadModel's. Weights
+        that do not fit, or are missing, are a ValueError, never a model with random ones."""
+        config, weights = read_hf_gpt2(name_or_dir)
         model = cls(GPTConfig(**config))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing != ["lm_head.weight"] or unexpected:  # lm_head is wte, loaded as such
-            raise ValueError(f"{name_or_dir} lacks {missing} or has unknown {unexpected}")
+        ours = model.state_dict()
+        problems = [f"no {k}" for k in ours if k not in weights and k != "lm_head.weight"]
+        problems += [f"unknown {k}" for k in weights if k not in ours]
+        problems += [f"{k} of shape {tuple(w.shape)}, not {tuple(ours[k].shape)}"
+                     for k, w in weights.items() if k in ours and w.shape != ours[k].shape]
+        if problems:  # lm_head is wte (tied): loaded as such
+            raise ValueError(f"{name_or_dir} is not GPT-2 as this file builds it: "
+                             + ", ".join(problems[:3]) + ("..." if len(problems) > 3 else ""))
+        model.load_state_dict(weights, strict=False)
         return model
+
+
+# --- GPT-2 in Hugging Face's layout: OpenAI's weights in (from_pretrained), a trained model
+# out (--export-hf) for the Hugging Face evaluators (lm-evaluation-harness and the like)
+
+# Hugging Face's GPT-2 keeps these four weights as Conv1D, (in, out): nn.Linear's transpose.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
+
+
+def read_hf_gpt2(name_or_dir):
+    """(config, weights) of a GPT-2 in Hugging Face's layout, for GPTConfig and GPT: a hub name
+    (downloaded once into the Hugging Face cache, which then serves offline runs) or a folder
+    with config.json and model.safetensors or pytorch_model.bin. What goes wrong is a ValueError
+    whose message is one line for the user, the fix included."""
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        if name_or_dir not in HUB:
+            raise ValueError(f"no such file or folder, nor one of OpenAI's GPT-2 on the Hugging "
+                             f"Face hub ({', '.join(HUB)}); pass --init-from with a gpt2.py "
+                             "checkpoint, a Hugging Face GPT-2 folder or one of those names")
+        from huggingface_hub import snapshot_download
+        try:
+            directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
+                                               allow_patterns=["config.json", "model.safetensors"]))
+        except OSError:  # offline and not in the cache yet, or the hub's own HTTP error
+            raise ValueError("the Hugging Face hub cannot be reached and its cache on this "
+                             "machine has no copy; connect once (the download is kept for "
+                             "offline runs) or pass --init-from with a gpt2.py checkpoint or a "
+                             "local Hugging Face GPT-2 folder") from None
+    try:
+        hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        config = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
+                         "GPT-2 config.json; pass --init-from with one of them") from None
+    gpt2 = dict(model_type="gpt2", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                scale_attn_by_inverse_layer_idx=False)
+    if (any(hf.get(key, value) != value for key, value in gpt2.items())
+            or hf.get("n_inner") not in (None, 4 * hf["n_embd"])
+            or hf.get("activation_function") not in ("gelu_new", "gelu_pytorch_tanh", None)):
+        raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
+                         "activation or normalisation differ); pass --init-from with a GPT-2")
+    try:
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+            weights = load_file(directory / "model.safetensors")
+        else:
+            weights = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as err:  # missing, truncated or foreign: each format raises its own kinds
+        raise ValueError(f"cannot read the weights in {directory} ({type(err).__name__}: it "
+                         "needs a whole model.safetensors or pytorch_model.bin)") from None
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not. The
+    # attention masks of old files are buffers, not weights.
+    weights = {"transformer." + k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w
+               for k, w in weights.items() if not k.endswith((".attn.bias", ".masked_bias"))
+               and not k.startswith("lm_head")}
+    return config, weights
+
+
+def write_hf_gpt2(directory, state_dict, config):
+    """config.json and model.safetensors of a gpt2.py model that GPT2LMHeadModel loads with the
+    same logits. A folder that cannot be written ends the run with one line."""
+    from safetensors.torch import save_file
+    tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
+               for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
+        "vocab_size": config["vocab_size"], "n_positions": config["block_size"],
+        "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_layer": config["n_layer"],
+        "n_head": config["n_head"], "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT}
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        common.write_atomic(Path(directory) / "model.safetensors",
+                            lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        common.write_json(Path(directory) / "config.json", hf_config)
+    except OSError as err:
+        die(f"cannot write to --export-hf {directory} ({err.strerror}); choose another folder")
+    print(f"wrote {directory}: config.json and model.safetensors for GPT2LMHeadModel")
 
 
 # --- speed tricks beside the model (each tested against the plain path)
@@ -316,11 +413,17 @@ def training_models(model, device, dtype, use_compile):
     return eval_model, FusedLossGPT(model) if fused else eval_model
 
 
+# Sampling's and HellaSwag's attention kernels. torch prefers cuDNN's attention on recent GPUs,
+# the fastest for training's one shape, but it builds a plan for every new length (0.1 s on an
+# H100), and every sampling step is a new length: flash or memory-efficient attention (math as
+# the fallback) have no such cost.
+VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH]
+
+
 def variable_length_attention():
-    """Sampling's attention kernels. torch prefers cuDNN's attention on recent GPUs, the fastest
-    for training's one shape, but it builds a plan for every new length (0.1 s on an H100), and
-    every sampling step is a new length: flash or memory-efficient attention have no such cost."""
-    return sdpa_kernel(hellaswag.VARIABLE_LENGTH_ATTENTION)  # flash, efficient, math
+    return sdpa_kernel(VARIABLE_LENGTH_ATTENTION)
+
 
 
 # --- data
@@ -443,17 +546,19 @@ def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, g
 
 @torch.no_grad()
 def estimate_loss(model, loader, batches, device, autocast, world_size):
-    """Mean loss over the first `batches` val windows (the same ones every time), averaged over
-    the ranks, each of which reads its own slice of every window."""
+    """Mean loss over the first `batches` batches of a loader (the same ones every time), and
+    over the ranks, each of which reads its own slice of every window. No dropout here, so no
+    eval mode either (a compiled model would compile again for it)."""
     loader.reset()
-    total = torch.zeros((), device=device)
+    total = 0.0
     for _ in range(batches):
         x, y = loader.next_batch()
         with autocast:
-            total += model(x.to(device), y.to(device))[1].float()
+            total += model(x.to(device), y.to(device))[1].item()
     if world_size > 1:
+        total = torch.tensor(total, dtype=torch.float64, device=device)
         dist.all_reduce(total)  # SUM: gloo has no AVG
-    return total.item() / (batches * world_size)
+    return float(total) / (batches * world_size)
 
 
 def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, generator, decode,
@@ -467,6 +572,134 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     model.train()
     return [decode(row) for row in out.tolist()]
 
+
+def print_samples(texts, numbers, step=None):
+    """Samples as the text they are, one after another, each under a line that names it."""
+    for i, text in zip(numbers, texts):
+        print(f"--- sample {i}" + (f", step {step}" if step is not None else "") + f":\n{text}",
+              flush=True)
+
+
+def main(args):
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process.
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    dtype = common.pick_dtype(args.dtype, device)
+    if args.sample or args.eval_hellaswag or args.export_hf:
+        return other_modes(args, device, dtype)
+
+    # Every input is checked before anything is written or any process group is joined.
+    train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
+    torch.manual_seed(args.seed)
+    checkpoint, model = start_from(args)
+    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    if checkpoint is not None and checkpoint["step"] >= end_step:
+        return already_done(args, checkpoint["step"])  # nothing on disk changes
+    enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
+                           args.sample_every or args.hellaswag_every else (None, None, None))
+    examples = load_hellaswag(args) if args.hellaswag_every else None
+    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
+                           resume_flag=True)
+    if ddp:  # NCCL moves gradients GPU to GPU; gloo is the CPU backend (tests, laptops)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for what still runs in float32
+    common.print_header(device, world_size)
+
+    model.to(device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
+    # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    start_step = resume(checkpoint, model, optimizer, scaler, train_loader) if checkpoint else 0
+    # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    eval_model, train_model = training_models(model, device, dtype, use_compile)
+    if ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
+    common.print0(f"preset {args.preset}: {model.config}, "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; micro-batch "
+                  f"{args.batch_size} x {args.seq_len} on {world_size} rank(s), {grad_accum} "
+                  f"micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, compile "
+                  f"{use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
+    # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
+    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
+
+    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
+            if rank == 0 else lambda step: None)  # the ranks hold the same weights: one writes
+    # Each rank samples its share of --num-samples with a generator of its own, so sampling
+    # never moves the training RNG and the ranks do not all write the same text.
+    sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
+    timer = common.StepTimer(args.total_batch_size, model.flops_per_token(args.seq_len) /
+                             world_size, args.peak_tflops or common.gpu_peak_tflops(device))
+    stopped = None
+    # SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits.
+    with common.StopSignals() as signals:
+        for step in range(start_step, end_step + 1):
+            last = step == end_step  # --max-steps, or --stop-step to go on later with --resume
+            if step > start_step and (last or args.checkpoint_every and
+                                      step % args.checkpoint_every == 0):
+                save(step)  # before evaluating: what the first `step` steps made
+            evaluation = {}
+            if val_loader is not None and (last or step % args.eval_every == 0):
+                evaluation["val_loss"] = estimate_loss(eval_model, val_loader, args.eval_batches,
+                                                       device, autocast, world_size)
+            if examples and (last or step % args.hellaswag_every == 0):
+                result = hellaswag.evaluate(model, examples, device=device, enc=enc, rank=rank,
+                                            world_size=world_size, autocast_dtype=half)
+                evaluation.update(hellaswag=result["acc_norm"], hellaswag_n=result["n"])
+            if evaluation:
+                log({"step": step, **evaluation})
+                common.print_step(step, *(f"{k} {v:.4f}" for k, v in evaluation.items()
+                                          if k != "hellaswag_n"))
+            if args.sample_every and step > 0 and (last or step % args.sample_every == 0):
+                mine = range(rank, args.num_samples, world_size)  # this rank's share
+                texts = sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
+                                     args.top_k, sample_generator, decode, autocast) if mine else []
+                print_samples(texts, mine, step)
+            if last:
+                break
+
+            timer.start()
+            lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
+                               args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_loss, norm, stop = train_step(train_model, optimizer, scaler, train_loader,
+                                                grad_accum, device, autocast, args.grad_clip,
+                                                signals.received is not None)
+            if not math.isfinite(train_loss):
+                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
+                 **timer.stop(step)})
+            common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
+                              str(timer))
+            if stop:  # no evaluation now: a machine that is going away gives a minute or two
+                stopped = signals.received or "a signal on another rank"
+                save(step + 1)
+                common.print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
+                              f"{args.out_dir}; the same command with --resume continues")
+                break
+    log.close()
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
+               "stopped": stopped, "world_size": world_size, "device": str(device),
+               "dtype": str(dtype)[6:], "compile": use_compile, "tokens_per_s": timer.median(),
+               "total_batch_size": args.total_batch_size, "seconds": timer.seconds(),
+               "steps_done": start_step + len(timer.rates), **common.summarize(log.records)}
+    common.print0(f"{len(timer.rates)} steps in {timer.seconds()} s; " + ", ".join(
+        f"{key[6:].replace('_', ' ')} {value:.4f}" for key, value in metrics.items()
+        if key.startswith("final_")) + f"; outputs in {args.out_dir}")
+    if rank == 0:
+        write_outputs(args, log.records, metrics)
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+# --- outputs, checkpoints and the modes without training
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
@@ -502,21 +735,24 @@ def draw_figure(path, records, args):
 
 def load_model(source, device="cpu"):
     """A GPT in eval mode from a gpt2.py checkpoint (a file, or an --out-dir holding
-    checkpoint.pt) or else Hugging Face weights (a directory or a hub name); dies if neither."""
+    checkpoint.pt) or else Hugging Face weights (a folder or a hub name); dies if neither."""
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
     hint = "pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2"
     if not path.is_file():
         try:
             return GPT.from_pretrained(str(path)).to(device).eval()
-        except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            die(f"cannot load weights from {source}: {err!r}; {hint}")
+        except ImportError as err:
+            die(f"Hugging Face weights need the {err.name} package: pip install {err.name}")
+        except ValueError as err:  # its message says what is wrong and how to fix it
+            die(f"cannot load --init-from {source}: {err}")
     checkpoint = common.load_checkpoint(path, STAGE, hint)
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} does not match this {STAGE}.py ({err!r}); {hint}")
+        die(f"checkpoint {path} does not match this {STAGE}.py ({type(err).__name__}: its "
+            f"config or weights differ); {hint}")
     return model.to(device).eval()
 
 
@@ -552,6 +788,18 @@ def resume(checkpoint, model, optimizer, scaler, loader):
     return checkpoint["step"]
 
 
+def already_done(args, step):
+    """--resume of a run that has already reached its end: say so, and change nothing."""
+    if step >= args.max_steps:
+        common.print0(f"the run in {args.out_dir} is already complete at step {step} (--max-steps "
+                      f"{args.max_steps}): nothing was changed; use it with --sample or "
+                      "--eval-hellaswag, or start afresh with --overwrite")
+    else:
+        common.print0(f"the run in {args.out_dir} is already at step {step}, --stop-step "
+                      f"{args.stop_step}: nothing was changed; raise --stop-step or drop it")
+    return {"stage": STAGE, "steps_done": step}
+
+
 def tokenizer(args, vocab_size, sampling):
     """GPT-2's tokenizer (samples and HellaSwag need it), the prompt's tokens (checked now, not an
     hour into the run), and a decoder that drops the padding ids (past 50,257: no text)."""
@@ -566,10 +814,15 @@ def tokenizer(args, vocab_size, sampling):
 
 
 def load_hellaswag(args):
-    """The HellaSwag examples, read at start-up, not an hour into the run."""
-    return hellaswag.examples_or_die(args.hellaswag_data, "; pass --hellaswag-data with a local "
-                                     "hellaswag_val.jsonl" + ("" if args.eval_hellaswag else
-                                     " or --hellaswag-every 0"), args.hellaswag_limit)
+    """HellaSwag's examples, read at start-up rather than an hour into the run."""
+    fix = ("pass --hellaswag-data with a local hellaswag_val.jsonl"
+           + ("" if args.eval_hellaswag else " or turn it off with --hellaswag-every 0"))
+    try:
+        examples = hellaswag.load_examples(path=args.hellaswag_data)
+    except hellaswag.DataError as error:
+        reason = str(error).split("; ")[0]  # what follows is hellaswag.py's advice, in its flags
+        die(f"HellaSwag: {reason}; {fix}")
+    return examples[:args.hellaswag_limit or None]
 
 
 def save_checkpoint(args, model, optimizer, scaler, loader, step):
@@ -586,7 +839,7 @@ def other_modes(args, device, dtype):
     examples = load_hellaswag(args) if args.eval_hellaswag else None
     model = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
     if args.export_hf:
-        hellaswag.write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
+        write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
         return {"export_hf": str(args.export_hf)}
     enc, prompt, decode = tokenizer(args, model.config.vocab_size, sampling=args.sample)
     common.print_header(device)
@@ -600,121 +853,8 @@ def other_modes(args, device, dtype):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
                            args.top_k, generator, decode, autocast)
-    for i, text in enumerate(samples):
-        print(f"--- sample {i}:\n{text}")
+    print_samples(samples, range(len(samples)))
     return {"samples": samples}
-
-
-def main(args):
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
-    dtype = common.pick_dtype(args.dtype, device)
-    if args.sample or args.eval_hellaswag or args.export_hf:
-        return other_modes(args, device, dtype)
-
-    # Every input is checked before anything is written or any process group is joined.
-    train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
-    torch.manual_seed(args.seed)
-    checkpoint, model = start_from(args)
-    enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
-                           args.sample_every or args.hellaswag_every else (None, None, None))
-    examples = load_hellaswag(args) if args.hellaswag_every else None
-    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
-                           resume_flag=True)
-    if ddp:  # NCCL moves gradients GPU to GPU; gloo is the CPU backend (tests, laptops)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for what still runs in float32
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    common.print_header(device, world_size)  # on rank 0 only, like every line but samples
-
-    model.to(device)
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
-    # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start_step = resume(checkpoint, model, optimizer, scaler, train_loader) if checkpoint else 0
-    # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    eval_model, train_model = training_models(model, device, dtype, use_compile)
-    if ddp:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
-    print0(f"preset {args.preset}: {model.config}, {sum(p.numel() for p in model.parameters()):,} "
-           f"parameters; micro-batch {args.batch_size} x {args.seq_len} on {world_size} rank(s), "
-           f"{grad_accum} micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, "
-           f"compile {use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
-    # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
-    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
-
-    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
-            if rank == 0 else lambda step: None)  # the ranks hold the same weights: one writes
-    # Each rank samples its share of --num-samples with a generator of its own, so sampling
-    # never moves the training RNG and the ranks do not all write the same text.
-    sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    timer = common.StepTimer(args.total_batch_size, model.flops_per_token(args.seq_len) /
-                             world_size, args.peak_tflops or common.gpu_peak_tflops(device))
-    end_step, stopped = min(args.max_steps, args.stop_step or args.max_steps), None
-    with common.StopSignals() as signals:
-        for step in range(start_step, end_step):
-            last = step == args.max_steps - 1
-            evaluation = {}
-            if val_loader is not None and (last or step % args.eval_every == 0):
-                evaluation["val_loss"] = estimate_loss(eval_model, val_loader, args.eval_batches,
-                                                       device, autocast, world_size)
-            if examples and (last or step % args.hellaswag_every == 0):
-                result = hellaswag.evaluate(model, examples, device=device, enc=enc, rank=rank,
-                                            world_size=world_size, autocast_dtype=half)
-                evaluation.update(hellaswag=result["acc_norm"], hellaswag_n=result["n"])
-            if evaluation:
-                log({"step": step, **evaluation})
-                print0(f"step {step:5d} | " + " | ".join(
-                    f"{k} {v:.4f}" for k, v in evaluation.items() if k != "hellaswag_n"))
-            if args.sample_every and step > 0 and (last or step % args.sample_every == 0):
-                mine = range(rank, args.num_samples, world_size)  # this rank's share
-                texts = sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
-                                     args.top_k, sample_generator, decode, autocast) if mine else []
-                for i, text in zip(mine, texts):
-                    print(f"step {step:5d} | sample {i}: {text!r}", flush=True)
-
-            timer.start()
-            lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
-                               args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_loss, norm, stop = train_step(train_model, optimizer, scaler, train_loader,
-                                                grad_accum, device, autocast, args.grad_clip,
-                                                signals.received is not None)
-            if not math.isfinite(train_loss):
-                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
-            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
-                 **timer.stop(step)})
-            print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                   f"{timer}")
-            if stop:
-                stopped = signals.received or "a signal on another rank"
-                save(step + 1)
-                print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
-                       f"{args.out_dir}; the same command with --resume continues")
-                break
-            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 \
-                    or step + 1 == end_step:
-                save(step + 1)
-    log.close()
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
-               "stopped": stopped, "world_size": world_size, "device": str(device),
-               "dtype": str(dtype)[6:], "compile": use_compile, "tokens_per_s": timer.median(),
-               "total_batch_size": args.total_batch_size, "seconds": timer.seconds(),
-               "steps_done": start_step + len(timer.rates), **common.summarize(
-                   log.records, args.out_dir, f"{len(timer.rates)} steps in {timer.seconds()} s")}
-    if rank == 0:
-        write_outputs(args, log.records, metrics)
-    if ddp:
-        dist.destroy_process_group()
-    return metrics
 
 
 # --- command line
@@ -745,46 +885,90 @@ PRESETS = {
 def parse_args(argv=None):
     parser = common.make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun).",
                                 "data/shards", "a folder of fineweb.py's shards", seed=1337)
-    model, train, evals = common.add_gpt_flags(
-        parser, PRESETS, "gpt2", "model size and training defaults: gpt2 (124M) to gpt2-xl, or "
-        "cpu, cpu-tiny for a laptop", "micro-batch: sequences per forward pass and rank")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
-                        "it, float16 with a gradient scaler on older ones, float32 elsewhere")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="torch.compile the training step's model (default: on with CUDA)")
+    preset = functools.partial(common.by_preset, PRESETS)
+    parser.add_argument("--preset", choices=list(PRESETS), default="gpt2",
+                        help="model size and training defaults: gpt2 (124M) to gpt2-xl, or cpu, "
+                        "cpu-tiny for a laptop; a flag overrides its value (default: gpt2)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--n-layer", type=int, help="Transformer blocks " + preset("n_layer"))
+    model.add_argument("--n-head", type=int, help="attention heads " + preset("n_head"))
+    model.add_argument("--n-embd", type=int,
+                       help="width of the residual stream " + preset("n_embd"))
+    model.add_argument("--block-size", type=int,
+                       help="longest context the model can take " + preset("block_size"))
     model.add_argument("--vocab-size", type=int, default=50304,
                        help="rows of the embedding: GPT-2's 50,257 tokens padded (default: 50304)")
     model.add_argument("--init-from", help="weights to start from or use: gpt2 to gpt2-xl (the "
                        "Hugging Face hub), a Hugging Face folder, or a gpt2.py checkpoint")
-    for group, flag, kind, text in (
-            (train, "--seq-len", int, "tokens per sequence (default: the block size)"),
-            (train, "--total-batch-size", int, "tokens a step, over ranks and micro-steps"),
-            (train, "--stop-step", int, "stop (and save) after this step; --resume goes on"),
-            (train, "--checkpoint-every", int, "steps between checkpoints (0: only at the end)"),
-            (evals, "--hellaswag-every", int, "steps between HellaSwag evaluations (0: off)"),
-            (evals, "--hellaswag-data", Path, "local HellaSwag .jsonl (default: downloaded once)"),
-            (evals, "--hellaswag-limit", int, "only the first N examples (default: all 10,042)"),
-            (evals, "--sample-every", int, "steps between samples (0: off)"),
-            (evals, "--export-hf", Path, "do not train: save --init-from for GPT2LMHeadModel here"),
-            (evals, "--peak-tflops", float, "GPU peak TFLOP/s for MFU (default: from a table)")):
-        group.add_argument(flag, type=kind, help=text)
-    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, help="micro-batch: sequences per forward pass "
+                       "and rank " + preset("batch_size"))
+    train.add_argument("--seq-len", type=int, help="tokens per sequence (default: the block size)")
+    train.add_argument("--total-batch-size", type=int, help="tokens a step, over ranks and "
+                       "micro-steps " + preset("total_batch_size"))
+    train.add_argument("--max-steps", type=int,
+                       help="optimizer steps; the cosine ends here " + preset("max_steps"))
+    train.add_argument("--warmup-steps", type=int,
+                       help="steps of linear warmup to --lr " + preset("warmup_steps"))
+    train.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
+    train.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine ends at lr x this (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.1,
+                       help="AdamW weight decay of the matrices (default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a fresh order each epoch, from --seed")
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only "
+                       "at the end) " + preset("checkpoint_every"))
+    train.add_argument("--stop-step", type=int,
+                       help="stop (and save) at this step; --resume goes on from it")
+    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
+                       "it, float16 with a gradient scaler on older ones, float32 elsewhere")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step's model (default: on with CUDA)")
+    speed.add_argument("--peak-tflops", type=float,
+                       help="GPU peak TFLOP/s for MFU (default: from common.py's table)")
+    evals = parser.add_argument_group("evaluation and samples")
+    evals.add_argument("--eval-every", type=int,
+                       help="steps between evaluations (0: off) " + preset("eval_every"))
+    evals.add_argument("--eval-batches", type=int, help="batches (per rank) in each loss "
+                       "estimate, always the same ones " + preset("eval_batches"))
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
-    evals.add_argument("--eval-hellaswag", action="store_true",
-                       help="do not train: score --init-from on HellaSwag")
+    evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag evaluations "
+                       "(0: off) " + preset("hellaswag_every"))
+    evals.add_argument("--hellaswag-data", type=Path,
+                       help="local HellaSwag .jsonl (default: downloaded once)")
+    evals.add_argument("--hellaswag-limit", type=int,
+                       help="only the first N examples (default: all 10,042)")
+    evals.add_argument("--sample-every", type=int,
+                       help="steps between samples (0: off) " + preset("sample_every"))
     evals.add_argument("--num-samples", type=int, default=4,
                        help="samples to generate, split over the ranks (default: %(default)s)")
     common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
-    args = common.parse_gpt_args(
-        parser, argv, PRESETS, ("vocab_size", "total_batch_size", "num_samples", "stop_step",
-                                "peak_tflops"),
-        ("hellaswag_every", "hellaswag_limit", "sample_every", "checkpoint_every"))
-    args.seq_len = args.seq_len or args.block_size  # after the checks: 0 means the block size
-    common.check_args(args, positive=("seq_len",))
+    modes = parser.add_argument_group("modes without training (the weights: --init-from, "
+                                      "default <out-dir>/checkpoint.pt)")
+    modes.add_argument("--sample", action="store_true", help="generate text")
+    modes.add_argument("--eval-hellaswag", action="store_true", help="score HellaSwag")
+    modes.add_argument("--export-hf", type=Path,
+                       help="save the weights here for transformers' GPT2LMHeadModel")
+    args = common.use_preset(parser.parse_args(argv), PRESETS)
+    args.seq_len = args.seq_len or args.block_size  # 0 means the block size too
+    common.check_args(
+        args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
+                        "eval_batches", "lr", "vocab_size", "seq_len", "total_batch_size",
+                        "num_samples", "stop_step", "peak_tflops"),
+        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k", "hellaswag_every",
+                      "hellaswag_limit", "sample_every", "checkpoint_every"),
+        ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
+    if args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
+            "(each head gets n_embd / n_head channels)")
     if args.seq_len > args.block_size and args.init_from is None:
         die(f"--seq-len {args.seq_len} is longer than --block-size {args.block_size}; "
             "lower --seq-len or raise --block-size")

@@ -15,20 +15,22 @@ Run:
     python transformer.py --preset quick     # CPU, about a minute
     python transformer.py                    # --preset cpu: CPU, a few minutes
     python transformer.py --preset gpu       # one GPU: 6 layers, 6 heads, 384 wide, block 256
-    python transformer.py --data ../shared/data/tinyshakespeare.txt   # the canonical corpus
+    python transformer.py --data path/to/tinyshakespeare.txt   # the canonical corpus
     python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
 Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10% val)
-on 2 CPU cores, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of 12 x 64
+on 2 CPU cores, torch 2.13, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of 12 x 64
 characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 275 s. On the bundled
 data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU
-recipe 1.8857; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 minutes.
+recipe 1.8857; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 minutes
+(nanoGPT's figures).
 Ctrl-C ends training early: the run still evaluates, samples and writes its outputs.
 
-Outputs in --out-dir (default out/transformer): log.jsonl (step, seconds, train_seconds,
-train_loss, val_loss, lr at every evaluation), metrics.json, loss.png, checkpoint.pt (the best
-model, optimizer, step, config and vocabulary; --sample reads it).
+Outputs in --out-dir (default out/transformer): log.jsonl (a record a step: train_loss, lr,
+ms; one an evaluation: train_split_loss, val_loss, seconds), metrics.json, loss.png, checkpoint.pt
+(the best model, optimizer, step, config and vocabulary; --sample reads it).
 """
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -267,7 +269,7 @@ def open_data(args):
     train_data, val_data = split_tokens(text, vocab, args.block_size)
     train = WindowLoader(train_data, args.batch_size, args.block_size, args.seed)
     evals = {name: WindowLoader(data, args.batch_size, args.block_size, seed=0)
-             for name, data in (("train", train_data), ("val", val_data))}
+             for name, data in (("train_split", train_data), ("val", val_data))}
     return train, evals, vocab
 
 
@@ -316,7 +318,80 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     out = model.generate(idx, max_new_tokens, temperature, top_k or None, generator)
     model.train()
     return [decode(row) for row in out.tolist()]
+def main(args):
+    device = common.pick_device(args.device)
+    if args.sample:
+        return other_modes(args, device)
 
+    # Every input is checked before anything is written.
+    train_loader, eval_loaders, vocab = open_data(args)
+    prompt = vocab.encode(args.prompt)
+    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
+    common.print_header(device)
+
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(block_size=args.block_size, vocab_size=len(vocab.chars),
+                          n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                          dropout=args.dropout, attention=args.attention)).to(device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
+    print(f"preset {args.preset}: {model.config}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.data):,} "
+          f"characters to train on; the loss at init should be about ln({len(vocab.chars)}) = "
+          f"{math.log(len(vocab.chars)):.4f}")
+    log = common.Log(args.out_dir / "log.jsonl")
+
+    timer, best = common.StepTimer(args.batch_size * args.block_size), None
+    # Ctrl-C or SIGTERM: the loop ends after its step, and the run still evaluates and samples.
+    with common.StopSignals() as signals:
+        for step in range(args.max_steps + 1):
+            last = step == args.max_steps or signals.received is not None
+            if last or (args.eval_every and step % args.eval_every == 0):
+                evaluation = {f"{split}_loss": estimate_loss(model, loader, args.eval_batches,
+                                                             device)
+                              for split, loader in eval_loaders.items()}
+                log({"step": step, **evaluation, "seconds": timer.seconds(),
+                     "train_seconds": round(timer.total, 3)})
+                common.print_step(step, *(f"{k} {v:.4f}" for k, v in evaluation.items()),
+                                  f"{timer.total:.1f} s training ({timer.seconds():.1f} s in all)")
+                if (step > 0 or last) and (best is None or evaluation["val_loss"] < best["val_loss"]):
+                    best = log.records[-1]
+                    save_checkpoint(args, model, optimizer, vocab, step, evaluation["val_loss"])
+            if last:
+                break
+
+            timer.start()
+            lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
+                               args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_loss = train_step(model, optimizer, train_loader, device, args.grad_clip).item()
+            log({"step": step, "train_loss": train_loss, "lr": lr, **timer.stop(step)})
+    log.close()
+    stopped = signals.received
+    if stopped:
+        print(f"received {stopped}: training stopped at step {step}")
+    model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
+                          generator, vocab.decode)[0]
+    print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
+    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
+               "stopped": stopped, "params": sum(p.numel() for p in model.parameters()),
+               "steps": step, "lr": args.lr, "batch_size": args.batch_size,
+               "train_seconds": round(timer.total, 3),
+               "ms_per_step": round(1000 * timer.total / max(step, 1), 3),
+               "seconds": timer.seconds(), "best_step": best["step"],
+               "best_val_loss": best["val_loss"], "sample": sample,
+               "vocab_size": len(vocab.chars), "device": str(device), "data": str(args.data),
+               "threads": torch.get_num_threads(), "seed": args.seed,
+               **common.summarize(log.records)}
+    print(f"best val loss {best['val_loss']:.4f} at step {best['step']}; {timer.total:.1f} s of "
+          f"training, {timer.seconds()} s in all; outputs in {args.out_dir}")
+    write_outputs(args, log.records, metrics)
+    return metrics
+
+
+# --- outputs, checkpoints and the mode without training
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
@@ -325,12 +400,13 @@ def write_outputs(args, records, metrics):
 
 
 def draw_figure(path, records, args):
-    """Train and val loss against step."""
+    """Every step's training loss, and each evaluation's estimates on both splits, against step."""
     plt = common.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 1, figsize=(7, 4), squeeze=False)
-    for key, style in (("train_loss", dict(marker="o")), ("val_loss", dict(marker="o"))):
+    for key, style in (("train_loss", dict(lw=0.8)), ("train_split_loss", dict(marker="o")),
+                       ("val_loss", dict(marker="o"))):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
@@ -356,7 +432,8 @@ def load_model(source, device="cpu"):
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} does not match this {STAGE}.py ({err!r}); {hint}")
+        die(f"checkpoint {path} does not match this {STAGE}.py ({type(err).__name__}: its "
+            f"config or weights differ); {hint}")
     return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
 
 
@@ -381,80 +458,6 @@ def other_modes(args, device):
     return {"sample": samples[0]}
 
 
-def main(args):
-    device = common.pick_device(args.device)
-    if args.sample:
-        return other_modes(args, device)
-
-    # Every input is checked before anything is written.
-    train_loader, eval_loaders, vocab = open_data(args)
-    prompt = vocab.encode(args.prompt)
-    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
-    common.print_header(device)
-
-    torch.manual_seed(args.seed)
-    config = GPTConfig(block_size=args.block_size, vocab_size=len(vocab.chars),
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                       dropout=args.dropout, attention=args.attention)
-    model = GPT(config).to(device)
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
-    print(f"preset {args.preset}: {config}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters; {len(train_loader.data):,} characters to train on; the loss at init "
-          f"should be about ln({len(vocab.chars)}) = {math.log(len(vocab.chars)):.4f}")
-    log = common.Log(args.out_dir / "log.jsonl")
-
-    timer, best = common.StepTimer(args.batch_size * args.block_size), None
-    # Ctrl-C or SIGTERM: the loop ends after its step, and the run still evaluates and samples.
-    with common.StopSignals() as signals:
-        for step in range(args.max_steps + 1):
-            last = step == args.max_steps or signals.received is not None
-            if last or (args.eval_every and step % args.eval_every == 0):
-                losses = {name: estimate_loss(model, loader, args.eval_batches, device)
-                          for name, loader in eval_loaders.items()}
-                lr = learning_rate(min(step, args.max_steps - 1), args.lr, args.warmup_steps,
-                                   args.max_steps, args.min_lr_ratio)
-                log({"step": step, "seconds": timer.seconds(),
-                     "train_seconds": round(timer.total, 3), "train_loss": losses["train"],
-                     "val_loss": losses["val"], "lr": lr})
-                print(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f} | "
-                      f"lr {lr:.2e} | {timer.total:.1f} s training "
-                      f"({timer.seconds():.1f} s in all)")
-                if (step > 0 or last) and (best is None or losses["val"] < best["val_loss"]):
-                    best = log.records[-1]
-                    save_checkpoint(args, model, optimizer, vocab, step, losses["val"])
-            if last:
-                break
-
-            timer.start()
-            lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
-                               args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_step(model, optimizer, train_loader, device, args.grad_clip)
-            timer.stop(step)
-    log.close()
-    stopped = signals.received
-    if stopped:
-        print(f"received {stopped}: training stopped at step {step}")
-    model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
-                          generator, vocab.decode)[0]
-    print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(config), "stopped": stopped,
-               "params": sum(p.numel() for p in model.parameters()), "steps": step, "lr": args.lr,
-               "batch_size": args.batch_size, "train_seconds": round(timer.total, 3),
-               "ms_per_step": round(1000 * timer.total / max(step, 1), 3),
-               "seconds": timer.seconds(),
-               "best_step": best["step"], "best_val_loss": best["val_loss"], "sample": sample,
-               "vocab_size": len(vocab.chars), "device": str(device), "data": str(args.data),
-               "threads": torch.get_num_threads(), "seed": args.seed, **common.summarize(
-                   log.records, args.out_dir, f"best val loss {best['val_loss']:.4f} at step "
-                   f"{best['step']}; {timer.total:.1f} s of training, {timer.seconds()} s in all")}
-    write_outputs(args, log.records, metrics)
-    return metrics
-
-
 # --- command line
 
 # The model's size and the training length; a flag overrides any value. quick is nanoGPT's CPU
@@ -476,17 +479,57 @@ PRESETS = {
 def parse_args(argv=None):
     parser = common.make_parser(STAGE, "A character-level GPT trained on Shakespeare.",
                                 "data/shakespeare.txt", "UTF-8 text to learn", seed=1337)
-    model, train, evals = common.add_gpt_flags(
-        parser, PRESETS, "cpu", "model size and training length: quick (about a minute on a "
-        "CPU), cpu (minutes), gpu (one GPU)", "sequences a step")
-    parser.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
-                        help="sdpa: torch's fused kernel; manual: the same computation written "
-                             "out, to read (default: sdpa)")
-    model.add_argument("--dropout", type=float, help="dropout probability (0: none)")
-    model.add_argument("--init-from", "--checkpoint", type=Path,
+    preset = functools.partial(common.by_preset, PRESETS)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                        help="model size and training length: quick (about a minute on a CPU), "
+                        "cpu (minutes), gpu (one GPU); a flag overrides its value (default: cpu)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--n-layer", type=int, help="Transformer blocks " + preset("n_layer"))
+    model.add_argument("--n-head", type=int, help="attention heads " + preset("n_head"))
+    model.add_argument("--n-embd", type=int,
+                       help="width of the residual stream " + preset("n_embd"))
+    model.add_argument("--block-size", type=int,
+                       help="longest context the model can take " + preset("block_size"))
+    model.add_argument("--dropout", type=float,
+                       help="dropout probability (0: none) " + preset("dropout"))
+    model.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
+                       help="sdpa: torch's fused kernel; manual: the same computation written "
+                       "out, to read (default: sdpa)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, help="sequences a step " + preset("batch_size"))
+    train.add_argument("--max-steps", type=int,
+                       help="optimizer steps; the cosine ends here " + preset("max_steps"))
+    train.add_argument("--warmup-steps", type=int,
+                       help="steps of linear warmup to --lr " + preset("warmup_steps"))
+    train.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
+    train.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine ends at lr x this (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.1,
+                       help="AdamW weight decay of the matrices (default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
+    evals = parser.add_argument_group("evaluation and samples")
+    evals.add_argument("--eval-every", type=int,
+                       help="steps between evaluations (0: off) " + preset("eval_every"))
+    evals.add_argument("--eval-batches", type=int, help="batches in each loss estimate, always "
+                       "the same ones " + preset("eval_batches"))
+    common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"),
+                              unit="characters")
+    modes = parser.add_argument_group("mode without training (the weights: --init-from, "
+                                      "default <out-dir>/checkpoint.pt)")
+    modes.add_argument("--sample", action="store_true", help="generate text")
+    modes.add_argument("--init-from", "--checkpoint", type=Path,
                        help="the checkpoint --sample reads")
-    common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"))
-    args = common.parse_gpt_args(parser, argv, PRESETS, ranges=(("dropout", 0, 0.99),))
+    args = common.use_preset(parser.parse_args(argv), PRESETS)
+    common.check_args(
+        args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
+                        "eval_batches", "lr"),
+        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
+        ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100), ("dropout", 0, 0.99)))
+    if args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
+            "(each head gets n_embd / n_head channels)")
     if not args.prompt:
         die("--prompt must not be empty; give at least one character to start from")
     return args

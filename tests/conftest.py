@@ -45,6 +45,14 @@ def assert_user_error(result, *words):
         assert word.lower() in lines[0].lower(), (word, lines[0])
 
 
+@pytest.fixture(autouse=True)
+def script_name(request, monkeypatch):
+    """A script's main called in-process runs as `python <script>.py` would: common.die names
+    the script from sys.argv[0] (tests/test_gpt2.py stands for gpt2.py)."""
+    script = request.path.stem.removeprefix("test_") + ".py"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script)])
+
+
 @pytest.fixture
 def names_file(tmp_path):
     """A tiny list of names, enough for every names stage to train a few steps."""

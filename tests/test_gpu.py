@@ -98,7 +98,7 @@ def test_hellaswag_and_sampling_inline_then_sample_mode(tmp_path, shards):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["hellaswag_n"] for r in records if "hellaswag" in r] == [40, 40, 40, 40]
-    assert "sample 3: 'Hello" in result.stdout
+    assert "--- sample 3, step 30:\nHello" in result.stdout
     sampled = run_script("gpt2.py", "--sample", "--init-from", out / "checkpoint.pt",
                          "--prompt", "Once", "--sample-tokens", "30", "--num-samples", "2")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
@@ -114,5 +114,7 @@ def test_checkpoint_loads_back_on_the_gpu(tmp_path, shards):
                       "--max-steps", "2").returncode == 0
     model = gpt2.load_model(out, "cuda")
     checkpoint = common.load_checkpoint(out / "checkpoint.pt", "gpt2", "")
-    torch.testing.assert_close(model.state_dict()["lm_head.weight"].cpu(),
-                               checkpoint["model"]["lm_head.weight"])
+    assert model.state_dict().keys() == checkpoint["model"].keys()
+    for key, value in model.state_dict().items():
+        assert value.device.type == "cuda", key
+        assert torch.equal(value.cpu(), checkpoint["model"][key]), key
