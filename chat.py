@@ -4,12 +4,43 @@ gpt2.py pre-trained a model that continues text. This stage teaches it to answer
 are written into GPT-2 tokens with a few special tokens that mark who speaks (the chat format),
 the loss is taken only on what the assistant says (the loss mask), and a chat loop renders the
 history the same way, samples the reply with the KV cache and stops at the assistant's end token.
-The model is gpt2.py's, imported: this file's lesson is the format, the mask and the loop.
+The model is gpt2.py's, imported: this file's lesson is the format, the mask and the loop
+(InstructGPT's first step, Ouyang et al., 2022; nanochat's SFT and chat do the same for its
+models). serve.py serves the same format: render_prompt is its rendering too.
+
+Run (CPU quick start: gpt2.py's `cpu` checkpoint taught a bundled task mix, generated from the
+seed: repeat a phrase, reverse it, count its words, name the word after a given one):
+    python fineweb.py --dataset data/shakespeare.txt --out-dir data/shards/shakespeare \\
+        --shard-size 50000
+    python gpt2.py --preset cpu --data data/shards/shakespeare
+    python chat.py --init-from out/gpt2/checkpoint.pt
+    echo "Reverse: moon red cat" | python chat.py --chat --temperature 0
+GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset from the hub):
+    python chat.py --preset gpt2                       # one GPU
+    torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
+    python chat.py --chat                              # talk to out/chat/checkpoint.pt
+RESULTS
+
+Outputs in --out-dir (default out/chat): log.jsonl, metrics.json (val_loss over the assistant's
+tokens; on the task mix task_accuracy and base_task_accuracy, overall and by kind, and task_n),
+chat.png, checkpoint.pt (model, optimizer, step, data position, RNG state and the chat format).
 """
+import argparse
+import contextlib
 import functools
+import json
+import math
+import os
+import random
+import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import fineweb
@@ -213,3 +244,766 @@ def load_chat_model(source, device="cpu"):
             model = pad_vocab(model)
         init_special_rows(model)
     return model.to(device).eval(), chat_format
+
+
+# --- data: conversations from files, the hub, or the bundled task mix
+
+def rows_to_conversations(rows, where):
+    """The checked messages of each row ({"messages": [...]}); die() on the first bad row, naming
+    it (`where(i)`), before any training starts."""
+    conversations = []
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict) or "messages" not in row:
+                raise ValueError('not an object with a "messages" list')
+            check_messages(row["messages"])
+            if not any(m["role"] == "assistant" for m in row["messages"]):
+                raise ValueError("no assistant message, so nothing to learn from")
+        except ValueError as err:
+            die(f"{where(i)}: {err}; fix or remove that row")
+        conversations.append([{"role": m["role"], "content": m["content"]}
+                              for m in row["messages"]])
+    return conversations
+
+
+def read_jsonl(path):
+    """The conversations of one .jsonl file, one {"messages": [...]} object a line."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"--data {path} {'is not a file' if path.exists() else 'does not exist'}; pass a "
+            ".jsonl of conversations, a folder of them, a hub dataset name or tasks")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        die(f"cannot read --data {path} as UTF-8 text ({type(err).__name__}); fix the file")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                die(f"{path} row {number} is not valid JSON ({err.msg}); fix or remove that row")
+    return rows_to_conversations([row for _, row in rows],
+                                 lambda i: f"{path} row {rows[i][0]}")
+
+
+def read_hub(name, split):
+    """A dataset through Hugging Face `datasets` (a hub name such as HuggingFaceTB/smol-smoltalk,
+    downloaded once into its cache): rows with a "messages" column, as in a .jsonl file."""
+    try:
+        import datasets
+        rows = datasets.load_dataset(name, split=split)
+    except ImportError:
+        die(f"--data {name} needs the datasets package (pip install datasets), or pass a .jsonl")
+    except Exception as err:  # datasets raises many kinds: offline, not found, bad split
+        die(f"cannot load --data {name} split {split} through datasets ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else ''}); check the name and --split")
+    return rows_to_conversations(rows, lambda i: f"{name} ({split}) row {i + 1}")
+
+
+def read_conversations(data, split):
+    """--data: a .jsonl file, a folder of them, or a hub dataset name."""
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(path.rglob("*.jsonl"))
+        if not files:
+            die(f"--data folder {path} holds no .jsonl files of conversations")
+        return [c for file in files for c in read_jsonl(file)]
+    if path.exists() or path.suffix == ".jsonl" or str(data).count("/") != 1:
+        return read_jsonl(path)  # which names a missing file
+    return read_hub(str(data), split)
+
+
+def fit_to_context(conversations, block_size):
+    """Rendered (tokens, mask) pairs that fit the context: block_size inputs and their targets,
+    block_size + 1 tokens. A longer conversation is cut after its last assistant turn that fits,
+    or dropped if even the first one does not. Returns (examples, cut, dropped)."""
+    examples, cut, dropped = [], 0, 0
+    for messages in conversations:
+        tokens, mask = render_conversation(messages)
+        if len(tokens) > block_size + 1:
+            # Text never encodes to ASSISTANT_END: each one is the end of an assistant turn.
+            ends = [i + 1 for i, t in enumerate(tokens) if t == ASSISTANT_END and i <= block_size]
+            if not ends:
+                dropped += 1
+                continue
+            tokens, mask, cut = tokens[:ends[-1]], mask[:ends[-1]], cut + 1
+        examples.append((tokens, mask))
+    return examples, cut, dropped
+
+
+# The bundled task mix: a 4-layer model learns it in minutes on a CPU, and every answer depends on
+# the question (no answer can be memorised). Each word is one GPT-2 token with or without a
+# leading space, so a phrase of n words is n tokens wherever it stands.
+WORDS = ("red blue green black white gold gray cat dog fox owl bat cow hen sun moon star rain "
+         "wind tree leaf rock sand lake hill king ship boat bell door book cup hat key box").split()
+TASK_KINDS = ("repeat", "reverse", "count", "after")
+
+
+def make_task(kind, rng):
+    """(question, answer) of one kind, on a phrase of 2 to 5 distinct words."""
+    words = rng.sample(WORDS, rng.randint(2, 5))
+    phrase = " ".join(words)
+    if kind == "repeat":
+        return f"Repeat: {phrase}", phrase
+    if kind == "reverse":
+        return f"Reverse: {phrase}", " ".join(reversed(words))
+    if kind == "count":
+        return f"How many words: {phrase}", str(len(words))
+    k = rng.randrange(len(words) - 1)  # "after": the word that follows a given one
+    return f"After {words[k]}: {phrase}", words[k + 1]
+
+
+def task_mix(seed, n_train, n_heldout):
+    """(training conversations, held-out tasks as (kind, question, answer)), from the seed alone.
+    The held-out questions come first and no training conversation asks any of them. A third of
+    the training conversations hold two exchanges, so that the model learns to answer the last
+    question of a history, as in the chat."""
+    rng = random.Random(seed)
+    heldout = [(kind, *make_task(kind, rng)) for i in range(n_heldout)
+               for kind in [TASK_KINDS[i % len(TASK_KINDS)]]]
+    asked = {question for _, question, _ in heldout}
+    train = []
+    while len(train) < n_train:
+        messages = []
+        for _ in range(1 + (rng.random() < 1 / 3)):
+            question, answer = make_task(rng.choice(TASK_KINDS), rng)
+            if question in asked:
+                break
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]
+        else:
+            train.append(messages)
+    return train, heldout
+
+
+def split_off_val(conversations, fraction, seed):
+    """(train, val): a seeded shuffle, then the last `fraction` (at least one) for validation."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(order)))
+    return [conversations[i] for i in order[:-n_val]], [conversations[i] for i in order[-n_val:]]
+
+
+def batch(examples, pad_to=None):
+    """(x, y, mask), each (B, T): inputs, targets shifted by one, and which targets the loss
+    learns. Rows pad to the longest (or to pad_to) with masked targets, at the end: causal
+    attention never lets a real position see the padding after it."""
+    T = pad_to or max(len(tokens) for tokens, _ in examples) - 1
+    x = torch.full((len(examples), T), BOS, dtype=torch.long)  # (B, T)
+    y = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(examples), T), dtype=torch.bool)  # (B, T)
+    for row, (tokens, learn) in enumerate(examples):
+        n = len(tokens) - 1
+        x[row, :n] = torch.tensor(tokens[:-1])
+        y[row, :n] = torch.tensor(tokens[1:])
+        mask[row, :n] = torch.tensor(learn[1:], dtype=torch.bool)  # the target's own mask bit
+    return x, y, mask
+
+
+class ConversationLoader:
+    """Optimizer steps of `per_step` conversations, visited in an order drawn from (seed, epoch).
+    Micro-step i of rank r takes the step's conversations (i * world_size + r) * B onwards, so
+    the step covers the same conversations with any number of ranks and micro-steps. Resumable
+    from (epoch, offset) alone."""
+
+    def __init__(self, examples, per_step, batch_size, rank=0, world_size=1, seed=0,
+                 pad_to=None):
+        self.examples, self.per_step, self.B = examples, per_step, batch_size
+        self.rank, self.world_size, self.seed, self.pad_to = rank, world_size, seed, pad_to
+        self.layout = {"examples": len(examples), "per_step": per_step, "seed": seed}
+        self.epoch, self.offset = 0, 0
+        self._plan()
+
+    def _plan(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        self.order = torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def next_step(self):
+        """(this rank's micro-batches, the number of learned targets in the whole step)."""
+        chosen = []
+        while len(chosen) < self.per_step:
+            take = self.order[self.offset:self.offset + self.per_step - len(chosen)]
+            chosen += [self.examples[i] for i in take]
+            self.offset += len(take)
+            if self.offset == len(self.order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._plan()
+        n_targets = sum(sum(mask[1:]) for _, mask in chosen)
+        stride = self.B * self.world_size
+        micro = [batch(chosen[start + self.rank * self.B:start + (self.rank + 1) * self.B],
+                       self.pad_to) for start in range(0, self.per_step, stride)]
+        return micro, n_targets
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "offset": self.offset, **self.layout}
+
+    def load_state_dict(self, state):
+        for key, value in self.layout.items():
+            if state[key] != value:
+                raise ValueError(f"the checkpoint's data position was taken with {key} "
+                                 f"{state[key]}, this run has {value}")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._plan()
+
+
+# --- training: the loss mask, the step, evaluation
+
+def assistant_loss(hidden, weight, targets, mask, gather=True):
+    """The sum of the cross-entropies of the targets the mask keeps (the assistant's tokens and
+    end tokens); every other target adds nothing, and so sends no gradient. hidden (B, T, C) are
+    the final LayerNorm's outputs, weight (V, C) the output layer. gather: only the kept positions
+    reach the output layer, whose (N, 50,304) logits are most of a small model's cost and most
+    targets are masked (the CPU path); else every position's logits, the masked ones ignored (one
+    fixed shape, for torch.compile on a GPU)."""
+    if gather:
+        logits = F.linear(hidden[mask], weight)  # (N, V), N = mask.sum()
+        return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    logits = F.linear(hidden, weight)  # (B, T, V)
+    ignored = targets.masked_fill(~mask, -1)  # (B, T), -1: no target
+    return F.cross_entropy(logits.flatten(0, 1).float(), ignored.flatten(), ignore_index=-1,
+                           reduction="sum")
+
+
+class AssistantLoss(nn.Module):
+    """gpt's summed assistant_loss on a batch. No weights of its own: DDP and torch.compile wrap
+    it, and checkpoints hold the plain GPT's."""
+
+    def __init__(self, gpt, gather):
+        super().__init__()
+        self.gpt, self.gather = gpt, gather
+
+    def forward(self, x, y, mask):
+        return assistant_loss(self.gpt.hidden_states(x), self.gpt.lm_head.weight, y, mask,
+                              self.gather)
+
+
+def train_step(model, optimizer, scaler, micro_batches, n_targets, device, autocast, grad_clip,
+               stop):
+    """One optimizer step: the mean loss over all the step's assistant tokens (every rank's,
+    every micro-step's), its gradient norm, and whether any rank was asked to stop."""
+    ddp = isinstance(model, DDP)
+    world_size = dist.get_world_size() if ddp else 1
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y, mask) in enumerate(micro_batches):
+        # DDP syncs gradients on the last micro-step only, and averages them over the ranks;
+        # each rank's share of the sum is scaled by world_size so the average is the sum.
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not ddp else model.no_sync():
+            with autocast:
+                loss = model(x.to(device), y.to(device), mask.to(device)) / n_targets
+            loss_sum += loss.detach().float()
+            scaler.scale(loss * world_size).backward()
+    report = torch.stack([loss_sum, torch.tensor(float(stop), device=device)])
+    if ddp:
+        dist.all_reduce(report)
+    loss, norm = report[0].item(), torch.tensor(math.nan)
+    if math.isfinite(loss):
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, norm.item(), report[1].item() > 0
+
+
+@torch.no_grad()
+def estimate_loss(model, examples, batch_size, batches, device, autocast, rank, world_size,
+                  pad_to=None):
+    """Mean loss over the assistant tokens of the first `batches` batches of `examples` (the same
+    ones every time), the batches dealt out to the ranks."""
+    total = torch.zeros(2, device=device)  # summed loss, targets
+    starts = range(0, min(len(examples), batches * batch_size), batch_size)
+    for start in list(starts)[rank::world_size]:
+        x, y, mask = batch(examples[start:start + batch_size], pad_to)
+        with autocast:
+            loss = model(x.to(device), y.to(device), mask.to(device))
+        total += torch.stack([loss.float(), mask.sum().to(device).float()])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def stream_reply(model, prompt, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+    """Yield the reply to `prompt` (render_prompt's tokens) a token at a time, sampled with the KV
+    cache: the prompt in one pass, then one new token per step. Only text and ASSISTANT_END can
+    be sampled; ASSISTANT_END is yielded last when it comes. Also stops after max_new_tokens, or
+    when the context is full."""
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    cache = gpt2.KVCache(model.config.n_layer, block_size)
+    allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)  # (V,)
+    allowed[:encoding().n_vocab] = 0
+    allowed[ASSISTANT_END] = 0
+    allowed[BOS] = float("-inf")  # <|endoftext|> is not part of a reply
+    new = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    for _ in range(min(max_new_tokens, block_size - len(prompt) + 1)):
+        x = model.hidden_states(new, cache)[:, -1]  # (1, C)
+        logits = model.lm_head(x).float()[0] + allowed  # (V,)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+        yield token
+        if token == ASSISTANT_END or cache.pos >= block_size:
+            return
+        new = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
+
+
+def task_accuracy(model, tasks, autocast, rank=0, world_size=1):
+    """Greedy exact match of the whole reply (its text, then ASSISTANT_END) on the held-out tasks,
+    {"overall": ..., kind: ...}; the tasks are dealt out to the ranks and the counts summed."""
+    device = next(model.parameters()).device
+    counts = torch.zeros(len(TASK_KINDS), 2, device=device)  # (kinds, [right, asked])
+    model.eval()
+    with autocast:
+        for kind, question, answer in tasks[rank::world_size]:
+            prompt = render_prompt([{"role": "user", "content": question}])
+            reply = list(stream_reply(model, prompt, len(encode_text(answer)) + 2))
+            right = reply[-1:] == [ASSISTANT_END] and decode(reply[:-1]) == answer
+            counts[TASK_KINDS.index(kind)] += torch.tensor([float(right), 1.0], device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    result = {"overall": (counts[:, 0].sum() / counts[:, 1].sum()).item()}
+    result.update({kind: (c[0] / c[1]).item() for kind, c in zip(TASK_KINDS, counts) if c[1]})
+    return result
+
+
+def draw_figure(path, records, base, final, title):
+    """The train and val loss against step and, on the task mix, each kind's accuracy before and
+    after fine-tuning."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 1 + bool(final), figsize=(7 + 5 * bool(final), 4), squeeze=False)
+    for key, style in (("train_loss", dict(lw=0.8)), ("val_loss", dict(marker="o"))):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
+    axes[0][0].set(xlabel="step", ylabel="loss on assistant tokens (nats)", title=title)
+    axes[0][0].legend()
+    if final:
+        kinds = list(final)
+        ax = axes[0][1]
+        ax.bar([i - 0.2 for i in range(len(kinds))], [base.get(k, 0) for k in kinds], 0.4,
+               label="before (base model)")
+        ax.bar([i + 0.2 for i in range(len(kinds))], [final[k] for k in kinds], 0.4,
+               label="after fine-tuning")
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set(ylabel="held-out exact match", ylim=(0, 1.05), title="task accuracy")
+        ax.legend()
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    return common.save_figure(fig, path)
+
+
+# --- the chat
+
+def fit_history(history, block_size, reserve):
+    """(prompt tokens, exchanges dropped): the oldest user/assistant exchanges (a system message
+    stays) go until the prompt leaves `reserve` tokens of the context for the reply; None for
+    the prompt if the last question alone does not fit."""
+    system = history[:1] if history[0]["role"] == "system" else []
+    turns, dropped = history[len(system):], 0
+    while True:
+        prompt = render_prompt(system + turns)
+        if len(prompt) + reserve <= block_size:
+            return prompt, dropped
+        if len(turns) == 1:
+            return None, dropped
+        turns, dropped = turns[2:], dropped + 1
+
+
+def reply_to(model, history, args, generator):
+    """Print the reply to `history` (it ends with the user's turn) as it is sampled and return
+    its text; None if the last message alone is longer than the context. When the history
+    outgrows the context, its oldest exchanges are dropped (from `history` too), with a line."""
+    block_size = model.config.block_size
+    reserve = min(args.max_new_tokens, block_size // 4)  # room the reply is sure to have
+    prompt, dropped = fit_history(history, block_size, reserve)
+    if prompt is None:
+        return None
+    if dropped:
+        first = 1 if history[0]["role"] == "system" else 0
+        del history[first:first + 2 * dropped]
+        print(f"(the context of {block_size} tokens is full: the oldest {dropped} exchange(s) "
+              "are forgotten)")
+    print("assistant: ", end="", flush=True)
+    tokens, shown = [], ""
+    for token in stream_reply(model, prompt, args.max_new_tokens, args.temperature,
+                              args.top_k or None, generator):
+        if token == ASSISTANT_END:
+            break
+        tokens.append(token)
+        text = encoding().decode(tokens)
+        if not text.endswith("\ufffd"):  # a character split over tokens waits for its rest
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    text = encoding().decode(tokens)
+    print(text[len(shown):], flush=True)
+    return text
+
+
+def too_long(block_size, args):
+    return (f"the message is longer than the model's context of {block_size} tokens less "
+            f"{min(args.max_new_tokens, block_size // 4)} kept for the reply; shorten it")
+
+
+def chat(model, args, device, lines, echo):
+    """The terminal chat: a user's turn per line of `lines` (stdin; a pipe works), the reply
+    streamed, the history kept. /clear starts afresh; /exit or the end of input ends."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    print("a message a line; /clear starts afresh, /exit or end of input (Ctrl-D) ends")
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/clear":
+            history = list(start)
+            print("(history cleared)")
+            continue
+        if echo:  # piped input: show the question beside its answer
+            print(f"user: {text}")
+        history.append({"role": "user", "content": text})
+        reply = reply_to(model, history, args, generator)
+        if reply is None:
+            print(f"{STAGE}.py: {too_long(model.config.block_size, args)}", file=sys.stderr)
+            history.pop()
+        elif reply.strip():
+            history.append({"role": "assistant", "content": reply})
+        else:  # an empty reply cannot be rendered: the question is forgotten with it
+            history.pop()
+    return {"turns": len(history)}
+
+
+def talk(args, device):
+    """--chat and --prompt: the fine-tuned model (--init-from, default <out-dir>/checkpoint.pt)."""
+    source = args.init_from or args.out_dir / "checkpoint.pt"
+    model, chat_format = load_chat_model(source, device)
+    if chat_format is None:
+        print(f"note: {source} is a base model, not fine-tuned by chat.py: expect text, not "
+              "answers")
+    elif chat_format != FORMAT:
+        die(f"{source} was fine-tuned with another chat format ({chat_format.get('name')} "
+            f"version {chat_format.get('version')}); fine-tune it again with this chat.py")
+    common.print_header(device)
+    if args.prompt is None:
+        return chat(model, args, device, sys.stdin, echo=not sys.stdin.isatty())
+    history = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    if fit_history(history, model.config.block_size,
+                   min(args.max_new_tokens, model.config.block_size // 4))[0] is None:
+        die(f"--prompt: {too_long(model.config.block_size, args)}")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    return {"reply": reply_to(model, history, args, generator)}
+
+
+# --- main: fine-tune
+
+def open_data(args, block_size, rank, world_size):
+    """(train examples, val examples, held-out tasks or None, counts for the log), all checked
+    before anything is written."""
+    if str(args.data) == "tasks":
+        train, tasks = task_mix(args.seed, args.train_examples, args.task_n)
+        val = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+               for _, q, a in tasks]
+    else:
+        conversations = read_conversations(args.data, args.split)
+        if len(conversations) < 2:
+            die(f"--data {args.data} holds {len(conversations)} conversation(s); training needs "
+                "at least 2 (one is kept for validation)")
+        train, val = split_off_val(conversations, args.val_fraction, args.seed)
+        tasks = None
+    train_examples, cut, dropped = fit_to_context(train, block_size)
+    val_examples, val_cut, val_dropped = fit_to_context(val, block_size)
+    if not train_examples or not val_examples:
+        die(f"no conversation of --data {args.data} fits the model's context of {block_size} "
+            "tokens, even cut after its first answer; use shorter conversations")
+    counts = {"train_conversations": len(train_examples), "val_conversations": len(val_examples),
+              "cut": cut + val_cut, "dropped": dropped + val_dropped}
+    return train_examples, val_examples, tasks, counts
+
+
+def start_from(args):
+    """(resume checkpoint or None, model on the CPU in training mode)."""
+    if args.resume is not None:
+        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
+                                            "cannot resume; drop --resume to start afresh")
+        return checkpoint, model_from_checkpoint(checkpoint, args.resume).train()
+    model, chat_format = load_chat_model(args.init_from)
+    if chat_format is not None and chat_format != FORMAT:
+        die(f"--init-from {args.init_from} was fine-tuned with another chat format; start from "
+            "its base model")
+    return None, model.train()
+
+
+def save_checkpoint(args, model, optimizer, scaler, loader, base, step):
+    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+        "stage": STAGE, "chat_format": FORMAT, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+        "max_steps": args.max_steps, "config": vars(model.config), "loader": loader.state_dict(),
+        "rng": common.rng_state(), "base_task_accuracy": base,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+
+
+def resume(checkpoint, optimizer, scaler, loader):
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        loader.load_state_dict(checkpoint["loader"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        die(f"cannot resume: {err}; resume with the run's own flags (--data, --seed, "
+            "--examples-per-step, --train-examples) or drop --resume")
+    common.set_rng_state(checkpoint["rng"])
+    return checkpoint["step"]
+
+
+def main(args):
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    dtype = common.pick_dtype(args.dtype, device)
+    if args.chat or args.prompt is not None:
+        return talk(args, device)
+
+    # Every input is checked before anything is written or any process group is joined.
+    if args.examples_per_step % (args.batch_size * world_size):
+        die(f"--examples-per-step {args.examples_per_step} is not a multiple of --batch-size x "
+            f"ranks = {args.batch_size} x {world_size}; change one of them")
+    torch.manual_seed(args.seed)
+    checkpoint, model = start_from(args)
+    if checkpoint is not None and checkpoint["step"] >= args.max_steps:
+        print(f"the run in {args.out_dir} is complete ({checkpoint['step']} of {args.max_steps} "
+              "steps): nothing to do; raise --max-steps to train on, or --overwrite to start "
+              "afresh")
+        return {"complete": True, "step": checkpoint["step"]}
+    block_size = model.config.block_size
+    train_set, val_set, tasks, counts = open_data(args, block_size, rank, world_size)
+    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
+                           resume_flag=True)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    common.print_header(device, world_size)
+    print0(f"data {args.data}: {counts['train_conversations']:,} training and "
+           f"{counts['val_conversations']:,} validation conversations; {counts['cut']} cut at a "
+           f"turn to fit the context of {block_size} tokens, {counts['dropped']} dropped")
+
+    model.to(device)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # On a GPU every batch pads to the context (one shape: compiled once) and takes all logits;
+    # on a CPU batches pad to their longest conversation and only learned targets get logits.
+    pad_to = block_size if use_compile else None
+    loss_model = AssistantLoss(model, gather=not use_compile)
+    loss_model = torch.compile(loss_model) if use_compile else loss_model
+    train_model = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)         if ddp else loss_model
+    loader = ConversationLoader(train_set, args.examples_per_step, args.batch_size, rank,
+                                world_size, args.seed, pad_to)
+    start_step = resume(checkpoint, optimizer, scaler, loader) if checkpoint else 0
+    half = dtype if dtype != torch.float32 else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
+    micro_steps = args.examples_per_step // (args.batch_size * world_size)
+    print0(f"preset {args.preset}: {model.config} from {args.init_from}; {args.batch_size} "
+           f"conversations a micro-batch on {world_size} rank(s), {micro_steps} micro-step(s) = "
+           f"{args.examples_per_step} a step; {dtype}, compile {use_compile}"
+           + (f"; resumed at step {start_step}" if checkpoint else ""))
+
+    evaluate_tasks = functools.partial(task_accuracy, model, tasks or [], autocast, rank,
+                                       world_size)
+    if checkpoint is not None:
+        base = checkpoint["base_task_accuracy"]
+    else:
+        base = evaluate_tasks() if tasks else None
+        if base:
+            print0("base model's task accuracy (greedy exact match, held-out): "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+    model.train()
+    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
+    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, loader, base)
+            if rank == 0 else lambda step: None)
+    timer = common.StepTimer(args.examples_per_step)
+    end_step, stopped = min(args.max_steps, args.stop_step or args.max_steps), None
+    with common.StopSignals() as signals:
+        for step in range(start_step, end_step):
+            last = step == args.max_steps - 1
+            if args.eval_every and step % args.eval_every == 0 or last:
+                val_loss = estimate_loss(loss_model, val_set, args.batch_size, args.eval_batches,
+                                         device, autocast, rank, world_size, pad_to)
+                log({"step": step, "val_loss": val_loss})
+                print0(f"step {step:5d} | val loss {val_loss:.4f}")
+            timer.start()
+            lr = gpt2.learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
+                                    args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches, n_targets = loader.next_step()
+            train_loss, norm, stop = train_step(train_model, optimizer, scaler, micro_batches,
+                                                n_targets, device, autocast, args.grad_clip,
+                                                signals.received is not None)
+            if not math.isfinite(train_loss):  # the last checkpoint written stays as it was
+                print0(f"{STAGE}.py: error: the loss is {train_loss} at step {step}; stopped "
+                       "without saving; lower --lr", file=sys.stderr)
+                sys.exit(1)
+            record = timer.stop(step)
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
+                 "ms": record["ms"]})
+            print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                   f"{record['ms']:.1f} ms")
+            if stop:
+                stopped = signals.received or "a signal on another rank"
+                save(step + 1)
+                print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
+                       f"{args.out_dir}; the same command with --resume continues")
+                break
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 \
+                    or step + 1 == end_step:
+                save(step + 1)
+    log.close()
+    steps_done = start_step + len(timer.rates)
+    final = evaluate_tasks() if tasks and steps_done == args.max_steps else None
+    if final:
+        print0("task accuracy after fine-tuning (greedy exact match, held-out): "
+               + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+    val_losses = [r["val_loss"] for r in log.records if "val_loss" in r]
+    metrics = {"stage": STAGE, "preset": args.preset, "init_from": str(args.init_from),
+               "data": str(args.data), "config": vars(model.config), "stopped": stopped,
+               "steps_done": steps_done, "world_size": world_size, "device": str(device),
+               "dtype": str(dtype)[6:], "compile": use_compile, "seconds": timer.seconds(),
+               "val_loss": val_losses[-1] if val_losses else None,
+               "task_accuracy": final and final["overall"],
+               "task_accuracy_by_kind": final and {k: final[k] for k in TASK_KINDS},
+               "base_task_accuracy": base and base["overall"],
+               "base_task_accuracy_by_kind": base and {k: base[k] for k in TASK_KINDS},
+               "task_n": len(tasks) if tasks else 0, **counts}
+    if rank == 0:
+        title = f"chat.py --preset {args.preset} on {args.data}"
+        metrics["figure"] = draw_figure(args.out_dir / "chat.png", log.records, base or {},
+                                        final or {}, title)
+        common.write_json(args.out_dir / "metrics.json", metrics)
+        print(f"{steps_done} steps in {metrics['seconds']} s, val loss {metrics['val_loss']:.4f}"
+              f"; outputs in {args.out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+# --- command line
+
+# The training defaults of each preset; a flag overrides any value.
+PRESETS = {
+    # gpt2.py's `cpu` checkpoint on the bundled task mix: under 10 minutes on 2 CPU cores.
+    "cpu": dict(init_from="out/gpt2/checkpoint.pt", data="tasks", batch_size=32,
+                examples_per_step=32, max_steps=600, warmup_steps=30, lr=1e-3, eval_every=100,
+                eval_batches=8, checkpoint_every=0),
+    # OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk (the SFT mix of SmolLM2's small
+    # models), at SmolLM-Instruct's SFT learning rate (3e-4, HuggingFaceTB's SmolLM model card).
+    "gpt2": dict(init_from="gpt2", data="HuggingFaceTB/smol-smoltalk", batch_size=16,
+                 examples_per_step=64, max_steps=6000, warmup_steps=200, lr=3e-4,
+                 eval_every=250, eval_batches=20, checkpoint_every=500),
+}
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(STAGE, "Fine-tune a GPT-2 into an assistant, or chat with one.",
+                                "tasks", "tasks (the bundled task mix), a .jsonl of "
+                                '{"messages": [...]} rows, a folder of them, or a hub dataset '
+                                "name", seed=1337)
+    parser.set_defaults(data=None)  # the preset's, unless given
+    add = parser.add_argument
+    add("--preset", choices=list(PRESETS), default="cpu", help="training defaults: cpu (gpt2.py's "
+        "cpu checkpoint, the task mix) or gpt2 (OpenAI's 124M, smol-smoltalk; a GPU); a flag "
+        "overrides its value (default: cpu)")
+    add("--init-from", help="the model to fine-tune: a gpt2.py or chat.py checkpoint, a Hugging "
+        "Face GPT-2 folder or hub name (gpt2); with --chat/--prompt, the model to talk to "
+        "(default: <out-dir>/checkpoint.pt)")
+    train = parser.add_argument_group("training (default: the preset's value)")
+    for flag, kind, text in (
+            ("--max-steps", int, "optimizer steps; the learning rate's cosine ends here"),
+            ("--batch-size", int, "conversations per micro-batch and rank"),
+            ("--examples-per-step", int, "conversations per optimizer step, over ranks and "
+                                         "micro-steps"),
+            ("--lr", float, "peak learning rate"),
+            ("--warmup-steps", int, "steps of linear warmup to --lr"),
+            ("--eval-every", int, "steps between validation losses (0: only at the end)"),
+            ("--eval-batches", int, "validation batches in each loss estimate, the same ones"),
+            ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
+        train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine ends at lr x this (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.0,
+                       help="AdamW weight decay of the matrices; fine-tuning usually takes none "
+                       "(default: %(default)s)")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="clip the gradient's global norm to this (0: off; default: 1.0)")
+    train.add_argument("--stop-step", type=int, help="stop (and save) after this step; --resume "
+                       "goes on")
+    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+    with contextlib.suppress(argparse.ArgumentError):  # make_parser may have added it already
+        train.add_argument("--overwrite", action="store_true",
+                           help="start afresh though --out-dir holds a checkpoint, replacing it")
+    train.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
+                       "it, float16 with a gradient scaler on older ones, float32 elsewhere")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step (default: on with CUDA)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-examples", type=int, default=40000,
+                      help="task mix: training conversations to generate (default: %(default)s)")
+    data.add_argument("--task-n", type=int, default=200,
+                      help="task mix: held-out questions, never trained on (default: %(default)s)")
+    data.add_argument("--val-fraction", type=float, default=0.01,
+                      help="files and hub: the share of conversations kept for validation "
+                      "(default: %(default)s)")
+    data.add_argument("--split", default="train",
+                      help="hub dataset: the split to read (default: %(default)s)")
+    talk_group = parser.add_argument_group("chat (no training)")
+    talk_group.add_argument("--chat", action="store_true", help="chat in the terminal, a "
+                            "message a line from standard input (a pipe works)")
+    talk_group.add_argument("--prompt", help="answer this one message and exit")
+    talk_group.add_argument("--system", help="a system message that starts the conversation")
+    talk_group.add_argument("--max-new-tokens", type=int, default=256,
+                            help="longest reply in tokens (default: %(default)s)")
+    talk_group.add_argument("--temperature", type=float, default=0.6,
+                            help="divide the logits by this before sampling; 0: greedy "
+                            "(default: %(default)s)")
+    talk_group.add_argument("--top-k", type=int, default=50,
+                            help="sample among the k likeliest tokens (0: all; default: "
+                            "%(default)s)")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.chat or args.prompt is not None:
+        args.init_from = parser.parse_args(argv).init_from  # the preset's base is not the chat's
+    common.check_args(args, positive=("max_steps", "batch_size", "examples_per_step", "lr",
+                                      "eval_batches", "train_examples", "task_n",
+                                      "max_new_tokens"),
+                      non_negative=("warmup_steps", "eval_every", "checkpoint_every", "top_k",
+                                    "stop_step"),
+                      ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
+                              ("grad_clip", 0, math.inf), ("temperature", 0, 100),
+                              ("val_fraction", 0, 0.5)))
+    if args.chat and args.prompt is not None:
+        die("--chat and --prompt are separate modes; give one of them")
+    if args.prompt is not None and not args.prompt.strip():
+        die("--prompt is empty; give the message to answer")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,12 +1,17 @@
 """chat.py: the chat format (special tokens, rendering, its safety), the loss mask, the data
 checks, the task mix, training (resume, DDP, outputs) and the chat loop. Tiny models and data
 written to tmp_path."""
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 import chat
 import gpt2
-from conftest import assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script
 
 TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Hi there"},
@@ -124,3 +129,310 @@ def test_load_chat_model_refuses_what_is_not_a_gpt(tmp_path, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--init-from" in err[0], err
+
+
+# --- the loss mask
+
+def test_assistant_loss_is_the_hand_computed_mean_over_assistant_tokens():
+    """Both loss paths equal a hand computation on a two-turn conversation: -log p of each
+    assistant token and end token given what precedes it, averaged over those tokens only."""
+    model = tiny_gpt()
+    tokens, mask = chat.render_conversation(TWO_TURNS)
+    x, y, keep = chat.batch([(tokens, mask)])
+    logits = model(x)[0][0]  # (T, V)
+    hand = [-torch.log_softmax(logits[t], -1)[tokens[t + 1]] for t in range(len(tokens) - 1)
+            if mask[t + 1]]
+    assert len(hand) == 2 * 1 + len(chat.encode_text("Hello!")) + len(chat.encode_text("4"))
+    expected = torch.stack(hand).mean()
+    for gather in (True, False):
+        hidden = model.hidden_states(x)
+        loss = chat.assistant_loss(hidden, model.lm_head.weight, y, keep, gather) / keep.sum()
+        torch.testing.assert_close(loss, expected)
+
+
+def test_masked_positions_send_no_gradient():
+    """The loss's gradient at a position whose target is masked is zero (both paths), and
+    changing those targets changes neither the loss nor any weight's gradient."""
+    model = tiny_gpt()
+    examples = [chat.render_conversation(TWO_TURNS), chat.render_conversation(TWO_TURNS[1:3])]
+    x, y, keep = chat.batch(examples)  # the second row is padded: padding is masked too
+    assert not keep[1, len(examples[1][0]) - 1:].any()
+    for gather in (True, False):
+        hidden = model.hidden_states(x).detach().requires_grad_()
+        chat.assistant_loss(hidden, model.lm_head.weight, y, keep, gather).backward()
+        assert hidden.grad[~keep].abs().max() == 0
+        assert hidden.grad[keep].abs().sum(-1).min() > 0
+    grads = []
+    for targets in (y, torch.where(keep, y, torch.randint_like(y, 0, 50257))):
+        model.zero_grad()
+        loss = chat.AssistantLoss(model, gather=True)(x, targets, keep)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_fit_to_context_cuts_at_a_turn_or_drops():
+    long_answer = " ".join(["word"] * 40)
+    fits = TWO_TURNS[1:3]
+    cut = TWO_TURNS[1:3] + [{"role": "user", "content": "more"},
+                            {"role": "assistant", "content": long_answer}]
+    dropped = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long_answer}]
+    examples, n_cut, n_dropped = chat.fit_to_context([fits, cut, dropped], block_size=30)
+    assert (n_cut, n_dropped) == (1, 1) and len(examples) == 2
+    assert examples[1] == chat.render_conversation(TWO_TURNS[1:3])  # cut after its first answer
+    assert all(len(tokens) <= 31 for tokens, _ in examples)
+
+
+# --- the task mix
+
+def test_task_mix_is_seeded_varied_and_keeps_held_out_questions_out_of_training():
+    train, heldout = chat.task_mix(seed=5, n_train=3000, n_heldout=200)
+    assert (train, heldout) == chat.task_mix(seed=5, n_train=3000, n_heldout=200)
+    assert chat.task_mix(seed=6, n_train=10, n_heldout=8)[1] != heldout[:8]
+    assert len(train) == 3000 and len(heldout) == 200
+    assert {kind for kind, _, _ in heldout} == set(chat.TASK_KINDS)
+    asked = {m["content"] for messages in train for m in messages if m["role"] == "user"}
+    assert not asked & {question for _, question, _ in heldout}
+    assert any(len(messages) == 4 for messages in train)  # some hold two exchanges
+    for messages in train:
+        chat.check_messages(messages)
+    # Each answer follows from its question, and only "repeat" is a copy of it.
+    for kind, question, answer in heldout:
+        words = question.split(": ", 1)[1].split()
+        expected = {"repeat": " ".join(words), "reverse": " ".join(words[::-1]),
+                    "count": str(len(words)),
+                    "after": words[words.index(question.split()[1].rstrip(":")) + 1]
+                    if kind == "after" else None}[kind]
+        assert answer == expected, (kind, question, answer)
+
+
+# --- the data
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def good_rows(n=6):
+    return [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)]
+
+
+def test_jsonl_folder_and_datasets_read_the_same_conversations(tmp_path):
+    """A .jsonl, a folder of them, and the hub path (datasets.load_dataset, offline here on a
+    local folder) give the same checked conversations."""
+    rows = good_rows()
+    write_jsonl(tmp_path / "one.jsonl", rows)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[:3])
+    write_jsonl(folder / "b.jsonl", rows[3:])
+    expected = [r["messages"] for r in rows]
+    assert chat.read_conversations(tmp_path / "one.jsonl", "train") == expected
+    assert chat.read_conversations(folder, "train") == expected
+    pytest.importorskip("datasets")
+    assert chat.read_hub(str(folder), "train") == expected
+
+
+@pytest.mark.parametrize("row, words", [
+    ('{"messages": [', "row 3 is not valid JSON"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "row 3: message 0 has the unknown role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "row 3: message 1 is user where assistant was due"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+     "row 3: message 1 (assistant) has empty"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "row 3: no assistant message"),
+    ({"text": "hello"}, 'row 3: not an object with a "messages" list'),
+])
+def test_a_malformed_row_is_one_line_naming_file_and_row(tmp_path, capsys, row, words):
+    path = write_jsonl(tmp_path / "bad.jsonl", good_rows(2) + [row])
+    with pytest.raises(SystemExit) as info:
+        chat.read_conversations(path, "train")
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and words in err[0], err
+
+
+# --- training end to end (a tiny GPT, a few steps)
+
+@pytest.fixture
+def base_checkpoint(tmp_path):
+    """A gpt2.py checkpoint of a tiny GPT with the padded vocabulary and a short context."""
+    model = tiny_gpt()
+    path = tmp_path / "base.pt"
+    torch.save({"stage": gpt2.STAGE, "model": model.state_dict(), "config": vars(model.config)},
+               path)
+    return path
+
+
+def tiny_args(base, out_dir, *extra):
+    return [str(a) for a in ("--init-from", base, "--out-dir", out_dir, "--train-examples", 200,
+                             "--task-n", 8, "--batch-size", 4, "--examples-per-step", 8,
+                             "--max-steps", 6, "--warmup-steps", 2, "--lr", 1e-2,
+                             "--eval-every", 3, "--eval-batches", 2, "--device", "cpu", *extra)]
+
+
+def train(argv):
+    return chat.main(chat.parse_args(argv))
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return [r["train_loss"] for r in read_log(out_dir / "log.jsonl") if "train_loss" in r]
+
+
+def test_tiny_run_writes_log_metrics_figure_and_a_checkpoint_with_the_format(tmp_path,
+                                                                             base_checkpoint):
+    out = tmp_path / "out"
+    metrics = train(tiny_args(base_checkpoint, out))
+    losses = train_losses(out)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("val_loss", "task_accuracy", "base_task_accuracy", "task_n",
+                "task_accuracy_by_kind", "cut", "dropped"):
+        assert key in saved
+    assert saved["task_n"] == 8 and saved["val_loss"] == metrics["val_loss"]
+    assert set(saved["task_accuracy_by_kind"]) == set(chat.TASK_KINDS)
+    assert [r["step"] for r in read_log(out / "log.jsonl") if "val_loss" in r] == [0, 3, 5]
+    assert (out / "chat.png").read_bytes()[:4] == b"\x89PNG"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["stage"] == "chat" and checkpoint["chat_format"] == chat.FORMAT
+    model, chat_format = chat.load_chat_model(out)
+    assert chat_format == chat.FORMAT
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"],
+                               checkpoint["model"]["lm_head.weight"])
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, base_checkpoint):
+    train(tiny_args(base_checkpoint, tmp_path / "a", "--batch-size", 8))
+    train(tiny_args(base_checkpoint, tmp_path / "b", "--batch-size", 2))  # 4 micro-steps
+    np.testing.assert_allclose(train_losses(tmp_path / "a"), train_losses(tmp_path / "b"),
+                               atol=1e-5, rtol=0)
+
+
+def test_resume_is_exact_and_a_finished_run_stays_as_it_is(tmp_path, base_checkpoint, capsys):
+    train(tiny_args(base_checkpoint, tmp_path / "whole"))
+    train(tiny_args(base_checkpoint, tmp_path / "split", "--stop-step", 3))
+    train(tiny_args(base_checkpoint, tmp_path / "split", "--resume"))
+    key = lambda r: (r["step"], r.get("train_loss"), r.get("val_loss"))  # noqa: E731
+    assert [key(r) for r in read_log(tmp_path / "split" / "log.jsonl")] == \
+        [key(r) for r in read_log(tmp_path / "whole" / "log.jsonl")]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    split = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert split["task_accuracy"] == whole["task_accuracy"]
+    assert split["base_task_accuracy"] == whole["base_task_accuracy"]
+    # --resume of a finished run says so and touches nothing.
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "split").iterdir()}
+    capsys.readouterr()
+    assert train(tiny_args(base_checkpoint, tmp_path / "split", "--resume"))["complete"]
+    assert "complete" in capsys.readouterr().out
+    assert files == {p: (p.read_bytes(), p.stat().st_mtime_ns)
+                     for p in (tmp_path / "split").iterdir()}
+
+
+def test_a_checkpoint_is_never_overwritten_without_the_flag(tmp_path, base_checkpoint):
+    out = tmp_path / "out"
+    train(tiny_args(base_checkpoint, out, "--max-steps", 1))
+    before = (out / "checkpoint.pt").read_bytes()
+    result = run_script("chat.py", *tiny_args(base_checkpoint, out, "--max-steps", 1))
+    assert_user_error(result, "--overwrite", "--resume")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+# --- the chat
+
+def test_stream_reply_with_the_cache_equals_recomputing_the_whole_text():
+    """Greedy replies sampled with the KV cache equal a full forward pass per token, limited to
+    text and the end token; a reply stops at the end of the context."""
+    model = tiny_gpt(block_size=40).eval()
+    prompt = chat.render_prompt(TWO_TURNS[:2])
+    cached = list(chat.stream_reply(model, prompt, 100))
+    tokens = list(prompt)
+    with torch.no_grad():
+        while len(tokens) <= 40:  # the last token is predicted from 40 inputs
+            logits = model(torch.tensor([tokens]))[0][0, -1]  # (V,)
+            allowed = torch.full_like(logits, float("-inf"))
+            allowed[:chat.BOS] = 0  # text, not <|endoftext|> (50256)
+            allowed[chat.ASSISTANT_END] = 0
+            tokens.append(int((logits + allowed).argmax()))
+            if tokens[-1] == chat.ASSISTANT_END:
+                break
+    assert cached == tokens[len(prompt):]
+    assert len(prompt) + len(cached) <= 41
+
+
+def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_message():
+    history = TWO_TURNS[:4]  # system, user, assistant, user
+    full = chat.render_prompt(history)
+    assert chat.fit_history(history, len(full), 0) == (full, 0)
+    prompt, dropped = chat.fit_history(history, len(full) - 1, 0)
+    assert dropped == 1 and prompt == chat.render_prompt([history[0], history[3]])
+    assert chat.fit_history(history, 5, 0)[0] is None
+
+
+@pytest.fixture
+def chat_checkpoint(tmp_path, base_checkpoint):
+    out = tmp_path / "chat"
+    train(tiny_args(base_checkpoint, out, "--max-steps", 2))
+    return out / "checkpoint.pt"
+
+
+def run_chat(*args, stdin=""):
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *map(str, args)], cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_piped_chat_keeps_history_clears_drops_and_exits(chat_checkpoint):
+    long = " ".join(["cat dog"] * 10)
+    lines = ["hello", long, long, long, "/clear", "again", "/exit", "never read"]
+    result = run_chat("--chat", "--init-from", chat_checkpoint, "--temperature", 0,
+                      "--max-new-tokens", 4, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("assistant: ") == 5 and "user: hello" in out and "user: never" not in out
+    assert "exchange(s) are forgotten" in out  # a 64-token context fills up
+    assert out.index("(history cleared)") < out.index("user: again")
+
+
+def test_prompt_answers_once_and_a_too_long_prompt_is_one_line(chat_checkpoint):
+    result = run_chat("--prompt", "Repeat: cat dog", "--init-from", chat_checkpoint,
+                      "--max-new-tokens", 3, "--seed", 1)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant: ") == 1
+    again = run_chat("--prompt", "Repeat: cat dog", "--init-from", chat_checkpoint,
+                     "--max-new-tokens", 3, "--seed", 1)
+    assert again.stdout == result.stdout  # the same seed, the same reply
+    assert_user_error(run_chat("--prompt", "cat " * 80, "--init-from", chat_checkpoint),
+                      "--prompt", "longer than the model's context of 64 tokens")
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    bad_json = write_jsonl(tmp_path / "bad.jsonl", good_rows(3) + ["{nope"])
+    roles = write_jsonl(tmp_path / "roles.jsonl",
+                        [{"messages": [{"role": "human", "content": "x"}]}])
+    turns = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+        {"role": "assistant", "content": "z"}]}])
+    not_gpt = tmp_path / "not_gpt.pt"
+    torch.save({"stage": "gpt2", "model": {"w": torch.zeros(2)}, "config": {"n_layer": 1}},
+               not_gpt)
+    out = tmp_path / "out"
+    for argv, words in (
+            (["--data", empty], ["holds 0 conversation"]),
+            (["--data", bad_json], [str(bad_json), "row 4", "not valid JSON"]),
+            (["--data", roles], [str(roles), "row 1", "unknown role"]),
+            (["--data", turns], [str(turns), "row 1", "assistant where user was due"]),
+            (["--data", tmp_path / "missing.jsonl"], ["does not exist"]),
+            (["--init-from", not_gpt], ["--init-from", "not_gpt.pt"]),
+            (["--examples-per-step", 6], ["--examples-per-step", "multiple"]),
+            (["--lr", -1], ["--lr"])):
+        result = run_script("chat.py", *tiny_args(base_checkpoint, out, *argv))
+        assert_user_error(result, *words)
+        assert not out.exists()  # checked before anything is written
+    assert_user_error(run_chat("--chat", "--init-from", tmp_path / "nothing"), "--init-from")
