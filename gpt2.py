@@ -493,6 +493,10 @@ def open_data(args, rank, world_size):
         die(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x "
             f"seq-len x ranks = {args.batch_size} x {args.seq_len} x {world_size} = "
             f"{micro_tokens}; change one of them")
+    inside = sorted({str(path.parent) for path in args.data.glob("*/*_train_*.npy")})
+    if inside and not any(args.data.glob("*_train_*.npy")):  # e.g. data/shards/shakespeare
+        die(f"--data {args.data} holds no shards, but {', '.join(inside)} do; pass one of them, "
+            f"e.g. --data {inside[0]}")
     train = ShardLoader(fineweb.open_shards(args.data, "train", micro_tokens + 1),
                         args.batch_size, args.seq_len, rank, world_size, args.shuffle, args.seed)
     val = (ShardLoader(fineweb.open_shards(args.data, "val", micro_tokens + 1), args.batch_size,
@@ -790,13 +794,9 @@ def resume(checkpoint, model, optimizer, scaler, loader):
 
 def already_done(args, step):
     """--resume of a run that has already reached its end: say so, and change nothing."""
-    if step >= args.max_steps:
-        common.print0(f"the run in {args.out_dir} is already complete at step {step} (--max-steps "
-                      f"{args.max_steps}): nothing was changed; use it with --sample or "
-                      "--eval-hellaswag, or start afresh with --overwrite")
-    else:
-        common.print0(f"the run in {args.out_dir} is already at step {step}, --stop-step "
-                      f"{args.stop_step}: nothing was changed; raise --stop-step or drop it")
+    end = (f"complete at step {step} (--max-steps {args.max_steps})" if step >= args.max_steps
+           else f"at step {step}, its --stop-step {args.stop_step} (raise it or drop it to go on)")
+    common.print0(f"the run in {args.out_dir} is already {end}: nothing was changed")
     return {"stage": STAGE, "steps_done": step}
 
 
@@ -918,11 +918,10 @@ def parse_args(argv=None):
     train.add_argument("--grad-clip", type=float, default=1.0,
                        help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
-                       help="visit shards and windows in a fresh order each epoch, from --seed")
+                       help="visit shards and windows in a new order each epoch")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only "
                        "at the end) " + preset("checkpoint_every"))
-    train.add_argument("--stop-step", type=int,
-                       help="stop (and save) at this step; --resume goes on from it")
+    train.add_argument("--stop-step", type=int, help="stop (and save) here; --resume goes on")
     train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
     speed = parser.add_argument_group("speed")
@@ -931,8 +930,7 @@ def parse_args(argv=None):
                        "it, float16 with a gradient scaler on older ones, float32 elsewhere")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
                        help="torch.compile the training step's model (default: on with CUDA)")
-    speed.add_argument("--peak-tflops", type=float,
-                       help="GPU peak TFLOP/s for MFU (default: from common.py's table)")
+    speed.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU")
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
                        help="steps between evaluations (0: off) " + preset("eval_every"))
@@ -942,9 +940,8 @@ def parse_args(argv=None):
     evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag evaluations "
                        "(0: off) " + preset("hellaswag_every"))
     evals.add_argument("--hellaswag-data", type=Path,
-                       help="local HellaSwag .jsonl (default: downloaded once)")
-    evals.add_argument("--hellaswag-limit", type=int,
-                       help="only the first N examples (default: all 10,042)")
+                       help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
+    evals.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
     evals.add_argument("--sample-every", type=int,
                        help="steps between samples (0: off) " + preset("sample_every"))
     evals.add_argument("--num-samples", type=int, default=4,
@@ -954,8 +951,7 @@ def parse_args(argv=None):
                                       "default <out-dir>/checkpoint.pt)")
     modes.add_argument("--sample", action="store_true", help="generate text")
     modes.add_argument("--eval-hellaswag", action="store_true", help="score HellaSwag")
-    modes.add_argument("--export-hf", type=Path,
-                       help="save the weights here for transformers' GPT2LMHeadModel")
+    modes.add_argument("--export-hf", type=Path, help="write a folder for GPT2LMHeadModel")
     args = common.use_preset(parser.parse_args(argv), PRESETS)
     args.seq_len = args.seq_len or args.block_size  # 0 means the block size too
     common.check_args(

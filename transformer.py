@@ -19,11 +19,11 @@ Run:
     python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
 Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10% val)
-on 2 CPU cores, torch 2.13, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of 12 x 64
-characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 275 s. On the bundled
-data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors: nanoGPT's CPU
-recipe 1.8857; its GPU configuration (the gpu preset's scale) 1.4697 on one A100 in 3 minutes
-(nanoGPT's figures).
+on 2 CPU cores, torch 2.13, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of
+12 x 64 characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 275 s. On
+the bundled data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors
+(nanoGPT's figures): its CPU recipe 1.8857; its GPU configuration (the gpu preset's scale)
+1.4697 on one A100 in 3 minutes.
 Ctrl-C ends training early: the run still evaluates, samples and writes its outputs.
 
 Outputs in --out-dir (default out/transformer): log.jsonl (a record a step: train_loss, lr,
@@ -353,9 +353,10 @@ def main(args):
                      "train_seconds": round(timer.total, 3)})
                 common.print_step(step, *(f"{k} {v:.4f}" for k, v in evaluation.items()),
                                   f"{timer.total:.1f} s training ({timer.seconds():.1f} s in all)")
-                if (step > 0 or last) and (best is None or evaluation["val_loss"] < best["val_loss"]):
+                val_loss = evaluation["val_loss"]
+                if (step > 0 or last) and (best is None or val_loss < best["val_loss"]):
                     best = log.records[-1]
-                    save_checkpoint(args, model, optimizer, vocab, step, evaluation["val_loss"])
+                    save_checkpoint(args, model, optimizer, vocab, step, val_loss)
             if last:
                 break
 

@@ -1,7 +1,9 @@
 """common.py: device choice (every spelling, with and without torchrun, testable without a GPU),
-the shared flag checks, the output folder's protection of checkpoints, atomic writes."""
+the shared flags and their checks, errors in the script's name, the output folder's protection
+of checkpoints, atomic writes, the log and the metrics' summary."""
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,39 @@ def test_log_keeps_the_steps_before_a_checkpoint(tmp_path):
     fresh({"step": 5})
     fresh.close()
     assert (tmp_path / "new.jsonl").read_text() == '{"step": 5}\n'
+
+
+@pytest.mark.parametrize("stage", ["bigram", "mlp", "wavenet", "transformer", "gpt2"])
+def test_every_stage_has_overwrite(stage, capsys):
+    """--overwrite means the same in every stage, and every stage's parser accepts it."""
+    module = __import__(stage)
+    assert module.parse_args(["--overwrite"]).overwrite is True
+    assert module.parse_args([]).overwrite is False
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    assert "start afresh in an --out-dir that holds a checkpoint" in \
+        " ".join(capsys.readouterr().out.split())
+
+
+def test_die_names_the_running_script(capsys, monkeypatch):
+    """One line on stderr in the name of the script that runs, whichever module calls die()."""
+    monkeypatch.setattr(sys, "argv", ["/somewhere/fineweb.py", "--dataset", "x"])
+    user_error(capsys, lambda: common.die("no such file x; pass --dataset with a file"),
+               "fineweb.py: error: no such file x")
+
+
+def test_summarize_returns_finals_and_bests_without_printing(capsys):
+    records = [{"step": 0, "val_loss": 3.0}, {"step": 0, "train_loss": 2.5},
+               {"step": 1, "train_loss": 2.0}, {"step": 2, "val_loss": 2.2, "hellaswag": 0.3},
+               {"step": 2, "hellaswag": 0.25}]
+    assert common.summarize(records) == {
+        "final_train_loss": 2.0, "min_train_loss": 2.0, "final_val_loss": 2.2,
+        "min_val_loss": 2.2, "final_hellaswag": 0.25, "max_hellaswag": 0.3}
+    assert capsys.readouterr() == ("", "")
+
+
+def test_by_preset_groups_presets_that_share_a_value():
+    presets = {"quick": {"n": 4, "lr": 3e-3}, "cpu": {"n": 4, "lr": 3e-3},
+               "gpu": {"n": 6, "lr": 1e-3}}
+    assert common.by_preset(presets, "n") == "(default: quick/cpu 4, gpu 6)"
+    assert common.by_preset(presets, "lr") == "(default: quick/cpu 0.003, gpu 0.001)"

@@ -337,7 +337,8 @@ def test_tiny_run_writes_log_metrics_figure_checkpoint(tmp_path, shards, monkeyp
     assert printed.startswith("command: ")
     assert "tok/s" in printed
     # Samples print as text (not as Python strings), each under a line that names it.
-    assert "\n--- sample 0, step 4:\nHello" in printed and "\n--- sample 1, step 8:\nHello" in printed
+    assert "\n--- sample 0, step 4:\nHello" in printed
+    assert "\n--- sample 1, step 8:\nHello" in printed
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 8 and checkpoint["config"]["n_embd"] == 32
     assert set(checkpoint["loader"]) >= {"epoch", "shard", "offset"}
@@ -451,6 +452,8 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, shards):
 
 
 @pytest.mark.slow
+# torch.compile imports torch/utils/mkldnn.py, whose 14 @torch.jit.script_method warn: torch's own
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_trains_like_eager_with_inline_sampling(tmp_path, shards):
     """--compile: the same losses as eager (to float tolerance), with val loss, HellaSwag and
     sampling running inline (the last two on the eager module)."""
@@ -626,3 +629,72 @@ def test_evaluation_and_sampling_keep_off_cudnn_attention(tmp_path, monkeypatch)
     gpt2.hellaswag.evaluate(model, examples, enc=gpt2.fineweb.get_encoding())
     assert seen and not any(seen)
     assert model.training  # both put the model back in training mode
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, shards, capsys):
+    """--resume of a run that reached --max-steps says so in one line and leaves every output
+    byte for byte as it was (metrics.json keeps the real run's timing)."""
+    out = tmp_path / "out"
+    train(TINY + ["--data", shards, "--out-dir", out, "--max-steps", "2"])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    result = train(TINY + ["--data", shards, "--out-dir", out, "--max-steps", "2", "--resume"])
+    assert result["steps_done"] == 2
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "already complete at step 2" in printed[0], printed
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_weights_that_cannot_be_loaded_are_one_line_in_words(tmp_path, capsys, monkeypatch):
+    """A missing --init-from and an offline hub name: one line that names the flag and a fix,
+    with no Python repr and no suggestion of the very thing that failed."""
+    user_error(capsys, ["--sample", "--init-from", tmp_path / "nope.pt"], "--init-from",
+               "no such file or folder", "gpt2.py checkpoint")
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Got: ConnectError\nAn error")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    user_error(capsys, ["--sample", "--init-from", "gpt2"], "cannot be reached", "--init-from")
+    for argv in (["--sample", "--init-from", tmp_path / "nope.pt"],
+                 ["--sample", "--init-from", "gpt2"]):
+        with pytest.raises(SystemExit):
+            train(argv)
+        line = capsys.readouterr().err
+        assert "Error(" not in line and "\\n" not in line and "or gpt2" not in line, line
+
+
+def test_hellaswag_download_failure_names_gpt2s_flags(tmp_path, shards, capsys, monkeypatch):
+    """Offline HellaSwag during training: the fix is gpt2.py's --hellaswag-data (or turning it
+    off), never hellaswag.py's --data, which is the shard folder here."""
+    def unreachable(split, cache_dir="data/hellaswag"):
+        raise gpt2.hellaswag.DataError("cannot download https://example/x.jsonl (no network)")
+
+    monkeypatch.setattr(gpt2.hellaswag, "download", unreachable)
+    out = tmp_path / "out"
+    user_error(capsys, TINY + ["--data", shards, "--out-dir", out, "--hellaswag-every", "1"],
+               "cannot download", "--hellaswag-data", "--hellaswag-every 0", out_dir=out)
+    with pytest.raises(SystemExit):
+        train(TINY + ["--data", shards, "--out-dir", out, "--hellaswag-every", "1"])
+    assert " --data" not in capsys.readouterr().err
+
+
+def test_a_folder_of_shard_folders_suggests_them(tmp_path, capsys):
+    """--data data/shards when the shards sit in data/shards/shakespeare: the line names it."""
+    write_shards(tmp_path / "shards" / "shakespeare")
+    user_error(capsys, TINY + ["--data", tmp_path / "shards"], "holds no shards",
+               str(tmp_path / "shards" / "shakespeare"))
+
+
+def test_help_shows_the_presets_and_groups_the_modes(capsys):
+    """--help: what each preset sets (cpu means 200 steps) and the three modes in one group."""
+    with pytest.raises(SystemExit):
+        gpt2.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    flat = " ".join(help_text.split())
+    assert "optimizer steps; the cosine ends here (default: gpt2/gpt2-medium/gpt2-large/gpt2-xl " \
+           "19073, cpu 200, cpu-tiny 100)" in flat
+    modes = help_text[help_text.index("modes without training"):]
+    assert all(flag in modes for flag in ("--sample ", "--eval-hellaswag", "--export-hf"))
+    assert "--peak-tflops" not in modes
