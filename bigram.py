@@ -11,7 +11,7 @@ function from context to logits.
 
 Run (CPU, a few seconds; a GPU is never needed here):
     python bigram.py                                   # bundled data/names.txt
-    python bigram.py --data ../shared/data/names.txt   # the canonical makemore list
+    python bigram.py --data path/to/names.txt          # makemore's names.txt, the canonical list
     python bigram.py --smoothing 0                     # see why val NLL becomes inf
 
 Measured on the canonical list (32,033 names), default flags, on the 2-core CPU in 11 s:
@@ -28,6 +28,7 @@ import argparse
 import itertools
 import math
 import random
+import sys
 import time
 
 import torch
@@ -126,11 +127,23 @@ def bigram_pairs(names, vocab):
     return torch.tensor(xs), torch.tensor(ys)  # (N,), (N,)
 
 
+def warn_unless_names(names, path):
+    """A text of sentences (lines with spaces, digits or punctuation, or long ones) is not a list
+    of names: say so once, in one line, and go on (the model learns whatever the lines hold)."""
+    odd = sum(len(name) > 30 or not name.replace("-", "").replace("'", "").isalpha()
+              for name in names)
+    if 100 * odd > len(names):
+        print(f"{STAGE}.py: warning: {path} does not look like one name per line ({odd:,} of "
+              f"{len(names):,} lines hold spaces, digits or punctuation, or over 30 characters); "
+              "training on it anyway", file=sys.stderr)
+
+
 def load_data(args):
     """The names of --data shuffled with --seed and cut 80/10/10; the vocabulary; the pairs of
     each split; a line that describes them. Every input is checked before --out-dir is touched."""
     text = read_text(args.data, "a text file of one name per line")
     names = [line.strip() for line in text.splitlines() if line.strip()]
+    warn_unless_names(names, args.data)
     if len(names) < 10:
         die(f"the data holds {len(names)} names; an 80/10/10 split needs at least 10")
     shuffled = list(names)

@@ -17,7 +17,7 @@ better-used steps on a CPU, and weight decay against overfitting the 25K trainin
 
 Run:
     python mlp.py                                    # bundled data/names.txt, CPU, < 1 min
-    python mlp.py --data ../shared/data/names.txt    # the canonical makemore list
+    python mlp.py --data path/to/names.txt           # makemore's names.txt, the canonical list
     python mlp.py --device cuda                      # one GPU (auto picks it when present)
 
 Measured on the canonical list (32,033 names), default flags (8,000 steps of batch 256,
@@ -34,6 +34,7 @@ import argparse
 import copy
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -161,12 +162,24 @@ def build_dataset(names, vocab, block_size):
     return torch.tensor(xs), torch.tensor(ys)  # (N, block_size), (N,)
 
 
+def warn_unless_names(names, path):
+    """A text of sentences (lines with spaces, digits or punctuation, or long ones) is not a list
+    of names: say so once, in one line, and go on (the model learns whatever the lines hold)."""
+    odd = sum(len(name) > 30 or not name.replace("-", "").replace("'", "").isalpha()
+              for name in names)
+    if 100 * odd > len(names):
+        print(f"{STAGE}.py: warning: {path} does not look like one name per line ({odd:,} of "
+              f"{len(names):,} lines hold spaces, digits or punctuation, or over 30 characters); "
+              "training on it anyway", file=sys.stderr)
+
+
 def load_data(args, device):
     """The names of --data, one per line, shuffled with --seed and cut 80/10/10 into train, val
     and test; the vocabulary; (X, Y) on `device` per split; and a line that describes them. Every
     input is checked here, before --out-dir is touched."""
     text = read_text(args.data, "a text file of one name per line")
     names = [line.strip() for line in text.splitlines() if line.strip()]
+    warn_unless_names(names, args.data)
     longest = max(len(name) for name in names)
     if args.block_size > longest + 1:  # a context that no name fills: only start tokens
         die(f"--block-size {args.block_size} is longer than any context in the data (the longest "
