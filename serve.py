@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import chat
 import common
 import fineweb
-import gpt2
 from common import die
 
 STAGE = "serve"
@@ -122,7 +122,9 @@ class Engine:
 
     @torch.no_grad()
     def loop(self):
-        with gpt2.variable_length_attention():  # every step is a new length (see gpt2.py)
+        # Every step attends over a new length: kernels without cuDNN's per-length plans.
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH]):
             while not self.stopping.is_set():
                 self.step()
         for slot, request in enumerate(self.slots):
@@ -173,14 +175,14 @@ class Engine:
     def forward(self, x, attend):
         """gpt2.GPT's blocks on x (B, T, C) with attention done by attend(layer, q, k, v), which
         also writes the new keys and values into the cache; the last position's logits."""
+        nh = self.model.config.n_head
         for layer, block in enumerate(self.model.transformer.h):
             B, T, C = x.shape
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
-            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
+            q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2)
                        for t in (q, k, v))  # (B, nh, T, hs) each
             y = attend(layer, q, k, v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-            x = x + attn.c_proj(y)  # (B, T, C)
+            x = x + block.attn.c_proj(y)  # (B, T, C)
             x = x + block.mlp(block.ln_2(x))  # (B, T, C)
         return self.model.lm_head(self.model.transformer.ln_f(x[:, -1])).float()  # (B, V)
 
@@ -213,15 +215,18 @@ class Engine:
         tokens = torch.tensor(tokens, device=device)  # (n,)
         positions = torch.tensor(positions, device=device)  # (n,)
         length = int(positions.max()) + 1  # the longest context among the slots
-        # (n, 1, 1, length): slot s sees its cache up to its own position, broadcast over heads
-        mask = (torch.arange(length, device=device) <= positions[:, None]).view(n, 1, 1, length)
-        rows = torch.arange(n, device=device)
+        # (n, 1, 1, length), added to the attention scores: 0 where slot s may look (its cache
+        # up to its own position), -inf beyond, the same for every head
+        visible = torch.arange(length, device=device) <= positions[:, None]  # (n, length)
+        mask = torch.zeros(n, 1, 1, length, dtype=self.k.dtype, device=device).masked_fill(
+            ~visible.view(n, 1, 1, length), float("-inf"))
         wte, wpe = self.model.transformer.wte, self.model.transformer.wpe
         x = (wte(tokens) + wpe(positions))[:, None]  # (n, 1, C)
 
         def attend(layer, q, k, v):  # (n, nh, 1, hs) each
-            self.k[layer][rows, :, positions] = k[:, :, 0]  # each slot's row at its position
-            self.v[layer][rows, :, positions] = v[:, :, 0]
+            for slot in active:  # each slot's new key and value at its own position
+                self.k[layer, slot, :, self.pos[slot]] = k[slot, :, 0]
+                self.v[layer, slot, :, self.pos[slot]] = v[slot, :, 0]
             keys, values = self.k[layer, :n, :, :length], self.v[layer, :n, :, :length]
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (n, nh, 1, hs)
 
@@ -260,15 +265,11 @@ class Engine:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
-        reason = None
-        if token in request.stop_tokens:
-            reason = "stop"
-        else:
-            reason = self.update_text(request)
+        reason = "stop" if token in request.stop_tokens else self.update_text(request)
         if reason is None and (len(request.output) >= request.max_tokens
                                or len(request.prompt) + len(request.output) >= self.block_size):
             reason = "length"  # max_tokens reached, or the context is full
-        request.deliver({"token": token, "text": self.pending_text(request, reason is not None)})
+        self.send(request, {"token": token, "text": self.pending_text(request, reason is not None)})
         if reason:
             self.finish(slot, reason)
 
@@ -294,15 +295,21 @@ class Engine:
         request.sent = max(request.sent, end)
         return delta
 
+    def send(self, request, event):
+        try:
+            request.deliver(event)
+        except Exception:  # noqa: BLE001 (nobody listens any more: the request is cancelled)
+            request.cancelled = True
+
     def finish(self, slot, reason=None, error=None):
         """Free the slot; tell the client how it ended (unless it left); log one line."""
         request, self.slots[slot], self.pos[slot] = self.slots[slot], None, 0
         done, n = time.perf_counter(), len(request.output)
         if error:
-            request.deliver({"error": error})
+            self.send(request, {"error": error})
         elif reason != "cancelled":
-            request.deliver({"finish": reason, "prompt_tokens": len(request.prompt),
-                             "completion_tokens": n})
+            self.send(request, {"finish": reason, "prompt_tokens": len(request.prompt),
+                                "completion_tokens": n})
         first = (f"first token {request.first_token_at - request.arrived:.3f} s"
                  if request.first_token_at else "no token")
         self.log(f"request {request.id}: {len(request.prompt)} prompt + {n} completion tokens, "

@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -43,7 +42,8 @@ def write_checkpoint(path, model, chat_format=None):
 
 
 def greedy(model, prompt, n):
-    return model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    idx = torch.tensor([prompt], device=model.transformer.wte.weight.device)  # (1, T)
+    return model.generate(idx, n, temperature=0)[0, len(prompt):].tolist()
 
 
 def decode(tokens):
@@ -140,6 +140,25 @@ def test_engine_survives_failing_requests(model, engine):
     for request in good:
         assert request.output == greedy(model, request.prompt, 15)
     assert engine.active() == 0
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_equals_generate_in_float32_and_runs_in_bfloat16():
+    """On a GPU too, in float32: generate's tokens for each prompt, 16 slots, staggered; in
+    bfloat16 (serve.py's default there) every request completes with its length."""
+    model = tiny_model().cuda()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in range(1, 100, 5)]
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = serve.Engine(model.to(dtype), max_batch=16, log=lambda *a, **k: None).start()
+        requests = [serve.Request(prompt=p, max_tokens=10 + i, temperature=0, deliver=None)
+                    for i, p in enumerate(prompts)]
+        results = run_engine(engine, requests, delays=[0.002 * i for i in range(len(prompts))])
+        engine.stop()
+        assert all(r[-1]["completion_tokens"] == 10 + i for i, r in enumerate(results))
+        if dtype == torch.float32:
+            assert [r.output for r in requests] == [greedy(model, p, 10 + i)
+                                                    for i, p in enumerate(prompts)]
 
 
 def test_engine_stops_at_end_tokens_stop_strings_and_a_full_context(model, engine):
@@ -275,6 +294,7 @@ def test_openai_client(server, model):
     """The official client unchanged: completions (greedy: generate's text), streaming (the
     same text in chunks), chat (rendered by chat.py, ending at the assistant's end token),
     embeddings (its default base64 and floats), models, and errors as its exceptions."""
+    import openai
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["chat"]
     prompt = "The meaning of life is"
@@ -428,7 +448,7 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(checkpoints):
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             with http.stream("POST", "/v1/completions", json={
-                    "prompt": "Once", "max_tokens": 400, "temperature": 0,
+                    "prompt": "Once", "max_tokens": 200, "temperature": 0,
                     "stream": True}) as response:
                 lines = response.iter_lines()
                 first = next(line for line in lines if line.startswith("data:"))
@@ -441,7 +461,7 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(checkpoints):
         final = json.loads(rest[-2][len("data: "):])
         assert final["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(60) == 0
-        assert "400 completion tokens" in "".join(server.lines), "".join(server.lines)
+        assert "200 completion tokens" in "".join(server.lines), "".join(server.lines)
         assert len(first) > 6
     finally:
         server.stop()
@@ -459,3 +479,16 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("serve.py: error:") and words in lines[0]
+
+
+def test_bench_serve_runs_the_three_designs_on_the_same_work(capsys):
+    """bench.py serve, tiny: the engine's greedy tokens are the same with 3 clients as one at
+    a time, and transformers' static batches produce them too (float32): the same work."""
+    import bench
+    result = bench.main(bench.parse_args([
+        "serve", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--device", "cpu",
+        "--requests", "4", "--clients", "2", "--prompt-tokens", "4", "12", "--new-tokens", "3",
+        "8"]))
+    assert result["same_tokens_engine"] and result["same_tokens_static"] == 4
+    out = capsys.readouterr().out
+    assert "2 clients at once" in out and "static batches of 2" in out
