@@ -28,6 +28,7 @@ import asyncio
 import base64
 import json
 import math
+import os
 import queue
 import random
 import signal
@@ -609,7 +610,14 @@ def create_app(engine, name, chat_format=None, api_key=None, max_body=MAX_BODY):
                                             "finish_reason": finish}]}
             return stream(job, events, chunk, (body.get("stream_options") or {}).get(
                 "include_usage"))
-        jobs = [start(prompt, settings, {fineweb.EOT}) for prompt in prompts]
+        jobs = []
+        try:
+            for prompt in prompts:
+                jobs.append(start(prompt, settings, {fineweb.EOT}))
+        except ApiError:
+            for job, _ in jobs:  # all or none: the ones already queued would run for nobody
+                job.cancelled = True
+            raise
         results = await asyncio.gather(*(collect(http_request, *job) for job in jobs))
         if any(result is None for result in results):
             return JSONResponse({}, 499)  # the client left; nobody reads this
@@ -709,6 +717,11 @@ def model_name(source):
 def main(args):
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
+    try:  # bound first: a taken port is one line before the model loads, and --port 0 works
+        sock = socket.create_server((args.host, args.port), backlog=2048)
+    except OSError as err:
+        die(f"cannot listen on {args.host}:{args.port} ({os.strerror(err.errno or 0)}); "
+            "choose another --port or --host")
     common.print_header(device)
     model, chat_format = chat.load_chat_model(args.init_from, device)
     model.to(dtype)  # inference only: the weights themselves in bf16 on a GPU, no autocast
@@ -717,10 +730,6 @@ def main(args):
     app = create_app(engine, name, chat_format, args.api_key, args.max_body)
 
     import uvicorn
-    try:  # bound here, before anything is printed: a taken port is one line, and --port 0 works
-        sock = socket.create_server((args.host, args.port), backlog=2048)
-    except OSError as err:
-        die(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port")
     host, port = sock.getsockname()[:2]
     params = sum(p.numel() for p in model.parameters())
     print(f"serving {name} ({'chat' if chat_format else 'base'} model, {params:,} parameters, "
@@ -736,8 +745,9 @@ def main(args):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=args.drain_seconds))
     server.run(sockets=[sock])
+    unfinished = engine.active() + engine.waiting.qsize()  # the drain's time ran out for these
     engine.stop()
-    print(f"stopped: {engine.active()} requests unfinished", flush=True)
+    print(f"stopped ({unfinished} requests unfinished)", flush=True)
     return {"host": host, "port": port}
 
 

@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -470,7 +471,10 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(checkpoints):
 def test_command_line_mistakes_are_one_line(tmp_path, capsys):
     """A bad flag or a checkpoint that is not one: one line on stderr naming the fix, exit 2."""
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    taken = socket.create_server(("127.0.0.1", 0))
     for argv, words in ((["--init-from", "x", "--max-batch", "0"], "--max-batch"),
+                        (["--init-from", "x", "--port", str(taken.getsockname()[1])],
+                         "already in use"),
                         (["--init-from", "x", "--port", "70000"], "--port"),
                         (["--init-from", "x", "--api-key", " "], "--api-key"),
                         (["--init-from", str(tmp_path / "junk.pt")], "--init-from")):
@@ -479,6 +483,7 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("serve.py: error:") and words in lines[0]
+    taken.close()
 
 
 def test_bench_serve_runs_the_three_designs_on_the_same_work(capsys):
