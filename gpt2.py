@@ -425,7 +425,6 @@ def variable_length_attention():
     return sdpa_kernel(VARIABLE_LENGTH_ATTENTION)
 
 
-
 # --- data
 
 class ShardLoader:
@@ -919,8 +918,8 @@ def parse_args(argv=None):
                        help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a new order each epoch")
-    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only "
-                       "at the end) " + preset("checkpoint_every"))
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints, 0: only "
+                       "at the end " + preset("checkpoint_every"))
     train.add_argument("--stop-step", type=int, help="stop (and save) here; --resume goes on")
     train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
@@ -933,17 +932,17 @@ def parse_args(argv=None):
     speed.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU")
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
-                       help="steps between evaluations (0: off) " + preset("eval_every"))
+                       help="steps between evaluations, 0: off " + preset("eval_every"))
     evals.add_argument("--eval-batches", type=int, help="batches (per rank) in each loss "
                        "estimate, always the same ones " + preset("eval_batches"))
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
-    evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag evaluations "
-                       "(0: off) " + preset("hellaswag_every"))
+    evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag evaluations, "
+                       "0: off " + preset("hellaswag_every"))
     evals.add_argument("--hellaswag-data", type=Path,
                        help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
     evals.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
     evals.add_argument("--sample-every", type=int,
-                       help="steps between samples (0: off) " + preset("sample_every"))
+                       help="steps between samples, 0: off " + preset("sample_every"))
     evals.add_argument("--num-samples", type=int, default=4,
                        help="samples to generate, split over the ranks (default: %(default)s)")
     common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)

@@ -492,7 +492,7 @@ def parse_args(argv=None):
     model.add_argument("--block-size", type=int,
                        help="longest context the model can take " + preset("block_size"))
     model.add_argument("--dropout", type=float,
-                       help="dropout probability (0: none) " + preset("dropout"))
+                       help="dropout probability, 0: none " + preset("dropout"))
     model.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                        help="sdpa: torch's fused kernel; manual: the same computation written "
                        "out, to read (default: sdpa)")
@@ -511,7 +511,7 @@ def parse_args(argv=None):
                        help="clip the gradient's global norm to this (0: off; default: 1.0)")
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
-                       help="steps between evaluations (0: off) " + preset("eval_every"))
+                       help="steps between evaluations, 0: off " + preset("eval_every"))
     evals.add_argument("--eval-batches", type=int, help="batches in each loss estimate, always "
                        "the same ones " + preset("eval_batches"))
     common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"),
