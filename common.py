@@ -21,18 +21,18 @@ import torch
 
 # --- every stage: the command line, a user's mistake, the device
 
-def print0(*args, **kwargs):
-    """print() on rank 0 alone: under torchrun every rank runs the same script (RANK says which;
-    a plain run is rank 0)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs)
-
-
 def die(message):
     """A user's mistake: one line in the running script's name that says the problem and the fix,
     and exit status 2 (under torchrun every rank exits, rank 0 alone says why)."""
     print0(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 alone: under torchrun every rank runs the same script (RANK says which;
+    a plain run is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
 
 
 def make_parser(stage, description, data, data_help, seed):
