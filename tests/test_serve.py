@@ -307,6 +307,10 @@ def test_openai_client(server, model):
                                             temperature=0, stream=True))
     assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks) == decode(tokens)
     assert chunks[-1].choices[0].finish_reason == "length"
+    sampled = [client.completions.create(model="chat", prompt=prompt, max_tokens=12, seed=seed,
+                                         temperature=1.0, top_p=0.95).choices[0].text
+               for seed in (3, 3, 4)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed gives its text, every time
 
     messages = [{"role": "user", "content": "Hello, who are you?"}]
     rendered = chat.render_prompt(messages)
