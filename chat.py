@@ -9,12 +9,12 @@ The model is gpt2.py's, imported: this file's lesson is the format, the mask and
 models). serve.py serves the same format: render_prompt is its rendering too.
 
 Run (CPU quick start: gpt2.py's `cpu` checkpoint taught a bundled task mix, generated from the
-seed: repeat a phrase, reverse it, count its words, name the word after a given one):
+seed: name the n-th word of a phrase or its last word, count its words, repeat it):
     python fineweb.py --dataset data/shakespeare.txt --out-dir data/shards/shakespeare \\
         --shard-size 50000
     python gpt2.py --preset cpu --data data/shards/shakespeare
     python chat.py --init-from out/gpt2/checkpoint.pt
-    echo "Reverse: moon red cat" | python chat.py --chat --temperature 0
+    echo "Word 2 of: moon red cat" | python chat.py --chat --temperature 0
 GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset from the hub):
     python chat.py --preset gpt2                       # one GPU
     torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
@@ -333,25 +333,27 @@ def fit_to_context(conversations, block_size):
 
 
 # The bundled task mix: a 4-layer model learns it in minutes on a CPU, and every answer depends on
-# the question (no answer can be memorised). Each word is one GPT-2 token with or without a
-# leading space, so a phrase of n words is n tokens wherever it stands.
+# the question's phrase (no answer can be memorised). Each word is one GPT-2 token after a space,
+# and replies name a word after a space too: the token the reply needs is the very token of the
+# question, which tied embeddings make easy to copy (" fox" and "fox" are different tokens).
 WORDS = ("red blue green black white gold gray cat dog fox owl bat cow hen sun moon star rain "
          "wind tree leaf rock sand lake hill king ship boat bell door book cup hat key box").split()
-TASK_KINDS = ("repeat", "reverse", "count", "after")
+TASK_KINDS = ("word", "last", "count", "repeat")
 
 
 def make_task(kind, rng):
-    """(question, answer) of one kind, on a phrase of 2 to 5 distinct words."""
+    """(question, answer) of one kind, on a phrase of 2 to 5 distinct words: its n-th word, its
+    last word, how many words it has, or the phrase itself."""
     words = rng.sample(WORDS, rng.randint(2, 5))
     phrase = " ".join(words)
-    if kind == "repeat":
-        return f"Repeat: {phrase}", phrase
-    if kind == "reverse":
-        return f"Reverse: {phrase}", " ".join(reversed(words))
+    if kind == "word":
+        n = rng.randint(1, len(words))
+        return f"Word {n} of: {phrase}", f"Word {n} is {words[n - 1]}."
+    if kind == "last":
+        return f"Last word of: {phrase}", f"The last word is {words[-1]}."
     if kind == "count":
-        return f"How many words: {phrase}", str(len(words))
-    k = rng.randrange(len(words) - 1)  # "after": the word that follows a given one
-    return f"After {words[k]}: {phrase}", words[k + 1]
+        return f"How many words: {phrase}", f"There are {len(words)} words."
+    return f"Repeat: {phrase}", f"You said: {phrase}."
 
 
 def task_mix(seed, n_train, n_heldout):
@@ -524,6 +526,14 @@ def estimate_loss(model, examples, batch_size, batches, device, autocast, rank, 
     return (total[0] / total[1]).item()
 
 
+def reply_logit_mask(model, device):
+    """(V,): 0 for the tokens a reply may hold (text, then ASSISTANT_END), -inf for the rest."""
+    allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)  # (V,)
+    allowed[:BOS] = 0  # text: every GPT-2 token below <|endoftext|> (50256)
+    allowed[ASSISTANT_END] = 0
+    return allowed
+
+
 @torch.no_grad()
 def stream_reply(model, prompt, max_new_tokens, temperature=0.0, top_k=None, generator=None):
     """Yield the reply to `prompt` (render_prompt's tokens) a token at a time, sampled with the KV
@@ -533,10 +543,7 @@ def stream_reply(model, prompt, max_new_tokens, temperature=0.0, top_k=None, gen
     device = next(model.parameters()).device
     block_size = model.config.block_size
     cache = gpt2.KVCache(model.config.n_layer, block_size)
-    allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)  # (V,)
-    allowed[:encoding().n_vocab] = 0
-    allowed[ASSISTANT_END] = 0
-    allowed[BOS] = float("-inf")  # <|endoftext|> is not part of a reply
+    allowed = reply_logit_mask(model, device)  # (V,)
     new = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     for _ in range(min(max_new_tokens, block_size - len(prompt) + 1)):
         x = model.hidden_states(new, cache)[:, -1]  # (1, C)
@@ -555,18 +562,47 @@ def stream_reply(model, prompt, max_new_tokens, temperature=0.0, top_k=None, gen
         new = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
 
 
+@torch.no_grad()
+def greedy_replies(model, prompts, max_new_tokens):
+    """stream_reply's greedy replies (ASSISTANT_END included where it came) to many prompts at
+    once: the prompts of one length share a batch, so that a step reads the 50,304-row output
+    layer once for the whole batch instead of once per prompt."""
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    allowed = reply_logit_mask(model, device)  # (V,)
+    by_length, replies = {}, [None] * len(prompts)
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for length, rows in by_length.items():
+        cache = gpt2.KVCache(model.config.n_layer, block_size)
+        new = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)  # (B, T)
+        out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)  # (B,)
+        for _ in range(min(max_new_tokens, block_size - length + 1)):
+            x = model.hidden_states(new, cache)[:, -1]  # (B, C)
+            new = (model.lm_head(x).float() + allowed).argmax(-1, keepdim=True)  # (B, 1)
+            out.append(new)
+            done |= new[:, 0] == ASSISTANT_END
+            if done.all() or cache.pos >= block_size:
+                break
+        for i, reply in zip(rows, torch.cat(out, 1).tolist()):
+            replies[i] = reply[:reply.index(ASSISTANT_END) + 1] if ASSISTANT_END in reply else reply
+    return replies
+
+
 def task_accuracy(model, tasks, autocast, rank=0, world_size=1):
     """Greedy exact match of the whole reply (its text, then ASSISTANT_END) on the held-out tasks,
     {"overall": ..., kind: ...}; the tasks are dealt out to the ranks and the counts summed."""
     device = next(model.parameters()).device
-    counts = torch.zeros(len(TASK_KINDS), 2, device=device)  # (kinds, [right, asked])
+    mine = tasks[rank::world_size]
+    prompts = [render_prompt([{"role": "user", "content": question}]) for _, question, _ in mine]
+    longest = max([len(encode_text(answer)) for _, _, answer in mine], default=0)
     model.eval()
     with autocast:
-        for kind, question, answer in tasks[rank::world_size]:
-            prompt = render_prompt([{"role": "user", "content": question}])
-            reply = list(stream_reply(model, prompt, len(encode_text(answer)) + 2))
-            right = reply[-1:] == [ASSISTANT_END] and decode(reply[:-1]) == answer
-            counts[TASK_KINDS.index(kind)] += torch.tensor([float(right), 1.0], device=device)
+        replies = greedy_replies(model, prompts, longest + 2)
+    counts = torch.zeros(len(TASK_KINDS), 2, device=device)  # (kinds, [right, asked])
+    for (kind, _, answer), reply in zip(mine, replies):
+        right = reply[-1:] == [ASSISTANT_END] and decode(reply[:-1]) == answer
+        counts[TASK_KINDS.index(kind)] += torch.tensor([float(right), 1.0], device=device)
     if world_size > 1:
         dist.all_reduce(counts)
     result = {"overall": (counts[:, 0].sum() / counts[:, 1].sum()).item()}

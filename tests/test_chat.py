@@ -2,6 +2,8 @@
 checks, the task mix, training (resume, DDP, outputs) and the chat loop. Tiny models and data
 written to tmp_path."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 
 import chat
 import gpt2
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, signal_after
 
 TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Hi there"},
@@ -197,13 +199,14 @@ def test_task_mix_is_seeded_varied_and_keeps_held_out_questions_out_of_training(
     assert any(len(messages) == 4 for messages in train)  # some hold two exchanges
     for messages in train:
         chat.check_messages(messages)
-    # Each answer follows from its question, and only "repeat" is a copy of it.
+    # Each answer follows from its question's phrase; "count"'s copies none of it.
     for kind, question, answer in heldout:
         words = question.split(": ", 1)[1].split()
-        expected = {"repeat": " ".join(words), "reverse": " ".join(words[::-1]),
-                    "count": str(len(words)),
-                    "after": words[words.index(question.split()[1].rstrip(":")) + 1]
-                    if kind == "after" else None}[kind]
+        n = question.split()[1]
+        expected = {"word": lambda: f"Word {n} is {words[int(n) - 1]}.",
+                    "last": lambda: f"The last word is {words[-1]}.",
+                    "count": lambda: f"There are {len(words)} words.",
+                    "repeat": lambda: f"You said: {' '.join(words)}."}[kind]()
         assert answer == expected, (kind, question, answer)
 
 
@@ -436,3 +439,66 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
         assert_user_error(result, *words)
         assert not out.exists()  # checked before anything is written
     assert_user_error(run_chat("--chat", "--init-from", tmp_path / "nothing"), "--init-from")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, base_checkpoint):
+    """SIGTERM (preemption) finishes the step, saves, exits 0; --resume goes on from there."""
+    out = tmp_path / "out"
+    args = tiny_args(base_checkpoint, out, "--max-steps", 100000, "--eval-every", 0)
+    returncode, rest, err = signal_after("chat.py", args, "step     2 |", signal.SIGTERM)
+    assert returncode == 0, err
+    assert "received SIGTERM" in rest
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 3 and len(train_losses(out)) == step
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_process(tmp_path, base_checkpoint):
+    """DDP over 2 gloo ranks (one micro-step each) logs the losses, the val losses and the task
+    accuracy of one process with the same conversations a step (two micro-steps)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "chat.py"), *tiny_args(base_checkpoint, tmp_path / "ddp", "--max-steps", 4)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on 2 rank(s), 1 micro-step(s)" in ddp.stdout
+    train(tiny_args(base_checkpoint, tmp_path / "one", "--max-steps", 4))
+    a, b = (read_log(tmp_path / name / "log.jsonl") for name in ("ddp", "one"))
+    np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one"),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose([r["val_loss"] for r in a if "val_loss" in r],
+                               [r["val_loss"] for r in b if "val_loss" in r], atol=1e-5, rtol=0)
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text())
+               for name in ("ddp", "one")]
+    assert metrics[0]["task_accuracy_by_kind"] == metrics[1]["task_accuracy_by_kind"]
+    assert metrics[0]["world_size"] == 2
+
+
+def test_batched_greedy_replies_equal_one_at_a_time():
+    """task_accuracy's batched replies equal stream_reply's greedy ones, prompt by prompt."""
+    model = tiny_gpt().eval()
+    _, heldout = chat.task_mix(seed=1, n_train=0, n_heldout=12)
+    prompts = [chat.render_prompt([{"role": "user", "content": q}]) for _, q, _ in heldout]
+    assert len({len(p) for p in prompts}) > 1  # several lengths, several batches
+    assert chat.greedy_replies(model, prompts, 6) == \
+        [list(chat.stream_reply(model, p, 6)) for p in prompts]
+
+
+@pytest.mark.gpu
+def test_fine_tuning_on_a_gpu_with_bf16_and_compile(tmp_path, base_checkpoint):
+    """On CUDA: bf16 autocast, torch.compile of the fixed-shape loss, the loss falling, the task
+    accuracy measured, and a reply from the checkpoint."""
+    out = tmp_path / "out"
+    args = tiny_args(base_checkpoint, out, "--max-steps", 8, "--lr", 3e-3)
+    args[args.index("--device") + 1] = "cuda"
+    metrics = train(args)
+    assert metrics["compile"] and metrics["dtype"] == "bfloat16"
+    losses = train_losses(out)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert 0 <= metrics["task_accuracy"] <= 1
+    result = run_chat("--prompt", "Word 1 of: cat dog", "--init-from", out, "--device", "cuda",
+                      "--max-new-tokens", 4)
+    assert result.returncode == 0, result.stderr
+    assert "device cuda" in result.stdout and "assistant: " in result.stdout
