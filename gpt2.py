@@ -23,7 +23,8 @@ FineWeb-Edu; build-nanogpt, the reproduction followed here, reached 0.3009 and 3
 tokens in about 2 hours on 8xA100 (its figures). This file trained at 474,668 tokens/s, 41% MFU
 on one H100 80GB (torch 2.11, bf16, compile, micro-batch 64; 2026-11-25). The CPU quick start
 (359,202 tokens, 200 steps of 2,048) ran at about 1,350 tokens/s in 338 s on 2 CPU
-cores (torch 2.13, 2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+cores (torch 2.13, 2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19 (the same losses
+on 2026-11-26, the last val loss now taken after the last step).
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
