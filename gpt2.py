@@ -693,9 +693,10 @@ def main(args):
                "dtype": str(dtype)[6:], "compile": use_compile, "tokens_per_s": timer.median(),
                "total_batch_size": args.total_batch_size, "seconds": timer.seconds(),
                "steps_done": start_step + len(timer.rates), **common.summarize(log.records)}
-    common.print0(f"{len(timer.rates)} steps in {timer.seconds()} s; " + ", ".join(
-        f"{key[6:].replace('_', ' ')} {value:.4f}" for key, value in metrics.items()
-        if key.startswith("final_")) + f"; outputs in {args.out_dir}")
+    finals = [f"{key.removeprefix('final_').replace('_', ' ')} {value:.4f}"
+              for key, value in metrics.items() if key.startswith("final_")]
+    common.print0(f"{len(timer.rates)} steps in {timer.seconds()} s; {', '.join(finals)}; "
+                  f"outputs in {args.out_dir}")
     if rank == 0:
         write_outputs(args, log.records, metrics)
     if ddp:
