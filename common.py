@@ -1,8 +1,9 @@
 """What the stages share, so that each holds only its lesson. First what every stage needs (the
 common flags and their checks, a user's mistake, the device, files and JSON, the log and the
 figure); then what the two GPT stages share (transformer.py and gpt2.py: presets, sampling
-flags, step timing, checkpoints, stop signals); last what only gpt2.py needs (mixed precision,
-GPU peaks for MFU, RNG states). A leaf: it imports no stage, and every script may import it."""
+flags, their figure, step timing, checkpoints, stop signals); last what only gpt2.py needs (its
+flag groups, mixed precision, GPU peaks for MFU, resumes). A leaf: it imports no stage, and
+every script may import it."""
 import argparse
 import json
 import math
@@ -225,7 +226,8 @@ def save_figure(fig, path, dpi=100):
     return str(path)
 
 
-# --- transformer.py and gpt2.py: presets, sampling flags, progress, checkpoints, stop signals
+# --- transformer.py and gpt2.py: presets, sampling flags, the figure, progress, checkpoints,
+# stop signals
 
 def by_preset(presets, key):
     """Each preset's value of a flag, for its --help: '(default: quick/cpu 4, gpu 6)'."""
@@ -255,9 +257,40 @@ def add_sampling_flags(group, prompt, tokens, top_k, names=("--sample-tokens",),
                        f"{unit} (0: all; default: %(default)s)")
 
 
+def draw_curves(path, records, title, panels):
+    """The log's records against step, a panel per (ylabel, keys, references): each key a line
+    (train_loss, logged every step, thin; the evaluations' with markers), each reference
+    (label, value) a dashed line. Panels after the first are drawn only if the log has them."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    panels = panels[:1] + [p for p in panels[1:] if any(k in r for r in records for k in p[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, keys, references) in zip(axes[0], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                style = dict(lw=0.8) if key == "train_loss" else dict(marker="o")
+                ax.plot(*zip(*points), label=key.removesuffix("_loss"), **style)
+        for label, value in references:
+            ax.axhline(value, color="red", ls="--", lw=1, label=label)
+        ax.set(xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_title(title)
+    return save_figure(fig, path)
+
+
 def print_step(step, *parts):
     """A line of the run's progress, `step    42 | part | part`, printed by rank 0."""
     print0(f"step {step:5d} | " + " | ".join(parts), flush=True)
+
+
+def print_samples(texts, numbers, step=None):
+    """Samples as the text they are, one after another, each under a line that names it."""
+    for i, text in zip(numbers, texts):
+        print(f"--- sample {i}" + (f", step {step}" if step is not None else "") + f":\n{text}",
+              flush=True)
 
 
 def summarize(records):
@@ -344,7 +377,63 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# --- gpt2.py alone: mixed precision, GPU peaks for MFU, RNG states, a diverging loss
+# --- gpt2.py alone: its flag groups, mixed precision, GPU peaks for MFU, resumes (RNG states
+# included), a diverging loss
+
+def add_resume_flags(group, every_help):
+    """The flags of checkpoints a long run can stop at and continue from."""
+    group.add_argument("--checkpoint-every", type=int,
+                       help="steps between checkpoints, 0: only at the end " + every_help)
+    group.add_argument("--stop-step", type=int, help="stop (and save) here; --resume goes on")
+    group.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+
+
+def add_speed_flags(parser):
+    """The flags that change how fast a step runs, not what it computes."""
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
+                       "it, float16 with a gradient scaler on older ones, float32 elsewhere")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step's model (default: on with CUDA)")
+    speed.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU")
+
+
+def add_sample_every_flags(group, every_help):
+    """The flags of the samples printed while training: how often, how many."""
+    group.add_argument("--sample-every", type=int,
+                       help="steps between samples, 0: off " + every_help)
+    group.add_argument("--num-samples", type=int, default=4,
+                       help="samples to generate, split over the ranks (default: %(default)s)")
+
+
+def add_hellaswag_flags(group, every_help):
+    """The flags of HellaSwag during training and of its mode without training."""
+    group.add_argument("--hellaswag-every", type=int,
+                       help="steps between HellaSwag evaluations, 0: off " + every_help)
+    group.add_argument("--hellaswag-data", type=Path,
+                       help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
+    group.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
+
+
+def torchrun_env():
+    """(ddp, rank, world_size, local_rank): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE;
+    without them this is one process, rank 0 of 1 (local_rank None)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return ddp, rank, world_size, int(os.environ["LOCAL_RANK"]) if ddp else None
+
+
+def start_ranks(device, ddp):
+    """Join torchrun's process group if `ddp` (NCCL moves gradients GPU to GPU; gloo is the CPU
+    backend: tests, laptops); on a GPU, make `device` current and let float32 matmuls use TF32."""
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+
 
 def pick_dtype(name, device):
     """bf16 on GPUs that have it (Ampere on), fp16 (with a gradient scaler) on older ones, fp32
@@ -369,6 +458,12 @@ GPU_PEAK_TFLOPS = [
     ("V100", 125.0), ("T4", 65.0)]
 
 
+def mixed_precision(device, dtype):
+    """(the autocast dtype or None for none, the autocast context for the forward passes)."""
+    half = dtype if dtype != torch.float32 else None
+    return half, torch.autocast(device.type, dtype=dtype, enabled=half is not None)
+
+
 def gpu_peak_tflops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
@@ -387,6 +482,16 @@ def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states a
         torch.cuda.set_rng_state(cuda_state, index)
 
 
+def stop_and_save(signals, save, step, out_dir):
+    """A stop signal (on this rank or another) ends the run: save the checkpoint of `step` steps
+    and say how to go on; returns the signal's name for metrics.json."""
+    stopped = signals.received or "a signal on another rank"
+    save(step)
+    print0(f"received {stopped}: saved a checkpoint at step {step} in {out_dir}; the same "
+           "command with --resume continues")
+    return stopped
+
+
 def stop_on_bad_loss(loss, step, checkpoint, log):
     """A NaN or infinite loss ends the run (exit status 1) unsaved: the last good one stays."""
     kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
@@ -398,3 +503,52 @@ def stop_on_bad_loss(loss, step, checkpoint, log):
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(1)
+
+
+def restore_training(checkpoint, flags, **parts):
+    """A resume: each of `parts` (the model, optimizer, gradient scaler, data loader: anything
+    with load_state_dict) as it was when `checkpoint` was written, and the RNG states; returns
+    its step. A checkpoint that does not fit dies naming the run's own `flags` to repeat."""
+    try:
+        for key, part in parts.items():
+            part.load_state_dict(checkpoint[key])
+    except (KeyError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())  # load_state_dict's message runs over lines
+        die(f"cannot resume: {reason}; resume with the run's own flags ({flags}) or drop --resume")
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["step"]
+
+
+def resume_checkpoint(args, stage):
+    """--resume's checkpoint (default: <out-dir>/checkpoint.pt), or None without --resume."""
+    if args.resume is None:
+        return None
+    return load_checkpoint(args.resume or Path(args.out_dir) / "checkpoint.pt", stage,
+                           "cannot resume; drop --resume to start afresh")
+
+
+def encode_prompt(encode, prompt, vocab_size, empty):
+    """--prompt's tokens, checked at start-up rather than an hour into the run; an empty prompt
+    is the tokens `empty`."""
+    tokens = encode(prompt) if prompt else empty
+    if max(tokens) >= vocab_size:
+        die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
+            "use a model with GPT-2's vocabulary or another --prompt")
+    return tokens
+
+
+def already_done(stage, out_dir, step, max_steps, stop_step):
+    """--resume of a run that has already reached its end: say so, and change nothing."""
+    end = (f"complete at step {step} (--max-steps {max_steps})" if step >= max_steps
+           else f"at step {step}, its --stop-step {stop_step} (raise it or drop it to go on)")
+    print0(f"the run in {out_dir} is already {end}: nothing was changed")
+    return {"stage": stage, "steps_done": step}
+
+
+def read_or_die(read, errors, what, fix):
+    """read(), read at start-up rather than an hour into the run; one of `errors` dies with the
+    reason it gives (the part before its own advice), then `fix` in this script's flags."""
+    try:
+        return read()
+    except errors as error:
+        die(f"{what}: {str(error).split('; ')[0]}; {fix}")

@@ -34,7 +34,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -248,7 +247,6 @@ class GPT(nn.Module):
             new = next_token
         return idx
 
-
     @classmethod
     def from_pretrained(cls, name_or_dir):
         """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub) or
@@ -274,6 +272,8 @@ class GPT(nn.Module):
 # Hugging Face's GPT-2 keeps these four weights as Conv1D, (in, out): nn.Linear's transpose.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
+HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
+                 n_head="n_head", n_embd="n_embd")  # GPTConfig's names in config.json's
 
 
 def read_hf_gpt2(name_or_dir):
@@ -292,14 +292,12 @@ def read_hf_gpt2(name_or_dir):
             directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
                                                allow_patterns=["config.json", "model.safetensors"]))
         except OSError:  # offline and not in the cache yet, or the hub's own HTTP error
-            raise ValueError("the Hugging Face hub cannot be reached and its cache on this "
-                             "machine has no copy; connect once (the download is kept for "
-                             "offline runs) or pass --init-from with a gpt2.py checkpoint or a "
-                             "local Hugging Face GPT-2 folder") from None
+            raise ValueError("the Hugging Face hub cannot be reached and this machine's cache "
+                             "has no copy; connect once (the download is kept) or pass "
+                             "--init-from with a local checkpoint or folder") from None
     try:
         hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        config = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        config = {ours: hf[theirs] for ours, theirs in HF_CONFIG.items()}
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
                          "GPT-2 config.json; pass --init-from with one of them") from None
@@ -310,14 +308,12 @@ def read_hf_gpt2(name_or_dir):
             or hf.get("activation_function") not in ("gelu_new", "gelu_pytorch_tanh", None)):
         raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
                          "activation or normalisation differ); pass --init-from with a GPT-2")
+    safetensors = directory / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file  # without the package: load_model says so
     try:
-        if (directory / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-            weights = load_file(directory / "model.safetensors")
-        else:
-            weights = torch.load(directory / "pytorch_model.bin", weights_only=True)
-    except ImportError:
-        raise
+        weights = (load_file(safetensors) if safetensors.is_file()
+                   else torch.load(directory / "pytorch_model.bin", weights_only=True))
     except Exception as err:  # missing, truncated or foreign: each format raises its own kinds
         raise ValueError(f"cannot read the weights in {directory} ({type(err).__name__}: it "
                          "needs a whole model.safetensors or pytorch_model.bin)") from None
@@ -335,18 +331,17 @@ def write_hf_gpt2(directory, state_dict, config):
     from safetensors.torch import save_file
     tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
                for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
-    hf_config = {
+    hf_config = {theirs: config[ours] for ours, theirs in HF_CONFIG.items()} | {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
-        "vocab_size": config["vocab_size"], "n_positions": config["block_size"],
-        "n_ctx": config["block_size"], "n_embd": config["n_embd"], "n_layer": config["n_layer"],
-        "n_head": config["n_head"], "activation_function": "gelu_new",
+        "n_ctx": config["block_size"], "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT}
+    directory = Path(directory)
     try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        common.write_atomic(Path(directory) / "model.safetensors",
+        directory.mkdir(parents=True, exist_ok=True)
+        common.write_atomic(directory / "model.safetensors",
                             lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        common.write_json(Path(directory) / "config.json", hf_config)
+        common.write_json(directory / "config.json", hf_config)
     except OSError as err:
         die(f"cannot write to --export-hf {directory} ({err.strerror}); choose another folder")
     print(f"wrote {directory}: config.json and model.safetensors for GPT2LMHeadModel")
@@ -418,12 +413,9 @@ def training_models(model, device, dtype, use_compile):
 # the fastest for training's one shape, but it builds a plan for every new length (0.1 s on an
 # H100), and every sampling step is a new length: flash or memory-efficient attention (math as
 # the fallback) have no such cost.
-VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                             SDPBackend.MATH]
-
-
 def variable_length_attention():
-    return sdpa_kernel(VARIABLE_LENGTH_ATTENTION)
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 # --- data
@@ -577,18 +569,9 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     return [decode(row) for row in out.tolist()]
 
 
-def print_samples(texts, numbers, step=None):
-    """Samples as the text they are, one after another, each under a line that names it."""
-    for i, text in zip(numbers, texts):
-        print(f"--- sample {i}" + (f", step {step}" if step is not None else "") + f":\n{text}",
-              flush=True)
-
-
 def main(args):
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    ddp, rank, world_size, local_rank = common.torchrun_env()  # one process without torchrun
+    device = common.pick_device(args.device, local_rank)
     dtype = common.pick_dtype(args.dtype, device)
     if args.sample or args.eval_hellaswag or args.export_hf:
         return other_modes(args, device, dtype)
@@ -599,31 +582,29 @@ def main(args):
     checkpoint, model = start_from(args)
     end_step = min(args.max_steps, args.stop_step or args.max_steps)
     if checkpoint is not None and checkpoint["step"] >= end_step:
-        return already_done(args, checkpoint["step"])  # nothing on disk changes
+        return common.already_done(STAGE, args.out_dir, checkpoint["step"], args.max_steps,
+                                   args.stop_step)  # nothing on disk changes
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-    if ddp:  # NCCL moves gradients GPU to GPU; gloo is the CPU backend (tests, laptops)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for what still runs in float32
+    common.start_ranks(device, ddp)  # DDP: join the process group
     common.print_header(device, world_size)
 
     model.to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start_step = resume(checkpoint, model, optimizer, scaler, train_loader) if checkpoint else 0
+    start_step = common.restore_training(
+        checkpoint, "batch-size, seq-len, ranks, data, --shuffle, --seed, --dtype", model=model,
+        optimizer=optimizer, scaler=scaler, loader=train_loader) if checkpoint else 0
     # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     eval_model, train_model = training_models(model, device, dtype, use_compile)
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
+    half, autocast = common.mixed_precision(device, dtype)
     common.print0(f"preset {args.preset}: {model.config}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; micro-batch "
                   f"{args.batch_size} x {args.seq_len} on {world_size} rank(s), {grad_accum} "
@@ -663,7 +644,7 @@ def main(args):
                 mine = range(rank, args.num_samples, world_size)  # this rank's share
                 texts = sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
                                      args.top_k, sample_generator, decode, autocast) if mine else []
-                print_samples(texts, mine, step)
+                common.print_samples(texts, mine, step)
             if last:
                 break
 
@@ -682,10 +663,7 @@ def main(args):
             common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
                               str(timer))
             if stop:  # no evaluation now: a machine that is going away gives a minute or two
-                stopped = signals.received or "a signal on another rank"
-                save(step + 1)
-                common.print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
-                              f"{args.out_dir}; the same command with --resume continues")
+                stopped = common.stop_and_save(signals, save, step + 1, args.out_dir)
                 break
     log.close()
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
@@ -715,27 +693,11 @@ def write_outputs(args, records, metrics):
 def draw_figure(path, records, args):
     """Train and val loss, and HellaSwag, against step, with GPT-2 124M's scores (its val loss
     only on FineWeb-Edu, the data it was measured on)."""
-    name, plt = fineweb.dataset_name(args.data), common.pyplot()
-    if plt is None:
-        return None
-    hella = [(r["step"], r["hellaswag"]) for r in records if "hellaswag" in r]
-    fig, axes = plt.subplots(1, 1 + bool(hella), figsize=(7 + 5 * bool(hella), 4), squeeze=False)
-    for key, style in (("train_loss", dict(lw=0.8)), ("val_loss", dict(marker="o"))):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
-    axes[0][0].set(xlabel="step", ylabel="loss (nats per token)",
-                   title=f"gpt2.py --preset {args.preset} on {name}")
-    if "fineweb-edu" in name.lower():
-        axes[0][0].axhline(3.2924, color="red", ls="--", lw=1, label="OpenAI GPT-2 124M (3.2924)")
-    if hella:
-        axes[0][1].plot(*zip(*hella), marker="o", label="this run")
-        axes[0][1].axhline(0.2955, color="red", ls="--", lw=1, label="OpenAI GPT-2 124M (0.2955)")
-        axes[0][1].set(xlabel="step", ylabel="HellaSwag acc_norm")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return common.save_figure(fig, path)
+    name = fineweb.dataset_name(args.data)
+    openai_val = [("OpenAI GPT-2 124M (3.2924)", 3.2924)] if "fineweb-edu" in name.lower() else []
+    return common.draw_curves(path, records, f"{STAGE}.py --preset {args.preset} on {name}", [
+        ("loss (nats per token)", ("train_loss", "val_loss"), openai_val),
+        ("HellaSwag acc_norm", ("hellaswag",), [("OpenAI GPT-2 124M (0.2955)", 0.2955)])])
 
 
 def load_model(source, device="cpu"):
@@ -763,11 +725,9 @@ def load_model(source, device="cpu"):
 
 def start_from(args):
     """(checkpoint or None, model on the CPU): --resume's, --init-from's, or a new one."""
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
-                                            "cannot resume; drop --resume to start afresh")
-        model = GPT(GPTConfig(**checkpoint["config"]))  # resume() loads its weights
+    checkpoint = common.resume_checkpoint(args, STAGE)
+    if checkpoint is not None:
+        model = GPT(GPTConfig(**checkpoint["config"]))  # restore_training loads its weights
     elif args.init_from is not None:
         model = load_model(args.init_from).train()
     else:
@@ -779,50 +739,22 @@ def start_from(args):
     return checkpoint, model
 
 
-def resume(checkpoint, model, optimizer, scaler, loader):
-    """Everything back as it was when the checkpoint was written; returns its step."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        loader.load_state_dict(checkpoint["loader"])
-    except (KeyError, ValueError, RuntimeError) as err:
-        die(f"cannot resume: {err}; resume with the run's own flags (batch-size, seq-len, "
-            "ranks, data, --shuffle, --seed, --dtype) or drop --resume")
-    common.set_rng_state(checkpoint["rng"])
-    return checkpoint["step"]
-
-
-def already_done(args, step):
-    """--resume of a run that has already reached its end: say so, and change nothing."""
-    end = (f"complete at step {step} (--max-steps {args.max_steps})" if step >= args.max_steps
-           else f"at step {step}, its --stop-step {args.stop_step} (raise it or drop it to go on)")
-    common.print0(f"the run in {args.out_dir} is already {end}: nothing was changed")
-    return {"stage": STAGE, "steps_done": step}
-
-
 def tokenizer(args, vocab_size, sampling):
-    """GPT-2's tokenizer (samples and HellaSwag need it), the prompt's tokens (checked now, not an
-    hour into the run), and a decoder that drops the padding ids (past 50,257: no text)."""
-    enc, prompt = fineweb.get_encoding(), None
-    if sampling:
-        # An empty prompt starts where every document starts: after end-of-text.
-        prompt = enc.encode(args.prompt) if args.prompt else [fineweb.EOT]
-        if max(prompt) >= vocab_size:
-            die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
-                "use a model with GPT-2's vocabulary or another --prompt")
+    """GPT-2's tokenizer (samples and HellaSwag need it), the prompt's tokens if `sampling` (an
+    empty prompt starts where every document starts: after end-of-text), and a decoder that
+    drops the padding ids (past 50,257: no text)."""
+    enc = fineweb.get_encoding()
+    prompt = (common.encode_prompt(enc.encode, args.prompt, vocab_size, [fineweb.EOT])
+              if sampling else None)
     return enc, prompt, lambda tokens: enc.decode([t for t in tokens if t < enc.n_vocab])
 
 
 def load_hellaswag(args):
-    """HellaSwag's examples, read at start-up rather than an hour into the run."""
+    """HellaSwag's examples; what hellaswag.py cannot read is one line in gpt2.py's flags."""
     fix = ("pass --hellaswag-data with a local hellaswag_val.jsonl"
            + ("" if args.eval_hellaswag else " or turn it off with --hellaswag-every 0"))
-    try:
-        examples = hellaswag.load_examples(path=args.hellaswag_data)
-    except hellaswag.DataError as error:
-        reason = str(error).split("; ")[0]  # what follows is hellaswag.py's advice, in its flags
-        die(f"HellaSwag: {reason}; {fix}")
+    examples = common.read_or_die(lambda: hellaswag.load_examples(path=args.hellaswag_data),
+                                  hellaswag.DataError, "HellaSwag", fix)
     return examples[:args.hellaswag_limit or None]
 
 
@@ -844,17 +776,16 @@ def other_modes(args, device, dtype):
         return {"export_hf": str(args.export_hf)}
     enc, prompt, decode = tokenizer(args, model.config.vocab_size, sampling=args.sample)
     common.print_header(device)
-    half = dtype if dtype != torch.float32 else None  # autocast's dtype, None for none
+    half, autocast = common.mixed_precision(device, dtype)
     if args.eval_hellaswag:
         result = hellaswag.evaluate(model, examples, device=device, enc=enc, autocast_dtype=half)
         print(f"HellaSwag, {result['n']} examples: " + ", ".join(f"{k} {result[k]:.4f}" for k in (
             "acc", "acc_norm", "acc_norm_chars")) + " (OpenAI GPT-2 124M, all: acc_norm 0.2955)")
         return result
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
                            args.top_k, generator, decode, autocast)
-    print_samples(samples, range(len(samples)))
+    common.print_samples(samples, range(len(samples)))
     return {"samples": samples}
 
 
@@ -920,33 +851,16 @@ def parse_args(argv=None):
                        help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a new order each epoch")
-    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints, 0: only "
-                       "at the end " + preset("checkpoint_every"))
-    train.add_argument("--stop-step", type=int, help="stop (and save) here; --resume goes on")
-    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                       default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
-                       "it, float16 with a gradient scaler on older ones, float32 elsewhere")
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                       help="torch.compile the training step's model (default: on with CUDA)")
-    speed.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU")
+    common.add_resume_flags(train, preset("checkpoint_every"))
+    common.add_speed_flags(parser)
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
                        help="steps between evaluations, 0: off " + preset("eval_every"))
     evals.add_argument("--eval-batches", type=int, help="batches (per rank) in each loss "
                        "estimate, always the same ones " + preset("eval_batches"))
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
-    evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag evaluations, "
-                       "0: off " + preset("hellaswag_every"))
-    evals.add_argument("--hellaswag-data", type=Path,
-                       help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
-    evals.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
-    evals.add_argument("--sample-every", type=int,
-                       help="steps between samples, 0: off " + preset("sample_every"))
-    evals.add_argument("--num-samples", type=int, default=4,
-                       help="samples to generate, split over the ranks (default: %(default)s)")
+    common.add_hellaswag_flags(evals, preset("hellaswag_every"))
+    common.add_sample_every_flags(evals, preset("sample_every"))
     common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
     modes = parser.add_argument_group("modes without training (the weights: --init-from, "
                                       "default <out-dir>/checkpoint.pt)")
@@ -957,12 +871,14 @@ def parse_args(argv=None):
     args.seq_len = args.seq_len or args.block_size  # 0 means the block size too
     common.check_args(
         args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
-                        "eval_batches", "lr", "vocab_size", "seq_len", "total_batch_size",
-                        "num_samples", "stop_step", "peak_tflops"),
-        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k", "hellaswag_every",
-                      "hellaswag_limit", "sample_every", "checkpoint_every"),
+                        "eval_batches", "lr"),
+        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
         ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
                 ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
+    common.check_args(args, positive=("vocab_size", "seq_len", "total_batch_size", "num_samples",
+                                      "stop_step", "peak_tflops"),
+                      non_negative=("hellaswag_every", "hellaswag_limit", "sample_every",
+                                    "checkpoint_every"))
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
             "(each head gets n_embd / n_head channels)")

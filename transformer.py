@@ -318,6 +318,8 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     out = model.generate(idx, max_new_tokens, temperature, top_k or None, generator)
     model.train()
     return [decode(row) for row in out.tolist()]
+
+
 def main(args):
     device = common.pick_device(args.device)
     if args.sample:
@@ -325,14 +327,15 @@ def main(args):
 
     # Every input is checked before anything is written.
     train_loader, eval_loaders, vocab = open_data(args)
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(block_size=args.block_size, vocab_size=len(vocab.chars),
+                          n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                          dropout=args.dropout, attention=args.attention))
     prompt = vocab.encode(args.prompt)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite)
     common.print_header(device)
 
-    torch.manual_seed(args.seed)
-    model = GPT(GPTConfig(block_size=args.block_size, vocab_size=len(vocab.chars),
-                          n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                          dropout=args.dropout, attention=args.attention)).to(device)
+    model.to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     print(f"preset {args.preset}: {model.config}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.data):,} "
@@ -402,21 +405,9 @@ def write_outputs(args, records, metrics):
 
 def draw_figure(path, records, args):
     """Every step's training loss, and each evaluation's estimates on both splits, against step."""
-    plt = common.pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(1, 1, figsize=(7, 4), squeeze=False)
-    for key, style in (("train_loss", dict(lw=0.8)), ("train_split_loss", dict(marker="o")),
-                       ("val_loss", dict(marker="o"))):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
-    axes[0][0].set(xlabel="step", ylabel="loss (nats per character)",
-                   title=f"transformer.py --preset {args.preset} on {args.data.name}")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return common.save_figure(fig, path)
+    name = args.data.name
+    return common.draw_curves(path, records, f"{STAGE}.py --preset {args.preset} on {name}", [
+        ("loss (nats per character)", ("train_loss", "train_split_loss", "val_loss"), [])])
 
 
 def load_model(source, device="cpu"):
@@ -527,7 +518,8 @@ def parse_args(argv=None):
                         "eval_batches", "lr"),
         non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
         ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
-                ("grad_clip", 0, math.inf), ("temperature", 0, 100), ("dropout", 0, 0.99)))
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
+    common.check_args(args, ranges=(("dropout", 0, 0.99),))
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
             "(each head gets n_embd / n_head channels)")

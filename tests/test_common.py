@@ -134,3 +134,28 @@ def test_by_preset_groups_presets_that_share_a_value():
                "gpu": {"n": 6, "lr": 1e-3}}
     assert common.by_preset(presets, "n") == "(default: quick/cpu 4, gpu 6)"
     assert common.by_preset(presets, "lr") == "(default: quick/cpu 0.003, gpu 0.001)"
+
+
+def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
+    """A resume loads each part's state and the RNG, and returns the step; a state that does not
+    fit is one line that names the run's own flags."""
+    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.manual_seed(3)
+    checkpoint = {"model": model.state_dict(), "step": 7, "rng": common.rng_state()}
+    expected = torch.rand(2)
+    assert common.restore_training(checkpoint, "--seed", model=other) == 7
+    assert torch.equal(other.weight, model.weight)
+    assert torch.equal(torch.rand(2), expected)
+    user_error(capsys, lambda: common.restore_training({**checkpoint, "model": {}}, "--seed x",
+                                                       model=other), "cannot resume", "--seed x")
+
+
+def test_read_or_die_keeps_the_reason_and_gives_this_scripts_fix(capsys):
+    """A reader's error becomes one line: its reason (not its own advice), then the fix."""
+    def fails():
+        raise OSError("no network; pass --data-from-elsewhere")
+
+    assert common.read_or_die(lambda: [1], OSError, "data", "fix") == [1]
+    user_error(capsys, lambda: common.read_or_die(fails, OSError, "HellaSwag", "pass --x"),
+               "HellaSwag: no network; pass --x")
+    assert "elsewhere" not in capsys.readouterr().err
