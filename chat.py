@@ -9,12 +9,12 @@ The model is gpt2.py's, imported: this file's lesson is the format, the mask and
 models). serve.py serves the same format: render_prompt is its rendering too.
 
 Run (CPU quick start: gpt2.py's `cpu` checkpoint taught a bundled task mix, generated from the
-seed: name the n-th word of a phrase or its last word, count its words, repeat it):
+seed: name the first or the last word of a phrase, or count its words):
     python fineweb.py --dataset data/shakespeare.txt --out-dir data/shards/shakespeare \\
         --shard-size 50000
     python gpt2.py --preset cpu --data data/shards/shakespeare
     python chat.py --init-from out/gpt2/checkpoint.pt
-    echo "Word 2 of: moon red cat" | python chat.py --chat --temperature 0
+    echo "Last word: king love night" | python chat.py --chat --temperature 0
 GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset from the hub):
     python chat.py --preset gpt2                       # one GPU
     torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
@@ -333,33 +333,32 @@ def fit_to_context(conversations, block_size):
 
 
 # The bundled task mix: a 4-layer model learns it in minutes on a CPU, and every answer depends on
-# the question's phrase (no answer can be memorised). Each word is one GPT-2 token after a space,
-# and replies name a word after a space too: the token the reply needs is the very token of the
-# question, which tied embeddings make easy to copy (" fox" and "fox" are different tokens).
-WORDS = ("red blue green black white gold gray cat dog fox owl bat cow hen sun moon star rain "
-         "wind tree leaf rock sand lake hill king ship boat bell door book cup hat key box").split()
-TASK_KINDS = ("word", "last", "count", "repeat")
+# the question's phrase (no answer can be memorised). Replies name a word after a space, as the
+# question does: the reply needs the very token it read, which tied embeddings make easy to copy
+# (" king" and "king" are different tokens). The words are frequent in Shakespeare, so that the
+# cpu base model's rows for them are trained and tell them apart; a rare word's row is barely
+# moved from the rest, and copying it is slow to learn.
+WORDS = ("lord sir love man king father death life brother time heart son hand day honour men "
+         "blood night queen name head eyes crown good sweet fair true dead").split()
+TASK_KINDS = ("first", "last", "count")
 
 
 def make_task(kind, rng):
-    """(question, answer) of one kind, on a phrase of 2 to 5 distinct words: its n-th word, its
-    last word, how many words it has, or the phrase itself."""
-    words = rng.sample(WORDS, rng.randint(2, 5))
+    """(question, answer) of one kind: the first or the last word of a phrase of three distinct
+    words, or how many words a phrase of 2 to 5 has."""
+    words = rng.sample(WORDS, 3 if kind != "count" else rng.randint(2, 5))
     phrase = " ".join(words)
-    if kind == "word":
-        n = rng.randint(1, len(words))
-        return f"Word {n} of: {phrase}", f"Word {n} is {words[n - 1]}."
+    if kind == "first":
+        return f"First word: {phrase}", f"It is {words[0]}."
     if kind == "last":
-        return f"Last word of: {phrase}", f"The last word is {words[-1]}."
-    if kind == "count":
-        return f"How many words: {phrase}", f"There are {len(words)} words."
-    return f"Repeat: {phrase}", f"You said: {phrase}."
+        return f"Last word: {phrase}", f"It is {words[-1]}."
+    return f"How many words: {phrase}", f"There are {len(words)}."
 
 
 def task_mix(seed, n_train, n_heldout):
     """(training conversations, held-out tasks as (kind, question, answer)), from the seed alone.
-    The held-out questions come first and no training conversation asks any of them. A third of
-    the training conversations hold two exchanges, so that the model learns to answer the last
+    The held-out questions come first and no training conversation asks any of them. One in ten
+    training conversations holds two exchanges, so that the model learns to answer the last
     question of a history, as in the chat."""
     rng = random.Random(seed)
     heldout = [(kind, *make_task(kind, rng)) for i in range(n_heldout)
@@ -368,7 +367,7 @@ def task_mix(seed, n_train, n_heldout):
     train = []
     while len(train) < n_train:
         messages = []
-        for _ in range(1 + (rng.random() < 1 / 3)):
+        for _ in range(1 + (rng.random() < 1 / 10)):
             question, answer = make_task(rng.choice(TASK_KINDS), rng)
             if question in asked:
                 break
