@@ -543,12 +543,3 @@ def already_done(stage, out_dir, step, max_steps, stop_step):
            else f"at step {step}, its --stop-step {stop_step} (raise it or drop it to go on)")
     print0(f"the run in {out_dir} is already {end}: nothing was changed")
     return {"stage": stage, "steps_done": step}
-
-
-def read_or_die(read, errors, what, fix):
-    """read(), read at start-up rather than an hour into the run; one of `errors` dies with the
-    reason it gives (the part before its own advice), then `fix` in this script's flags."""
-    try:
-        return read()
-    except errors as error:
-        die(f"{what}: {str(error).split('; ')[0]}; {fix}")

@@ -301,11 +301,10 @@ def read_hf_gpt2(name_or_dir):
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
                          "GPT-2 config.json; pass --init-from with one of them") from None
-    gpt2 = dict(model_type="gpt2", layer_norm_epsilon=1e-5, scale_attn_weights=True,
-                scale_attn_by_inverse_layer_idx=False)
-    if (any(hf.get(key, value) != value for key, value in gpt2.items())
-            or hf.get("n_inner") not in (None, 4 * hf["n_embd"])
-            or hf.get("activation_function") not in ("gelu_new", "gelu_pytorch_tanh", None)):
+    gpt2 = dict(model_type=("gpt2",), layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,),
+                scale_attn_by_inverse_layer_idx=(False,), n_inner=(None, 4 * config["n_embd"]),
+                activation_function=("gelu_new", "gelu_pytorch_tanh", None))  # GPT-2's values
+    if any(hf.get(key, allowed[0]) not in allowed for key, allowed in gpt2.items()):
         raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
                          "activation or normalisation differ); pass --init-from with a GPT-2")
     safetensors = directory / "model.safetensors"
@@ -542,9 +541,9 @@ def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, g
 
 @torch.no_grad()
 def estimate_loss(model, loader, batches, device, autocast, world_size):
-    """Mean loss over the first `batches` batches of a loader (the same ones every time), and
-    over the ranks, each of which reads its own slice of every window. No dropout here, so no
-    eval mode either (a compiled model would compile again for it)."""
+    """Mean loss over the first `batches` batches of a loader (the same ones every time),
+    and over the ranks, each of which reads its own slice of every window. No dropout here, so
+    no eval mode either (a compiled model would compile again for it)."""
     loader.reset()
     total = 0.0
     for _ in range(batches):
@@ -682,7 +681,7 @@ def main(args):
     return metrics
 
 
-# --- outputs, checkpoints and the modes without training
+# --- outputs, checkpoints, and the weights used without training
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
@@ -750,12 +749,10 @@ def tokenizer(args, vocab_size, sampling):
 
 
 def load_hellaswag(args):
-    """HellaSwag's examples; what hellaswag.py cannot read is one line in gpt2.py's flags."""
-    fix = ("pass --hellaswag-data with a local hellaswag_val.jsonl"
+    """HellaSwag's examples; what is wrong with them is one line that names gpt2.py's flags."""
+    fix = ("; pass --hellaswag-data with a local hellaswag_val.jsonl"
            + ("" if args.eval_hellaswag else " or turn it off with --hellaswag-every 0"))
-    examples = common.read_or_die(lambda: hellaswag.load_examples(path=args.hellaswag_data),
-                                  hellaswag.DataError, "HellaSwag", fix)
-    return examples[:args.hellaswag_limit or None]
+    return hellaswag.examples_or_die(args.hellaswag_data, fix, args.hellaswag_limit)
 
 
 def save_checkpoint(args, model, optimizer, scaler, loader, step):

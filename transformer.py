@@ -298,8 +298,8 @@ def train_step(model, optimizer, loader, device, grad_clip):
 
 @torch.no_grad()
 def estimate_loss(model, loader, batches, device):
-    """Mean loss over the first `batches` batches of a loader (the same ones every time), with
-    dropout off."""
+    """Mean loss over the first `batches` batches of a loader (the same ones every time),
+    with dropout off."""
     loader.reset()
     model.eval()
     total = 0.0
@@ -395,7 +395,7 @@ def main(args):
     return metrics
 
 
-# --- outputs, checkpoints and the mode without training
+# --- outputs, checkpoints, and the weights used without training
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""

@@ -148,14 +148,3 @@ def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
     assert torch.equal(torch.rand(2), expected)
     user_error(capsys, lambda: common.restore_training({**checkpoint, "model": {}}, "--seed x",
                                                        model=other), "cannot resume", "--seed x")
-
-
-def test_read_or_die_keeps_the_reason_and_gives_this_scripts_fix(capsys):
-    """A reader's error becomes one line: its reason (not its own advice), then the fix."""
-    def fails():
-        raise OSError("no network; pass --data-from-elsewhere")
-
-    assert common.read_or_die(lambda: [1], OSError, "data", "fix") == [1]
-    user_error(capsys, lambda: common.read_or_die(fails, OSError, "HellaSwag", "pass --x"),
-               "HellaSwag: no network; pass --x")
-    assert "elsewhere" not in capsys.readouterr().err
