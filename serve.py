@@ -84,9 +84,9 @@ def gpt2_text(tokens):
 class Engine:
     """Continuous batching over `max_batch` slots. One KV cache holds every slot's keys and
     values: (layers, slots, heads, context, head size). Its loop, in a thread of its own, repeats
-    step(): admit waiting requests into free slots (prefill), one decode forward for all active
-    slots, sample, deliver, free. Requests come in through a thread-safe queue (submit); each
-    goes out through its own deliver callback."""
+    step(): admit waiting requests into free slots (prefill), pack the active slots to the front,
+    one decode forward for all of them, sample, deliver, free. Requests come in through a
+    thread-safe queue (submit); each goes out through its own deliver callback."""
 
     def __init__(self, model, max_batch=16, max_queue=256, decode=None, log=print, seed=None):
         self.model, self.max_batch, self.log = model, max_batch, log
@@ -137,22 +137,21 @@ class Engine:
             if request is not None and request.cancelled:  # the client is gone
                 self.finish(slot, "cancelled")
         self.admit()
-        active = [slot for slot, request in enumerate(self.slots) if request is not None]
-        if not active:
+        n = self.pack()
+        if n == 0:
             return
         try:
-            logits = self.decode_step(active)  # (max(active) + 1, V)
+            logits = self.decode_step(n)  # (n, V)
         except Exception as err:  # noqa: BLE001 (the engine outlives any request)
-            for slot in active:
+            for slot in range(n):
                 self.finish(slot, error=f"the decode step failed: {err}")
             return
-        for slot in active:
+        for slot in range(n):
             self.emit(slot, logits[slot])
 
     def admit(self):
-        """Fill free slots (the lowest first, so the active ones stay packed) from the queue;
-        prefill each prompt and hand out its first token at once. When nothing runs, wait a
-        moment for work instead of spinning."""
+        """Fill free slots, the lowest first, from the queue; prefill each prompt and hand out
+        its first token at once. When nothing runs, wait a moment for work, not spinning."""
         while None in self.slots:
             try:
                 request = self.waiting.get(block=self.active() == 0, timeout=0.05)
@@ -170,6 +169,21 @@ class Engine:
                 self.finish(slot, error=f"the request could not start: {err}")
                 continue
             self.emit(slot, logits[0])
+
+    def pack(self):
+        """Move requests from the last slots into the free ones before them (their cache rows
+        too), so that the n active slots are 0..n-1 and a decode step computes n rows, not a
+        row for every hole that finished requests left. Returns n."""
+        while True:
+            active = [slot for slot, request in enumerate(self.slots) if request is not None]
+            if not active or len(active) == active[-1] + 1:
+                return len(active)
+            hole, last = self.slots.index(None), active[-1]
+            T = self.pos[last]
+            self.k[:, hole, :, :T] = self.k[:, last, :, :T]  # (L, nh, T, hs)
+            self.v[:, hole, :, :T] = self.v[:, last, :, :T]
+            self.slots[hole], self.pos[hole] = self.slots[last], T
+            self.slots[last], self.pos[last] = None, 0
 
     # The model, run two ways: a whole prompt into one slot, or one token into every slot.
 
@@ -204,17 +218,12 @@ class Engine:
         self.pos[slot] = T
         return logits
 
-    def decode_step(self, active):
-        """One forward for slots 0..max(active): each feeds its newest token at its own
-        position and attends to its own cache up to there; the longer contexts of other slots
-        are masked out. Free slots among them compute something harmless that nobody reads."""
-        n = max(active) + 1
-        tokens, positions = [0] * n, [0] * n
-        for slot in active:
-            tokens[slot], positions[slot] = self.slots[slot].output[-1], self.pos[slot]
+    def decode_step(self, n):
+        """One forward for slots 0..n-1: each feeds its newest token at its own position and
+        attends to its own cache up to there; the longer contexts of other slots are masked."""
         device = self.k.device
-        tokens = torch.tensor(tokens, device=device)  # (n,)
-        positions = torch.tensor(positions, device=device)  # (n,)
+        tokens = torch.tensor([self.slots[s].output[-1] for s in range(n)], device=device)  # (n,)
+        positions = torch.tensor(self.pos[:n], device=device)  # (n,)
         length = int(positions.max()) + 1  # the longest context among the slots
         # (n, 1, 1, length), added to the attention scores: 0 where slot s may look (its cache
         # up to its own position), -inf beyond, the same for every head
@@ -225,14 +234,14 @@ class Engine:
         x = (wte(tokens) + wpe(positions))[:, None]  # (n, 1, C)
 
         def attend(layer, q, k, v):  # (n, nh, 1, hs) each
-            for slot in active:  # each slot's new key and value at its own position
+            for slot in range(n):  # each slot's new key and value at its own position
                 self.k[layer, slot, :, self.pos[slot]] = k[slot, :, 0]
                 self.v[layer, slot, :, self.pos[slot]] = v[slot, :, 0]
             keys, values = self.k[layer, :n, :, :length], self.v[layer, :n, :, :length]
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (n, nh, 1, hs)
 
         logits = self.forward(x, attend)  # (n, V)
-        for slot in active:
+        for slot in range(n):
             self.pos[slot] += 1
         return logits
 

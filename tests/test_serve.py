@@ -28,8 +28,16 @@ CONFIG = gpt2.GPTConfig(block_size=1024, vocab_size=50304, n_layer=2, n_head=2, 
 
 
 def tiny_model(seed=0):
+    """Random weights, attention's scaled up: at GPT-2's initial scale every attention score is
+    about 0 and attention adds almost nothing to the residual stream, so that the next token
+    would hang on the last one alone and no test would notice a wrong key or value in a cache."""
     torch.manual_seed(seed)
-    return gpt2.GPT(CONFIG).eval()
+    model = gpt2.GPT(CONFIG).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:2 * CONFIG.n_embd] *= 30  # the q and k rows
+            block.attn.c_proj.weight *= 30
+    return model
 
 
 def write_checkpoint(path, model, chat_format=None):
@@ -106,6 +114,30 @@ def test_engine_greedy_equals_generate_with_staggered_arrivals(model, engine):
         assert request.output == greedy(model, prompt, n)
         assert [e["token"] for e in events[:-1]] == request.output  # one event per token
     assert engine.active() == 0 and engine.waiting.qsize() == 0
+
+
+def test_engine_packs_slots_when_requests_finish_out_of_order(model):
+    """When a request in a front slot ends with nobody waiting, the last slot's request (and its
+    cache) moves into the hole; it still gets exactly generate's tokens."""
+    prompts, max_tokens = [[5, 6], list(range(700, 760)), [9] * 7], [2, 30, 24]
+    finished = queue.Queue()
+    requests = [serve.Request(prompt=p, max_tokens=m, temperature=0,
+                              deliver=lambda event: "finish" in event and finished.put(event))
+                for p, m in zip(prompts, max_tokens)]
+    engine = serve.Engine(model, max_batch=3, log=lambda *a, **k: None)
+    for request in requests:  # queued before the engine starts: slots 0, 1, 2 in this order
+        engine.submit(request)
+    slot_of_third = []
+    pack = engine.pack
+    engine.pack = lambda: (pack(), slot_of_third.append(
+        engine.slots.index(requests[2]) if requests[2] in engine.slots else None))[0]
+    engine.start()
+    for _ in requests:
+        finished.get(timeout=60)
+    engine.stop()
+    assert slot_of_third[0] == 2 and 0 in slot_of_third  # it moved into the first one's slot
+    for request, prompt, n in zip(requests, prompts, max_tokens):
+        assert request.output == greedy(model, prompt, n)
 
 
 def test_engine_seeded_sampling_is_the_same_alone_or_in_company(model, engine):
