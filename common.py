@@ -2,8 +2,8 @@
 common flags and their checks, a user's mistake, the device, files and JSON, the log and the
 figure); then what the two GPT stages share (transformer.py and gpt2.py: presets, sampling
 flags, their figure, step timing, checkpoints, stop signals); last what only gpt2.py needs (its
-flag groups, mixed precision, GPU peaks for MFU, resumes). A leaf: it imports no stage, and
-every script may import it."""
+flag groups, torchrun, mixed precision, GPU peaks for MFU, resumes, checks of the prompt and of
+hub weights). A leaf: it imports no stage, and every script may import it."""
 import argparse
 import json
 import math
@@ -377,8 +377,8 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# --- gpt2.py alone: its flag groups, mixed precision, GPU peaks for MFU, resumes (RNG states
-# included), a diverging loss
+# --- gpt2.py alone: its flag groups, torchrun's ranks, mixed precision, GPU peaks for MFU,
+# resumes (RNG states included), a stop signal or a diverging loss, the prompt, hub weights
 
 def add_resume_flags(group, every_help):
     """The flags of checkpoints a long run can stop at and continue from."""
@@ -535,6 +535,17 @@ def encode_prompt(encode, prompt, vocab_size, empty):
         die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
             "use a model with GPT-2's vocabulary or another --prompt")
     return tokens
+
+
+def hub_weights_or_die(load, source):
+    """load() of Hugging Face weights; a missing package, or a ValueError (its message says what
+    is wrong and how to fix it), is one line about --init-from `source`."""
+    try:
+        return load()
+    except ImportError as err:
+        die(f"Hugging Face weights need the {err.name} package: pip install {err.name}")
+    except ValueError as err:
+        die(f"cannot load --init-from {source}: {err}")
 
 
 def already_done(stage, out_dir, step, max_steps, stop_step):

@@ -705,13 +705,9 @@ def load_model(source, device="cpu"):
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
     hint = "pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2"
-    if not path.is_file():
-        try:
-            return GPT.from_pretrained(str(path)).to(device).eval()
-        except ImportError as err:
-            die(f"Hugging Face weights need the {err.name} package: pip install {err.name}")
-        except ValueError as err:  # its message says what is wrong and how to fix it
-            die(f"cannot load --init-from {source}: {err}")
+    if not path.is_file():  # a Hugging Face folder or hub name
+        model = common.hub_weights_or_die(lambda: GPT.from_pretrained(str(path)), source)
+        return model.to(device).eval()
     checkpoint = common.load_checkpoint(path, STAGE, hint)
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
