@@ -21,7 +21,10 @@ Run:
         client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
         client.completions.create(model="chat", prompt="Hello", max_tokens=16)
     python bench.py serve     # the engine against one-at-a-time and transformers' static batches
-The bench's figures (2 CPU cores) and what this server is not for are in README.md (Serving).
+On 2 CPU cores (torch 2.13, float32, 2026-11-26), 32 requests on GPT-2 124M's shape: 93.6 output
+tokens/s with 16 clients at once, 4.07x the same requests one at a time and 8.8x transformers'
+static batches of 16, median time to first token 0.38 s against 13.1 s. The table, the machine's
+load and what this server is not for are in README.md (Serving).
 """
 import argparse
 import asyncio
