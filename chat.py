@@ -19,7 +19,12 @@ GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset fro
     python chat.py --preset gpt2                       # one GPU
     torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
     python chat.py --chat                              # talk to out/chat/checkpoint.pt
-RESULTS
+
+Measured (2-core development machine shared with other jobs, torch 2.13, OMP_NUM_THREADS=1,
+2026-11-26): the quick start's fine-tuning (600 steps of 32 conversations) took 5 min 3 s for the
+whole command; val loss on the assistant's tokens 9.28 -> 0.200; held-out task_accuracy 0.47
+(count 1.00, first 0.19, last 0.22), base_task_accuracy 0.00. It learns the format, the replies'
+templates and counting; copying the asked-for word out of the question is still near chance.
 
 Outputs in --out-dir (default out/chat): log.jsonl, metrics.json (val_loss over the assistant's
 tokens; on the task mix task_accuracy and base_task_accuracy, overall and by kind, and task_n),
@@ -33,7 +38,6 @@ import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -332,14 +336,13 @@ def fit_to_context(conversations, block_size):
     return examples, cut, dropped
 
 
-# The bundled task mix: a 4-layer model learns it in minutes on a CPU, and every answer depends on
-# the question's phrase (no answer can be memorised). Replies name a word after a space, as the
-# question does: the reply needs the very token it read, which tied embeddings make easy to copy
-# (" king" and "king" are different tokens). The words are frequent in Shakespeare, so that the
-# cpu base model's rows for them are trained and tell them apart; a rare word's row is barely
-# moved from the rest, and copying it is slow to learn.
-WORDS = ("lord sir love man king father death life brother time heart son hand day honour men "
-         "blood night queen name head eyes crown good sweet fair true dead").split()
+# The bundled task mix, sized for a 4-layer model and a few minutes of CPU: every answer depends
+# on the question's phrase (no answer can be memorised). Counting is learnt in a hundred steps;
+# copying the asked-for word takes far longer (the docstring's numbers). Replies name a word
+# after a space, as the question does: the reply needs the very token it read, which tied
+# embeddings make easiest to copy (" king" and "king" are different tokens). A few words, each
+# seen often: with 28 or 35 words the copying had not started after 600 steps.
+WORDS = ("lord love king death night queen blood crown").split()
 TASK_KINDS = ("first", "last", "count")
 
 
@@ -845,7 +848,8 @@ def main(args):
     pad_to = block_size if use_compile else None
     loss_model = AssistantLoss(model, gather=not use_compile)
     loss_model = torch.compile(loss_model) if use_compile else loss_model
-    train_model = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)         if ddp else loss_model
+    train_model = (DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+                   if ddp else loss_model)
     loader = ConversationLoader(train_set, args.examples_per_step, args.batch_size, rank,
                                 world_size, args.seed, pad_to)
     start_step = resume(checkpoint, optimizer, scaler, loader) if checkpoint else 0
@@ -907,8 +911,12 @@ def main(args):
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 \
                     or step + 1 == end_step:
                 save(step + 1)
-    log.close()
     steps_done = start_step + len(timer.rates)
+    if steps_done < args.max_steps:  # stopped early: the val loss of the weights it saved
+        log({"step": steps_done, "val_loss": estimate_loss(
+            loss_model, val_set, args.batch_size, args.eval_batches, device, autocast, rank,
+            world_size, pad_to)})
+    log.close()
     final = evaluate_tasks() if tasks and steps_done == args.max_steps else None
     if final:
         print0("task accuracy after fine-tuning (greedy exact match, held-out): "
@@ -942,7 +950,7 @@ def main(args):
 PRESETS = {
     # gpt2.py's `cpu` checkpoint on the bundled task mix: under 10 minutes on 2 CPU cores.
     "cpu": dict(init_from="out/gpt2/checkpoint.pt", data="tasks", batch_size=32,
-                examples_per_step=32, max_steps=600, warmup_steps=30, lr=1e-3, eval_every=100,
+                examples_per_step=32, max_steps=600, warmup_steps=30, lr=2e-3, eval_every=100,
                 eval_batches=8, checkpoint_every=0),
     # OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk (the SFT mix of SmolLM2's small
     # models), at SmolLM-Instruct's SFT learning rate (3e-4, HuggingFaceTB's SmolLM model card).
