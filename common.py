@@ -122,6 +122,18 @@ def read_text(path, what="a UTF-8 text file"):
     return text
 
 
+def warn_unless_names(names, path):
+    """The names stages' data check: a text of sentences (lines with spaces, digits or
+    punctuation, or long ones) is not a list of names. Say so once, in one line, and go on (the
+    model learns whatever the lines hold)."""
+    odd = sum(len(name) > 30 or not name.replace("-", "").replace("'", "").isalpha()
+              for name in names)
+    if 100 * odd > len(names):
+        print(f"{Path(sys.argv[0]).name}: warning: {path} does not look like one name per line "
+              f"({odd:,} of {len(names):,} lines hold spaces, digits or punctuation, or over 30 "
+              "characters); training on it anyway", file=sys.stderr)
+
+
 def write_atomic(path, write):
     """write(tmp) beside `path`, then rename (atomic): a crash leaves the old file whole."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")

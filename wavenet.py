@@ -36,7 +36,6 @@ import argparse
 import copy
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, pick_device, plot_losses,
-                    prepare_out_dir, print_header, pyplot, read_text, save_figure, write_json)
+from common import (Log, check_args, die, make_parser, pick_device, plot_losses, prepare_out_dir,
+                    print_header, pyplot, read_text, save_figure, warn_unless_names, write_json)
 
 STAGE = "wavenet"
 
@@ -183,17 +182,6 @@ def build_dataset(names, vocab, block_size):
             ys.append(token)
             context = context[1:] + [token]
     return torch.tensor(xs), torch.tensor(ys)  # (N, block_size), (N,)
-
-
-def warn_unless_names(names, path):
-    """A text of sentences (lines with spaces, digits or punctuation, or long ones) is not a list
-    of names: say so once, in one line, and go on (the model learns whatever the lines hold)."""
-    odd = sum(len(name) > 30 or not name.replace("-", "").replace("'", "").isalpha()
-              for name in names)
-    if 100 * odd > len(names):
-        print(f"{STAGE}.py: warning: {path} does not look like one name per line ({odd:,} of "
-              f"{len(names):,} lines hold spaces, digits or punctuation, or over 30 characters); "
-              "training on it anyway", file=sys.stderr)
 
 
 def load_data(args, device):
