@@ -733,14 +733,15 @@ def talk(args, device):
     elif chat_format != FORMAT:
         die(f"{source} was fine-tuned with another chat format ({chat_format.get('name')} "
             f"version {chat_format.get('version')}); fine-tune it again with this chat.py")
-    common.print_header(device)
     if args.prompt is None:
+        common.print_header(device)
         return chat(model, args, device, sys.stdin, echo=not sys.stdin.isatty())
     history = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     if fit_history(history, model.config.block_size,
                    min(args.max_new_tokens, model.config.block_size // 4))[0] is None:
         die(f"--prompt: {too_long(model.config.block_size, args)}")
+    common.print_header(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     return {"reply": reply_to(model, history, args, generator)}
 
