@@ -916,18 +916,12 @@ def static_batches(hf_model, workload, batch_size, device):
 
 
 def hf_copy(model):
-    """transformers' GPT2LMHeadModel with the same weights (its Conv1D layers store the
-    matrices transposed) and the same logits."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    c = model.config
-    hf_model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    weights = {k: w.t() if k.endswith(conv1d) else w for k, w in model.state_dict().items()}
-    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
-    return hf_model
+    """transformers' GPT2LMHeadModel read from gpt2.py's own export (what --export-hf writes for
+    vLLM and the like): the same weights, the same logits."""
+    from transformers import GPT2LMHeadModel
+    with tempfile.TemporaryDirectory() as folder:
+        gpt2.write_hf_gpt2(folder, model.state_dict(), asdict(model.config))
+        return GPT2LMHeadModel.from_pretrained(folder)
 
 
 def run_serve(args):
