@@ -623,7 +623,8 @@ def draw_figure(path, records, base, final, title):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes[0][0].plot(*zip(*points), label=key.removesuffix("_loss"), **style)
-    axes[0][0].set(xlabel="step", ylabel="loss on assistant tokens (nats)", title=title)
+    axes[0][0].set(xlabel="step", ylabel="loss on assistant tokens (nats)", title=title,
+                   yscale="log")  # the first steps fall from ~10, the rest move in the decimals
     axes[0][0].legend()
     if final:
         kinds = list(final)
