@@ -151,10 +151,13 @@ def test_batches_are_next_character_targets():
 def test_learning_rate_schedule():
     """Warmup rises linearly to --lr, the cosine ends at lr * min_lr_ratio."""
     args = tf.parse_args(["--lr", "1e-3", "--warmup-steps", "10", "--max-steps", "110"])
-    assert tf.learning_rate(0, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-4)
-    assert tf.learning_rate(9, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-3)
-    assert tf.learning_rate(60, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(0.55e-3)
-    assert tf.learning_rate(110, args.lr, args.warmup_steps, args.max_steps) == pytest.approx(1e-4)
+
+    def lr(step):
+        return tf.learning_rate(step, args.lr, args.warmup_steps, args.max_steps)
+    assert lr(0) == pytest.approx(1e-4)
+    assert lr(9) == pytest.approx(1e-3)
+    assert lr(60) == pytest.approx(0.55e-3)
+    assert lr(110) == pytest.approx(1e-4)
 
 
 def test_presets_and_overrides(capsys):
