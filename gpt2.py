@@ -20,8 +20,9 @@ exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; build-nanogpt, the reproduction followed here, reached 0.3009 and 3.0944 on 10B
-tokens in about 2 hours on 8xA100 (its figures). This file trained at 474,668 tokens/s, 41% MFU
-on one H100 80GB (torch 2.11, bf16, compile, micro-batch 64; 2026-11-25). The CPU quick start
+tokens in about 2 hours on 8xA100 (its figures). This file's step ran at 531,194 tokens/s, 46%
+MFU on one H200 (torch 2.11, bf16, compile, micro-batch 64; 2026-11-26; build-nanogpt's step
+542,796 beside it), and at 474,668 tokens/s on one H100 80GB (2026-11-25). The CPU quick start
 (359,202 tokens, 200 steps of 2,048) ran at about 1,350 tokens/s in 338 s on 2 CPU
 cores (torch 2.13, 2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19 (the same losses
 on 2026-11-26, the last val loss now taken after the last step).
