@@ -20,11 +20,11 @@ GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset fro
     torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
     python chat.py --chat                              # talk to out/chat/checkpoint.pt
 
-Measured (2-core development machine shared with other jobs, torch 2.13, OMP_NUM_THREADS=1,
-2026-11-26): the quick start's fine-tuning (600 steps of 32 conversations) took 5 min 3 s for the
-whole command; val loss on the assistant's tokens 9.28 -> 0.200; held-out task_accuracy 0.47
-(count 1.00, first 0.19, last 0.22), base_task_accuracy 0.00. It learns the format, the replies'
-templates and counting; copying the asked-for word out of the question is still near chance.
+Measured (2-core development machine, torch 2.13, 2 threads, 2026-11-26): the quick start's
+fine-tuning (1,800 steps of 32 conversations) took 7 min 2 s for the whole command; val loss on
+the assistant's tokens 11.50 -> 0.0019; held-out task_accuracy 1.00 for every kind (first, last,
+count), base_task_accuracy 0.00. Counting comes within 100 steps; copying the asked-for word
+after a plateau, between steps 600 and 1,500 (see the task mix below).
 
 Outputs in --out-dir (default out/chat): log.jsonl, metrics.json (val_loss over the assistant's
 tokens; on the task mix task_accuracy and base_task_accuracy, overall and by kind, and task_n),
@@ -338,10 +338,13 @@ def fit_to_context(conversations, block_size):
 
 # The bundled task mix, sized for a 4-layer model and a few minutes of CPU: every answer depends
 # on the question's phrase (no answer can be memorised). Counting is learnt in a hundred steps;
-# copying the asked-for word takes far longer (the docstring's numbers). Replies name a word
-# after a space, as the question does: the reply needs the very token it read, which tied
-# embeddings make easiest to copy (" king" and "king" are different tokens). A few words, each
-# seen often: with 28 or 35 words the copying had not started after 600 steps.
+# copying the asked-for word takes far longer: the base model has no head yet that finds a token
+# by its content, and fine-tuning must build one (the loss plateaus, then falls between steps
+# 600 and 1,500). Three choices make that possible in minutes: the reply is the word alone, so
+# its one token is the whole target and nothing stands between question and answer; it is the
+# very token the question holds (" king", after a space, not "king"), which tied embeddings make
+# easiest to copy; and a few words, each seen often (with 28 or 35 words, or replies of the form
+# "It is king.", copying had not started after 600 to 1,000 steps).
 WORDS = ("lord love king death night queen blood crown").split()
 TASK_KINDS = ("first", "last", "count")
 
@@ -352,9 +355,9 @@ def make_task(kind, rng):
     words = rng.sample(WORDS, 3 if kind != "count" else rng.randint(2, 5))
     phrase = " ".join(words)
     if kind == "first":
-        return f"First word: {phrase}", f"It is {words[0]}."
+        return f"First word: {phrase}", f" {words[0]}"
     if kind == "last":
-        return f"Last word: {phrase}", f"It is {words[-1]}."
+        return f"Last word: {phrase}", f" {words[-1]}"
     return f"How many words: {phrase}", f"There are {len(words)}."
 
 
@@ -952,7 +955,7 @@ def main(args):
 PRESETS = {
     # gpt2.py's `cpu` checkpoint on the bundled task mix: under 10 minutes on 2 CPU cores.
     "cpu": dict(init_from="out/gpt2/checkpoint.pt", data="tasks", batch_size=32,
-                examples_per_step=32, max_steps=600, warmup_steps=30, lr=2e-3, eval_every=100,
+                examples_per_step=32, max_steps=1800, warmup_steps=30, lr=3e-3, eval_every=300,
                 eval_batches=8, checkpoint_every=0),
     # OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk (the SFT mix of SmolLM2's small
     # models), at SmolLM-Instruct's SFT learning rate (3e-4, HuggingFaceTB's SmolLM model card).

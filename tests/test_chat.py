@@ -202,7 +202,7 @@ def test_task_mix_is_seeded_varied_and_keeps_held_out_questions_out_of_training(
     # Each answer follows from its question's phrase; "count"'s copies none of it.
     for kind, question, answer in heldout:
         words = question.split(": ", 1)[1].split()
-        expected = {"first": f"It is {words[0]}.", "last": f"It is {words[-1]}.",
+        expected = {"first": f" {words[0]}", "last": f" {words[-1]}",
                     "count": f"There are {len(words)}."}[kind]
         assert answer == expected, (kind, question, answer)
 
