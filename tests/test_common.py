@@ -148,3 +148,27 @@ def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
     assert torch.equal(torch.rand(2), expected)
     user_error(capsys, lambda: common.restore_training({**checkpoint, "model": {}}, "--seed x",
                                                        model=other), "cannot resume", "--seed x")
+
+
+@pytest.mark.parametrize("stage", ["bigram", "mlp", "wavenet"])
+def test_a_names_stage_fed_sentences_warns_once_and_goes_on(stage, names_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """Fed prose instead of names, each names stage says so in one line on stderr, in its own
+    name, and still reads the data; a list of names gives no warning."""
+    module = __import__(stage)
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
+    prose = tmp_path / "play.txt"
+    prose.write_text("".join(f"ROMEO:\nBut soft, what light through yonder window {i} breaks?\n\n"
+                             for i in range(20)), encoding="utf-8")
+    for data, warned in ((prose, True), (names_file, False)):
+        args = module.parse_args(["--data", str(data)])
+        if stage == "bigram":
+            module.load_data(args)
+        else:
+            module.load_data(args, torch.device("cpu"))
+        err = capsys.readouterr().err.strip().splitlines()
+        if warned:
+            assert len(err) == 1 and err[0].startswith(f"{stage}.py: warning: "), err
+            assert str(prose) in err[0] and "one name per line" in err[0]
+        else:
+            assert err == []

@@ -231,20 +231,3 @@ def test_user_error_from_the_command_line(tmp_path):
     result = run_script("wavenet.py", "--data", tmp_path / "nope.txt", "--out-dir", tmp_path / "o")
     assert_user_error(result, "wavenet.py: error:", "does not exist")
     assert not (tmp_path / "o").exists()
-
-
-def test_a_text_of_sentences_warns_once_and_goes_on(names_file, tmp_path, capsys):
-    """Fed prose instead of names, the stage says so in one line on stderr and still trains;
-    a list of names gives no warning."""
-    prose = tmp_path / "play.txt"
-    prose.write_text("".join(f"ROMEO:\nBut soft, what light through yonder window {i} breaks?\n\n"
-                             for i in range(20)), encoding="utf-8")
-    for data, warned in ((prose, True), (names_file, False)):
-        args = wavenet.parse_args(["--data", str(data)])
-        wavenet.load_data(args, torch.device("cpu"))
-        err = capsys.readouterr().err.strip().splitlines()
-        if warned:
-            assert len(err) == 1 and err[0].startswith("wavenet.py: warning: "), err
-            assert str(prose) in err[0] and "one name per line" in err[0]
-        else:
-            assert err == []
