@@ -6,7 +6,8 @@ replies of their own lengths. Static batching (wait for a batch, pad it, run it 
 reply) leaves most of the batch idle. Continuous batching (Yu et al., 2022, "Orca"; vLLM and
 nano-vllm after it) schedules per token instead: the engine below keeps --max-batch slots over
 one KV cache, and at every step lets new requests into free slots, runs one forward pass for
-every slot at its own position, samples each with its own settings and frees the finished ones.
+every slot at its own position (the new prompts' prefills ride in the same pass as the others'
+next tokens), samples each with its own settings and frees the finished ones.
 A request never waits for another to end; with temperature 0 it gets exactly the tokens of
 gpt2.GPT.generate on its prompt alone, whatever else runs beside it.
 
@@ -21,14 +22,15 @@ Run:
         client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
         client.completions.create(model="chat", prompt="Hello", max_tokens=16)
     python bench.py serve     # the engine against one-at-a-time and transformers' static batches
-On 2 CPU cores (torch 2.13, float32, 2026-11-26), 32 requests on GPT-2 124M's shape: 93.6 output
-tokens/s with 16 clients at once, 4.07x the same requests one at a time and 8.8x transformers'
-static batches of 16, median time to first token 0.38 s against 13.1 s. The table, the machine's
-load and what this server is not for are in README.md (Serving).
+On 2 CPU cores (torch 2.13, float32, 2026-11-26), 32 requests on GPT-2 124M's shape: 133.6
+output tokens/s with 16 clients at once, 4.82x the same requests one at a time and 2.03x
+transformers' static batches of 16, median time to first token 0.30 s against 5.06 s. The
+table and what this server is not for are in README.md (Serving).
 """
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import math
 import os
@@ -87,15 +89,19 @@ def gpt2_text(tokens):
 class Engine:
     """Continuous batching over `max_batch` slots. One KV cache holds every slot's keys and
     values: (layers, slots, heads, context, head size). Its loop, in a thread of its own, repeats
-    step(): admit waiting requests into free slots (prefill), pack the active slots to the front,
-    one decode forward for all of them, sample, deliver, free. Requests come in through a
-    thread-safe queue (submit); each goes out through its own deliver callback."""
+    step(): pack the running slots to the front, admit waiting requests into the free slots
+    after them, one forward pass for all (the new prompts' prefills and the others' next
+    tokens), sample, deliver, free. Requests come in through a thread-safe queue (submit);
+    each goes out through its own deliver callback."""
 
-    def __init__(self, model, max_batch=16, max_queue=256, decode=None, log=print, seed=None):
+    def __init__(self, model, max_batch=16, max_queue=256, decode=None, log=print, seed=None,
+                 step_tokens=512):
         self.model, self.max_batch, self.log = model, max_batch, log
+        self.step_tokens = step_tokens  # prompt tokens admitted per step (see admit)
+        self.transposed = set()  # (rows, out, in) where transposed_linear is faster (see tune)
         self.seeds = random.Random(seed)  # the seeds of requests that bring none
         config, weight = model.config, model.transformer.wte.weight
-        self.block_size = config.block_size
+        self.block_size, self.vocab_size = config.block_size, config.vocab_size
         shape = (config.n_layer, max_batch, config.n_head, config.block_size,
                  config.n_embd // config.n_head)
         self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, S, nh, T, hs)
@@ -117,6 +123,7 @@ class Engine:
     # The loop and its step.
 
     def start(self):
+        self.tune()
         self.thread.start()
         return self
 
@@ -139,44 +146,23 @@ class Engine:
         for slot, request in enumerate(self.slots):
             if request is not None and request.cancelled:  # the client is gone
                 self.finish(slot, "cancelled")
-        self.admit()
-        n = self.pack()
+        running = self.pack()  # slots 0..running-1 decode
+        n = self.admit(running)  # slots running..n-1 start: their prompts ride in this forward
         if n == 0:
             return
         try:
-            logits = self.decode_step(n)  # (n, V)
+            logits = self.forward(running, n)  # (n, V)
         except Exception as err:  # noqa: BLE001 (the engine outlives any request)
             for slot in range(n):
-                self.finish(slot, error=f"the decode step failed: {err}")
+                self.finish(slot, error=f"the forward pass failed: {err}")
             return
         for slot in range(n):
             self.emit(slot, logits[slot])
 
-    def admit(self):
-        """Fill free slots, the lowest first, from the queue; prefill each prompt and hand out
-        its first token at once. When nothing runs, wait a moment for work, not spinning."""
-        while None in self.slots:
-            try:
-                request = self.waiting.get(block=self.active() == 0, timeout=0.05)
-            except queue.Empty:
-                return
-            if request.cancelled:
-                continue
-            slot = self.slots.index(None)
-            self.slots[slot] = request
-            try:
-                seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
-                request.generator = torch.Generator(self.k.device).manual_seed(seed)
-                logits = self.prefill(slot, request.prompt)  # (1, V)
-            except Exception as err:  # noqa: BLE001 (a bad request fails alone)
-                self.finish(slot, error=f"the request could not start: {err}")
-                continue
-            self.emit(slot, logits[0])
-
     def pack(self):
         """Move requests from the last slots into the free ones before them (their cache rows
-        too), so that the n active slots are 0..n-1 and a decode step computes n rows, not a
-        row for every hole that finished requests left. Returns n."""
+        too), so that the running slots are 0..n-1 and a step computes n rows, not a row for
+        every hole that finished requests left. Returns n."""
         while True:
             active = [slot for slot, request in enumerate(self.slots) if request is not None]
             if not active or len(active) == active[-1] + 1:
@@ -188,65 +174,124 @@ class Engine:
             self.slots[hole], self.pos[hole] = self.slots[last], T
             self.slots[last], self.pos[last] = None, 0
 
-    # The model, run two ways: a whole prompt into one slot, or one token into every slot.
+    def admit(self, n):
+        """Put waiting requests into the free slots n, n+1, ... until this step holds
+        step_tokens prompt tokens (at least one request; the last may go past it). A bigger
+        step prefills more prompts per pass; a smaller one makes the running requests wait less
+        for their next token. When nothing runs, wait a moment for work, not spinning.
+        Returns the number of slots now in use."""
+        tokens = 0
+        while n < self.max_batch and tokens < self.step_tokens:
+            try:
+                request = self.waiting.get(block=n == 0, timeout=0.05)
+            except queue.Empty:
+                break
+            if request.cancelled:
+                continue
+            self.slots[n], self.pos[n] = request, 0
+            try:  # a request that cannot start fails alone, before it joins the forward pass
+                prompt = request.prompt
+                if not 0 < len(prompt) < self.block_size or not 0 <= min(prompt) <= max(
+                        prompt) < self.vocab_size:
+                    raise ValueError(f"a prompt needs 1 to {self.block_size - 1} token ids "
+                                     f"below {self.vocab_size}")
+                seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
+                request.generator = torch.Generator(self.k.device).manual_seed(seed)
+            except Exception as err:  # noqa: BLE001 (a bad request fails alone)
+                self.finish(n, error=f"the request could not start: {err}")
+                continue
+            tokens += len(request.prompt)
+            n += 1
+        return n
 
-    def forward(self, x, attend):
-        """gpt2.GPT's blocks on x (B, T, C) with attention done by attend(layer, q, k, v), which
-        also writes the new keys and values into the cache; the last position's logits."""
-        nh = self.model.config.n_head
-        for layer, block in enumerate(self.model.transformer.h):
-            B, T, C = x.shape
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
-            q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2)
-                       for t in (q, k, v))  # (B, nh, T, hs) each
-            y = attend(layer, q, k, v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-            x = x + block.attn.c_proj(y)  # (B, T, C)
-            x = x + block.mlp(block.ln_2(x))  # (B, T, C)
-        return self.model.lm_head(self.model.transformer.ln_f(x[:, -1])).float()  # (B, V)
+    # The model: one forward pass for every slot, whether it decodes or starts.
 
-    def prefill(self, slot, prompt):
-        """The prompt's keys and values into the slot's cache rows 0..T-1; the next-token
-        logits (1, V). Causal attention within the prompt, as in gpt2.GPT.generate."""
-        wte, wpe = self.model.transformer.wte, self.model.transformer.wpe
-        T = len(prompt)
-        idx = torch.tensor([prompt], device=self.k.device)  # (1, T)
-        x = wte(idx) + wpe(torch.arange(T, device=idx.device))  # (1, T, C)
-
-        def attend(layer, q, k, v):  # (1, nh, T, hs) each
-            self.k[layer, slot, :, :T] = k[0]
-            self.v[layer, slot, :, :T] = v[0]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (1, nh, T, hs)
-
-        logits = self.forward(x, attend)
-        self.pos[slot] = T
-        return logits
-
-    def decode_step(self, n):
-        """One forward for slots 0..n-1: each feeds its newest token at its own position and
-        attends to its own cache up to there; the longer contexts of other slots are masked."""
-        device = self.k.device
-        tokens = torch.tensor([self.slots[s].output[-1] for s in range(n)], device=device)  # (n,)
-        positions = torch.tensor(self.pos[:n], device=device)  # (n,)
-        length = int(positions.max()) + 1  # the longest context among the slots
-        # (n, 1, 1, length), added to the attention scores: 0 where slot s may look (its cache
-        # up to its own position), -inf beyond, the same for every head
-        visible = torch.arange(length, device=device) <= positions[:, None]  # (n, length)
-        mask = torch.zeros(n, 1, 1, length, dtype=self.k.dtype, device=device).masked_fill(
-            ~visible.view(n, 1, 1, length), float("-inf"))
-        wte, wpe = self.model.transformer.wte, self.model.transformer.wpe
-        x = (wte(tokens) + wpe(positions))[:, None]  # (n, 1, C)
-
-        def attend(layer, q, k, v):  # (n, nh, 1, hs) each
-            for slot in range(n):  # each slot's new key and value at its own position
-                self.k[layer, slot, :, self.pos[slot]] = k[slot, :, 0]
-                self.v[layer, slot, :, self.pos[slot]] = v[slot, :, 0]
-            keys, values = self.k[layer, :n, :, :length], self.v[layer, :n, :, :length]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (n, nh, 1, hs)
-
-        logits = self.forward(x, attend)  # (n, V)
-        for slot in range(n):
+    def forward(self, running, n):
+        """gpt2.GPT's blocks for slots 0..n-1 at once; the next-token logits of each (n, V).
+        A running slot (0..running-1) feeds its newest token at its own position; a starting
+        slot (running..n-1) feeds its whole prompt from position 0: its prefill. All these
+        tokens go through the linear layers as one matrix (N, C): the weights, most of the
+        work, are read once per step for prefills and decodes together, and a short prompt
+        does not run alone through matrices built for many tokens. Only attention tells the
+        slots apart (attend, below)."""
+        transformer, device, nh = self.model.transformer, self.k.device, self.model.config.n_head
+        prompts = [self.slots[slot].prompt for slot in range(running, n)]
+        tokens = [self.slots[slot].output[-1] for slot in range(running)] + sum(prompts, [])
+        positions = self.pos[:running] + [t for p in prompts for t in range(len(p))]
+        tokens = torch.tensor(tokens, device=device)  # (N,)
+        positions = torch.tensor(positions, device=device)  # (N,)
+        # (running, 1, 1, length), added to the running slots' attention scores: 0 where a slot
+        # may look (its cache up to its own position), -inf beyond, the same for every head
+        length = max(self.pos[:running], default=0) + 1  # the longest running context
+        visible = torch.arange(length, device=device) <= positions[:running, None]
+        mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=device).masked_fill(
+            ~visible, float("-inf"))[:, None, None]
+        x = transformer.wte(tokens) + transformer.wpe(positions)  # (N, C)
+        N, C = x.shape
+        for layer, block in enumerate(transformer.h):
+            attn, mlp = block.attn, block.mlp
+            q, k, v = self.linear(block.ln_1(x), attn.c_attn).split(C, dim=1)  # 3 x (N, C)
+            q, k, v = (t.reshape(N, nh, C // nh) for t in (q, k, v))  # (N, nh, hs) each
+            y = self.attend(layer, q, k, v, positions[:running], mask, prompts)  # (N, nh, hs)
+            x = x + self.linear(y.reshape(N, C), attn.c_proj)  # (N, C)
+            h = mlp.gelu(self.linear(block.ln_2(x), mlp.c_fc))  # (N, 4C)
+            x = x + self.linear(h, mlp.c_proj)  # (N, C)
+        for slot in range(running):
             self.pos[slot] += 1
-        return logits
+        for slot, prompt in enumerate(prompts, start=running):
+            self.pos[slot] = len(prompt)
+        # each slot's last row: a running slot's one token, a prompt's last token
+        last = list(range(running)) + [running - 1 + end for end in
+                                       itertools.accumulate(len(p) for p in prompts)]
+        return self.linear(transformer.ln_f(x[last]), self.model.lm_head).float()  # (n, V)
+
+    def attend(self, layer, q, k, v, positions, mask, prompts):
+        """Write the step's keys and values into the cache and attend: the running slots
+        together, each to its own cache up to its position (mask hides the longer contexts of
+        the others); each prompt causally within itself, as in gpt2.GPT.generate."""
+        running, y = len(positions), torch.empty_like(q)  # (N, nh, hs)
+        if running:
+            slots = torch.arange(running, device=q.device)
+            self.k[layer, slots, :, positions] = k[:running]  # (running, nh, hs), each slot
+            self.v[layer, slots, :, positions] = v[:running]  # at its own position
+            keys = self.k[layer, :running, :, :mask.size(-1)]  # (running, nh, length, hs)
+            values = self.v[layer, :running, :, :mask.size(-1)]
+            y[:running] = F.scaled_dot_product_attention(
+                q[:running, :, None], keys, values, attn_mask=mask)[:, :, 0]  # (running, nh, hs)
+        start = running
+        for slot, prompt in enumerate(prompts, start=running):
+            rows, T = slice(start, start + len(prompt)), len(prompt)
+            qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # (nh, T, hs) each
+            self.k[layer, slot, :, :T], self.v[layer, slot, :, :T] = ks, vs
+            y[rows] = F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], is_causal=T > 1)[0].transpose(0, 1)  # (T, nh, hs)
+            start += T
+        return y
+
+    # A speed trick for CPUs, beside the model (tests/test_serve.py checks it against F.linear).
+
+    @torch.no_grad()
+    def tune(self):
+        """For the few rows of a decode step, a CPU's matrix library can run (W @ x.T).T several
+        times faster than F.linear's x @ W.T, or slower, depending on the rows and the weight's
+        shape (MKL on the 2-core machine: 4x faster at 2 rows, slower at 13 to 15). So, as
+        cuDNN's benchmark mode does, time both once for each shape a decode step meets and keep
+        the faster (linear, below). On a GPU both are fast: F.linear always."""
+        if self.k.device.type != "cpu":
+            return
+        block = self.model.transformer.h[0]  # every block has the same shapes
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj,
+                      self.model.lm_head):
+            for n in range(1, self.max_batch + 1):
+                x = torch.randn(n, layer.in_features, dtype=self.k.dtype)
+                if seconds(transposed_linear, x, layer) < seconds(layer, x):
+                    self.transposed.add((n, *layer.weight.shape))
+
+    def linear(self, x, layer):
+        """layer(x) for x (N, in), the faster way for its shape (see tune)."""
+        if (len(x), *layer.weight.shape) in self.transposed:
+            return transposed_linear(x, layer)
+        return layer(x)
 
     # Sampling, delivering and finishing, one request at a time.
 
@@ -328,6 +373,23 @@ class Engine:
         self.log(f"request {request.id}: {len(request.prompt)} prompt + {n} completion tokens, "
                  f"{first}, {n / max(done - request.arrived, 1e-9):.1f} tokens/s, "
                  f"{error or reason}", flush=True)
+
+
+def transposed_linear(x, layer):
+    """layer(x) for x (N, in), computed as (W @ x.T).T: the same sums in another order."""
+    y = (layer.weight @ x.t()).t().contiguous()  # (N, out)
+    return y if layer.bias is None else y + layer.bias
+
+
+def seconds(f, *args, repeat=3):
+    """The best of `repeat` timed calls of f(*args), after one untimed."""
+    f(*args)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 @torch.no_grad()
@@ -738,7 +800,8 @@ def main(args):
     model, chat_format = chat.load_chat_model(args.init_from, device)
     model.to(dtype)  # inference only: the weights themselves in bf16 on a GPU, no autocast
     name = args.model_name or model_name(args.init_from)
-    engine = Engine(model, args.max_batch, args.max_queue, seed=args.seed)
+    engine = Engine(model, args.max_batch, args.max_queue, seed=args.seed,
+                    step_tokens=args.step_tokens)
     app = create_app(engine, name, chat_format, args.api_key, args.max_body)
 
     import uvicorn
@@ -781,6 +844,10 @@ def parse_args(argv=None):
                         help="port (default: %(default)s; 0: any free one)")
     parser.add_argument("--max-batch", type=int, default=16,
                         help="slots: requests generated together (default: %(default)s)")
+    parser.add_argument("--step-tokens", type=int, default=512,
+                        help="prompt tokens a step admits (at least one prompt); more: faster "
+                        "prefills, fewer: steadier tokens for the running requests (default: "
+                        "%(default)s)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests that may wait for a slot; more get 503 (default: "
                         "%(default)s)")
@@ -797,7 +864,7 @@ def parse_args(argv=None):
                         default="auto", help="weights' dtype; auto: float32 on CPU, bfloat16 on "
                         "GPUs that have it")
     args = parser.parse_args(argv)
-    common.check_args(args, positive=("max_batch", "max_queue", "max_body"),
+    common.check_args(args, positive=("max_batch", "step_tokens", "max_queue", "max_body"),
                       non_negative=("drain_seconds",), ranges=(("port", 0, 65535),))
     if args.api_key is not None and not args.api_key.strip():
         die("--api-key is empty; give a key or leave the flag out")

@@ -128,9 +128,10 @@ def test_engine_packs_slots_when_requests_finish_out_of_order(model):
     for request in requests:  # queued before the engine starts: slots 0, 1, 2 in this order
         engine.submit(request)
     slot_of_third = []
-    pack = engine.pack
-    engine.pack = lambda: (pack(), slot_of_third.append(
-        engine.slots.index(requests[2]) if requests[2] in engine.slots else None))[0]
+    forward = engine.forward  # the third request's slot at each step's forward pass
+    engine.forward = lambda running, n: (slot_of_third.append(
+        engine.slots.index(requests[2]) if requests[2] in engine.slots else None),
+        forward(running, n))[1]
     engine.start()
     for _ in requests:
         finished.get(timeout=60)
@@ -138,6 +139,59 @@ def test_engine_packs_slots_when_requests_finish_out_of_order(model):
     assert slot_of_third[0] == 2 and 0 in slot_of_third  # it moved into the first one's slot
     for request, prompt, n in zip(requests, prompts, max_tokens):
         assert request.output == greedy(model, prompt, n)
+
+
+def test_engine_prefills_ride_with_decodes_within_the_step_budget(model):
+    """Prompts join a step until it holds step_tokens prompt tokens (at least one prompt), and
+    the running slots decode in the same forward pass; every request still gets generate's
+    tokens."""
+    prompts, max_tokens = [[5] * 5, list(range(300, 306)), [7, 8] * 4], [12, 9, 10]
+    finished = queue.Queue()
+    requests = [serve.Request(prompt=p, max_tokens=m, temperature=0,
+                              deliver=lambda event: "finish" in event and finished.put(event))
+                for p, m in zip(prompts, max_tokens)]
+    engine = serve.Engine(model, max_batch=3, log=lambda *a, **k: None, step_tokens=10)
+    for request in requests:  # queued before the engine starts
+        engine.submit(request)
+    steps, forward = [], engine.forward
+    engine.forward = lambda running, n: (steps.append((running, n)), forward(running, n))[1]
+    engine.start()
+    for _ in requests:
+        finished.get(timeout=60)
+    engine.stop()
+    assert steps[:3] == [(0, 2), (2, 3), (3, 3)]  # 5 + 6 >= 10 tokens; then 8 more with two
+    for request, prompt, n in zip(requests, prompts, max_tokens):
+        assert request.output == greedy(model, prompt, n)
+
+
+@pytest.mark.parametrize("transposed", ["all", "none", "tuned"])
+def test_engine_linear_ways_agree_with_f_linear_and_generate(model, transposed):
+    """tune's speed trick: (W @ x.T).T is F.linear within float32 rounding for every row count
+    and layer, with and without bias; whichever way each shape takes, greedy requests get
+    generate's tokens."""
+    g = torch.Generator().manual_seed(3)
+    layers = [model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_proj,
+              model.lm_head]
+    for layer in layers:
+        for rows in (1, 2, 3, 7, 16):
+            x = torch.randn(rows, layer.in_features, generator=g)
+            torch.testing.assert_close(serve.transposed_linear(x, layer), layer(x))
+    shapes = {m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    engine = serve.Engine(model, max_batch=4, log=lambda *a, **k: None)
+    if transposed != "tuned":
+        engine.tune = lambda: None
+    if transposed == "all":  # prefills too
+        engine.transposed = {(n, *shape) for n in range(1, 200) for shape in shapes}
+    engine.start()
+    if transposed == "tuned":  # a decode step's shapes only: up to max_batch rows
+        assert engine.transposed <= {(n, *shape) for n in range(1, 5) for shape in shapes}
+    prompts = [[11, 12, 13], list(range(400, 430)), [7], [9, 8, 7, 6, 5]]
+    requests = [serve.Request(prompt=p, max_tokens=20, temperature=0, deliver=None)
+                for p in prompts]
+    run_engine(engine, requests, delays=[0, 0.01, 0.02, 0.03])
+    engine.stop()
+    for request, prompt in zip(requests, prompts):
+        assert request.output == greedy(model, prompt, 20)
 
 
 def test_engine_seeded_sampling_is_the_same_alone_or_in_company(model, engine):
