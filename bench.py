@@ -358,8 +358,8 @@ def run_train(args):
         seconds["ours"].append(step_seconds(step_ours))
         if args.reference:
             seconds["reference"].append(step_seconds(step_reference))
-    peak = args.peak_tflops or common.gpu_peak_tflops(device)
-    flops = ours.flops_per_token(seq_len)
+    peak = common.peak_tflops(device, args)
+    flops = common.flops_per_token(ours.config, seq_len)
     result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "compile": use_compile, "config": asdict(config), "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "seq_len": seq_len}

@@ -352,8 +352,9 @@ def save_checkpoint(path, checkpoint):
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, stage, hint):
-    """A checkpoint `stage`.py wrote, else die(); weights_only=True never runs the file's code."""
+def load_checkpoint(path, stage, hint, needs=()):
+    """A checkpoint `stage`.py wrote, holding the keys `needs`, else die(); weights_only=True
+    never runs the file's code."""
     path = Path(path)
     if not path.is_file():
         die(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}; {hint}")
@@ -367,6 +368,9 @@ def load_checkpoint(path, stage, hint):
     if written_by != stage:
         die(f"checkpoint {path} was not written by {stage}.py"
             + (f" but by {written_by}.py" if written_by else "") + f"; {hint}")
+    missing = set(needs) - set(checkpoint)
+    if missing:
+        die(f"checkpoint {path} is incomplete (no {', '.join(sorted(missing))}); {hint}")
     return checkpoint
 
 
@@ -389,8 +393,9 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# --- gpt2.py alone: its flag groups, torchrun's ranks, mixed precision, GPU peaks for MFU,
-# resumes (RNG states included), a stop signal or a diverging loss, the prompt, hub weights
+# --- gpt2.py alone: its flag groups, torchrun's ranks, mixed precision, FLOPs and GPU peaks
+# for MFU, resumes (RNG states included), a stop signal or a diverging loss, the prompt, and
+# Hugging Face folders read and written with one-line errors
 
 def add_resume_flags(group, every_help):
     """The flags of checkpoints a long run can stop at and continue from."""
@@ -476,9 +481,19 @@ def mixed_precision(device, dtype):
     return half, torch.autocast(device.type, dtype=dtype, enabled=half is not None)
 
 
-def gpu_peak_tflops(device):
+def flops_per_token(config, seq_len):
+    """Training FLOPs a token of a GPT with this config (for MFU): 6 per weight in a matmul plus
+    attention's 12 * n_layer * n_embd * seq_len (PaLM, appendix B); 0.85 GFLOP for GPT-2 124M."""
+    C, n_layer = config.n_embd, config.n_layer
+    matmul_params = n_layer * (12 * C * C + 13 * C) + config.vocab_size * C + 2 * C
+    return 6 * matmul_params + 12 * n_layer * C * seq_len
+
+
+def peak_tflops(device, args):
+    """The device's peak TFLOP/s for MFU: --peak-tflops, else the table's value for this GPU."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+    return args.peak_tflops or next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name),
+                                    None)
 
 
 def rng_state():
@@ -558,6 +573,64 @@ def hub_weights_or_die(load, source):
         die(f"Hugging Face weights need the {err.name} package: pip install {err.name}")
     except ValueError as err:
         die(f"cannot load --init-from {source}: {err}")
+
+
+def load_every_weight(model, weights, what, tied=()):
+    """model.load_state_dict(weights) when every weight is there (those `tied` to another come
+    with it), known and of its shape; else a ValueError, `what` and the first problems: never a
+    model left with random weights."""
+    ours = model.state_dict()
+    problems = [f"no {k}" for k in ours if k not in weights and k not in tied]
+    problems += [f"unknown {k}" for k in weights if k not in ours]
+    problems += [f"{k} of shape {tuple(w.shape)}, not {tuple(ours[k].shape)}"
+                 for k, w in weights.items() if k in ours and w.shape != ours[k].shape]
+    if problems:
+        raise ValueError(f"{what}: " + ", ".join(problems[:3])
+                         + ("..." if len(problems) > 3 else ""))
+    model.load_state_dict(weights, strict=False)
+
+
+def hub_download(repo):
+    """The local folder of a Hugging Face hub repository's config.json and model.safetensors,
+    downloaded once into the Hugging Face cache, which then serves offline runs."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except OSError:  # offline and not in the cache yet, or the hub's own HTTP error
+        raise ValueError("the Hugging Face hub cannot be reached and this machine's cache has no "
+                         "copy; connect once (the download is kept) or pass --init-from with a "
+                         "local checkpoint or folder") from None
+
+
+def read_hf_weights(directory):
+    """The state dict in a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
+    safetensors = directory / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file  # without the package: hub_weights_or_die says so
+    try:
+        return (load_file(safetensors) if safetensors.is_file()
+                else torch.load(directory / "pytorch_model.bin", weights_only=True))
+    except Exception as err:  # missing, truncated or foreign: each format raises its own kinds
+        raise ValueError(f"cannot read the weights in {directory} ({type(err).__name__}: it "
+                         "needs a whole model.safetensors or pytorch_model.bin)") from None
+
+
+def write_hf_folder(directory, tensors, config, flag):
+    """model.safetensors and config.json in `directory`, each written atomically; a folder that
+    cannot be written ends the run with one line about `flag`."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        die(f"{flag} {directory} exists and is not a directory; choose another")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / "model.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_json(directory / "config.json", config)
+    except OSError as err:
+        die(f"cannot write to {flag} {directory} ({err.strerror}); choose another folder")
+    print(f"wrote {directory}: config.json and model.safetensors for "
+          f"{config['architectures'][0]}")
 
 
 def already_done(stage, out_dir, step, max_steps, stop_step):

@@ -482,6 +482,10 @@ def open_shards(data_dir, split, window):
     if not data_dir.is_dir():
         common.die(f"--data {data_dir} is not a directory of shards; {SHARD_HINT}")
     paths = sorted(data_dir.glob(f"*_{split}_*.npy"))
+    inside = sorted({str(path.parent) for path in data_dir.glob(f"*/*_{split}_*.npy")})
+    if not paths and inside:  # e.g. --data data/shards for data/shards/shakespeare
+        common.die(f"--data {data_dir} holds no shards, but {', '.join(inside)} do; pass one of "
+                   f"them, e.g. --data {inside[0]}")
     if not paths:
         common.die(f"no {split} shards (*_{split}_*.npy) in {data_dir}; {SHARD_HINT}")
     shards = []

@@ -20,12 +20,9 @@ exactly. Modes without training: --sample, --eval-hellaswag, --export-hf.
 
 Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val loss 3.2924 on
 FineWeb-Edu; build-nanogpt, the reproduction followed here, reached 0.3009 and 3.0944 on 10B
-tokens in about 2 hours on 8xA100 (its figures). This file's step ran at 531,194 tokens/s, 46%
-MFU on one H200 (torch 2.11, bf16, compile, micro-batch 64; 2026-11-26; build-nanogpt's step
-542,796 beside it), and at 474,668 tokens/s on one H100 80GB (2026-11-25). The CPU quick start
-(359,202 tokens, 200 steps of 2,048) ran at about 1,350 tokens/s in 338 s on 2 CPU
-cores (torch 2.13, 2026-11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19 (the same losses
-on 2026-11-26, the last val loss now taken after the last step).
+tokens in about 2 hours on 8xA100 (its figures). Measured here: 531,194 tokens/s (46% MFU) on one
+H200 (torch 2.11, bf16, compile, micro-batch 64, 2026-11-26; build-nanogpt's step: 542,796); the
+CPU quick start, 338 s on 2 cores (torch 2.13, 11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
@@ -63,9 +60,8 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # No dropout (transformer.py had it): pre-training sees each of its 10B tokens about once,
-    # which leaves little to overfit, and dropout would only slow learning (nanoGPT and
-    # build-nanogpt pre-train without it; OpenAI's GPT-2 used 0.1).
+    # No dropout (transformer.py had it): pre-training sees each token about once, which leaves
+    # little to overfit; dropout would only slow learning (OpenAI's GPT-2 used 0.1, nanoGPT 0).
 
 
 class KVCache:
@@ -73,7 +69,7 @@ class KVCache:
     costs one position's worth of work per layer, not a pass over all t positions again."""
 
     def __init__(self, n_layer, block_size):
-        self.n_layer, self.block_size = n_layer, block_size
+        self.block_size = block_size
         self.k, self.v = [None] * n_layer, [None] * n_layer  # (B, nh, block_size, hs) each
         self.pos = 0  # tokens already cached
 
@@ -181,7 +177,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None):
         """The final LayerNorm's output (B, T, C) for tokens idx (B, T): the logits are this
-        times the embedding matrix. hellaswag.py computes logits only where it scores."""
+        times lm_head's weight."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         assert start + T <= self.config.block_size, "longer than the model's block size"
@@ -211,13 +207,6 @@ class GPT(nn.Module):
         fused = device.type in ("cpu", "cuda")
         # The GPT-3 paper's betas and eps.
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs a token (for MFU): 6 per weight in a matmul plus attention's 12 *
-        n_layer * n_embd * seq_len (PaLM, appendix B); about 0.85 GFLOP for GPT-2 124M."""
-        C, n_layer = self.config.n_embd, self.config.n_layer
-        matmul_params = n_layer * (12 * C * C + 13 * C) + self.config.vocab_size * C + 2 * C
-        return 6 * matmul_params + 12 * n_layer * C * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
@@ -250,25 +239,16 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub) or
-        any Hugging Face GPT-2 folder; the logits equal transformers' GPT2LMHeadModel's. Weights
-        that do not fit, or are missing, are a ValueError, never a model with random ones."""
+        """OpenAI's GPT-2 (gpt2 to gpt2-xl from the Hugging Face hub) or any Hugging Face GPT-2
+        folder, with GPT2LMHeadModel's logits; missing or misfit weights are a ValueError."""
         config, weights = read_hf_gpt2(name_or_dir)
         model = cls(GPTConfig(**config))
-        ours = model.state_dict()
-        problems = [f"no {k}" for k in ours if k not in weights and k != "lm_head.weight"]
-        problems += [f"unknown {k}" for k in weights if k not in ours]
-        problems += [f"{k} of shape {tuple(w.shape)}, not {tuple(ours[k].shape)}"
-                     for k, w in weights.items() if k in ours and w.shape != ours[k].shape]
-        if problems:  # lm_head is wte (tied): loaded as such
-            raise ValueError(f"{name_or_dir} is not GPT-2 as this file builds it: "
-                             + ", ".join(problems[:3]) + ("..." if len(problems) > 3 else ""))
-        model.load_state_dict(weights, strict=False)
+        common.load_every_weight(model, weights, f"{name_or_dir} is not GPT-2 as this file builds "
+                                 "it", tied=("lm_head.weight",))  # lm_head is wte: loaded as such
         return model
 
 
-# --- GPT-2 in Hugging Face's layout: OpenAI's weights in (from_pretrained), a trained model
-# out (--export-hf) for the Hugging Face evaluators (lm-evaluation-harness and the like)
+# --- Hugging Face's layout: OpenAI's weights in, a trained model out (--export-hf, for evaluators)
 
 # Hugging Face's GPT-2 keeps these four weights as Conv1D, (in, out): nn.Linear's transpose.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -278,24 +258,15 @@ HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_l
 
 
 def read_hf_gpt2(name_or_dir):
-    """(config, weights) of a GPT-2 in Hugging Face's layout, for GPTConfig and GPT: a hub name
-    (downloaded once into the Hugging Face cache, which then serves offline runs) or a folder
-    with config.json and model.safetensors or pytorch_model.bin. What goes wrong is a ValueError
-    whose message is one line for the user, the fix included."""
+    """(config, weights) of a GPT-2 in Hugging Face's layout, for GPTConfig and GPT, from a hub
+    name or a folder. What goes wrong is a ValueError: one line for the user, the fix included."""
     directory = Path(name_or_dir)
     if not directory.is_dir():
         if name_or_dir not in HUB:
             raise ValueError(f"no such file or folder, nor one of OpenAI's GPT-2 on the Hugging "
                              f"Face hub ({', '.join(HUB)}); pass --init-from with a gpt2.py "
                              "checkpoint, a Hugging Face GPT-2 folder or one of those names")
-        from huggingface_hub import snapshot_download
-        try:
-            directory = Path(snapshot_download(f"openai-community/{name_or_dir}",
-                                               allow_patterns=["config.json", "model.safetensors"]))
-        except OSError:  # offline and not in the cache yet, or the hub's own HTTP error
-            raise ValueError("the Hugging Face hub cannot be reached and this machine's cache "
-                             "has no copy; connect once (the download is kept) or pass "
-                             "--init-from with a local checkpoint or folder") from None
+        directory = common.hub_download(f"openai-community/{name_or_dir}")
     try:
         hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         config = {ours: hf[theirs] for ours, theirs in HF_CONFIG.items()}
@@ -308,27 +279,17 @@ def read_hf_gpt2(name_or_dir):
     if any(hf.get(key, allowed[0]) not in allowed for key, allowed in gpt2.items()):
         raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
                          "activation or normalisation differ); pass --init-from with a GPT-2")
-    safetensors = directory / "model.safetensors"
-    if safetensors.is_file():
-        from safetensors.torch import load_file  # without the package: load_model says so
-    try:
-        weights = (load_file(safetensors) if safetensors.is_file()
-                   else torch.load(directory / "pytorch_model.bin", weights_only=True))
-    except Exception as err:  # missing, truncated or foreign: each format raises its own kinds
-        raise ValueError(f"cannot read the weights in {directory} ({type(err).__name__}: it "
-                         "needs a whole model.safetensors or pytorch_model.bin)") from None
     # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not. The
     # attention masks of old files are buffers, not weights.
     weights = {"transformer." + k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w
-               for k, w in weights.items() if not k.endswith((".attn.bias", ".masked_bias"))
+               for k, w in common.read_hf_weights(directory).items()
+               if not k.endswith((".attn.bias", ".masked_bias"))
                and not k.startswith("lm_head")}
     return config, weights
 
 
 def write_hf_gpt2(directory, state_dict, config):
-    """config.json and model.safetensors of a gpt2.py model that GPT2LMHeadModel loads with the
-    same logits. A folder that cannot be written ends the run with one line."""
-    from safetensors.torch import save_file
+    """config.json and model.safetensors of a gpt2.py model, for GPT2LMHeadModel (same logits)."""
     tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
                for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
     hf_config = {theirs: config[ours] for ours, theirs in HF_CONFIG.items()} | {
@@ -336,15 +297,7 @@ def write_hf_gpt2(directory, state_dict, config):
         "n_ctx": config["block_size"], "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT}
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        common.write_atomic(directory / "model.safetensors",
-                            lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        common.write_json(directory / "config.json", hf_config)
-    except OSError as err:
-        die(f"cannot write to --export-hf {directory} ({err.strerror}); choose another folder")
-    print(f"wrote {directory}: config.json and model.safetensors for GPT2LMHeadModel")
+    common.write_hf_folder(directory, tensors, hf_config, "--export-hf")
 
 
 # --- speed tricks beside the model (each tested against the plain path)
@@ -409,10 +362,9 @@ def training_models(model, device, dtype, use_compile):
     return eval_model, FusedLossGPT(model) if fused else eval_model
 
 
-# Sampling's and HellaSwag's attention kernels. torch prefers cuDNN's attention on recent GPUs,
-# the fastest for training's one shape, but it builds a plan for every new length (0.1 s on an
-# H100), and every sampling step is a new length: flash or memory-efficient attention (math as
-# the fallback) have no such cost.
+# Sampling's and HellaSwag's attention kernels. On recent GPUs torch prefers cuDNN's, which
+# builds a plan for every new length (0.1 s on an H100), and every sampling step is a new length:
+# flash or memory-efficient attention (math as the fallback) have no such cost.
 def variable_length_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
@@ -485,10 +437,6 @@ def open_data(args, rank, world_size):
         die(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x "
             f"seq-len x ranks = {args.batch_size} x {args.seq_len} x {world_size} = "
             f"{micro_tokens}; change one of them")
-    inside = sorted({str(path.parent) for path in args.data.glob("*/*_train_*.npy")})
-    if inside and not any(args.data.glob("*_train_*.npy")):  # e.g. data/shards/shakespeare
-        die(f"--data {args.data} holds no shards, but {', '.join(inside)} do; pass one of them, "
-            f"e.g. --data {inside[0]}")
     train = ShardLoader(fineweb.open_shards(args.data, "train", micro_tokens + 1),
                         args.batch_size, args.seq_len, rank, world_size, args.shuffle, args.seed)
     val = (ShardLoader(fineweb.open_shards(args.data, "val", micro_tokens + 1), args.batch_size,
@@ -615,11 +563,10 @@ def main(args):
 
     save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
             if rank == 0 else lambda step: None)  # the ranks hold the same weights: one writes
-    # Each rank samples its share of --num-samples with a generator of its own, so sampling
-    # never moves the training RNG and the ranks do not all write the same text.
+    # A generator per rank: sampling never moves the training RNG, and the ranks' texts differ.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    timer = common.StepTimer(args.total_batch_size, model.flops_per_token(args.seq_len) /
-                             world_size, args.peak_tflops or common.gpu_peak_tflops(device))
+    flops = common.flops_per_token(model.config, args.seq_len) / world_size  # for MFU
+    timer = common.StepTimer(args.total_batch_size, flops, common.peak_tflops(device, args))
     stopped = None
     # SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits.
     with common.StopSignals() as signals:
@@ -736,9 +683,8 @@ def start_from(args):
 
 
 def tokenizer(args, vocab_size, sampling):
-    """GPT-2's tokenizer (samples and HellaSwag need it), the prompt's tokens if `sampling` (an
-    empty prompt starts where every document starts: after end-of-text), and a decoder that
-    drops the padding ids (past 50,257: no text)."""
+    """GPT-2's tokenizer, the prompt's tokens if `sampling` (an empty prompt starts after an
+    end-of-text, as documents do), and a decoder that drops the padded ids (past 50,257)."""
     enc = fineweb.get_encoding()
     prompt = (common.encode_prompt(enc.encode, args.prompt, vocab_size, [fineweb.EOT])
               if sampling else None)
@@ -850,8 +796,8 @@ def parse_args(argv=None):
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
                        help="steps between evaluations, 0: off " + preset("eval_every"))
-    evals.add_argument("--eval-batches", type=int, help="batches (per rank) in each loss "
-                       "estimate, always the same ones " + preset("eval_batches"))
+    evals.add_argument("--eval-batches", type=int, help="batches in each loss estimate, always "
+                       "the same ones " + preset("eval_batches"))
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
     common.add_hellaswag_flags(evals, preset("hellaswag_every"))
     common.add_sample_every_flags(evals, preset("sample_every"))
@@ -879,8 +825,6 @@ def parse_args(argv=None):
     if args.seq_len > args.block_size and args.init_from is None:
         die(f"--seq-len {args.seq_len} is longer than --block-size {args.block_size}; "
             "lower --seq-len or raise --block-size")
-    if args.export_hf and args.export_hf.exists() and not args.export_hf.is_dir():
-        die(f"--export-hf {args.export_hf} exists and is not a directory; choose another")
     if sum([args.sample, args.eval_hellaswag, args.export_hf is not None]) > 1:
         die("--sample, --eval-hellaswag and --export-hf are separate modes; give one of them")
     return args

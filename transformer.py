@@ -18,17 +18,14 @@ Run:
     python transformer.py --data path/to/tinyshakespeare.txt   # the canonical corpus
     python transformer.py --sample --prompt "ROMEO:" --sample-tokens 500 --top-k 20
 
-Measured on the canonical tiny Shakespeare (1,115,394 characters; first 90% train, last 10% val)
-on 2 CPU cores, torch 2.13, default flags (2026-11-25): quick val 1.8643 after 1,400 steps of
-12 x 64 characters, 66 s of training; cpu val 1.6084 after 1,800 steps of 24 x 128, 275 s. On
-the bundled data/shakespeare.txt (its last 10% is harder): quick 1.8864, cpu 1.7182. Anchors
-(nanoGPT's figures): its CPU recipe 1.8857; its GPU configuration (the gpu preset's scale)
-1.4697 on one A100 in 3 minutes.
+Measured on the canonical tiny Shakespeare (first 90% train, last 10% val) on 2 CPU cores, torch
+2.13, default flags (2026-11-25): quick val 1.8643 after 66 s of training, cpu 1.6084 after 275 s
+(1.8864 and 1.7182 on the bundled data/shakespeare.txt, whose last 10% is harder). nanoGPT's own
+figures: its CPU recipe 1.8857; its GPU configuration (the gpu preset) 1.4697 on an A100 in 3 min.
 Ctrl-C ends training early: the run still evaluates, samples and writes its outputs.
 
-Outputs in --out-dir (default out/transformer): log.jsonl (a record a step: train_loss, lr,
-ms; one an evaluation: train_split_loss, val_loss, seconds), metrics.json, loss.png, checkpoint.pt
-(the best model, optimizer, step, config and vocabulary; --sample reads it).
+Outputs in --out-dir (default out/transformer): log.jsonl (a record a step, one an evaluation),
+metrics.json, loss.png, checkpoint.pt (the best model, its optimizer, step, config, vocabulary).
 """
 import functools
 import math
@@ -416,10 +413,7 @@ def load_model(source, device="cpu"):
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
     hint = "pass --init-from with the checkpoint.pt of a transformer.py run"
-    checkpoint = common.load_checkpoint(path, STAGE, hint)
-    missing = {"model", "config", "vocab"} - set(checkpoint)
-    if missing:
-        die(f"checkpoint {path} is incomplete (no {', '.join(sorted(missing))}); {hint}")
+    checkpoint = common.load_checkpoint(path, STAGE, hint, needs=("model", "config", "vocab"))
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])

@@ -90,7 +90,7 @@ def test_gpt2_124m_shape_tying_and_init():
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert fc.std().item() == pytest.approx(0.02, rel=0.05)
     # FLOPs per token used for MFU: ~0.85 GFLOP for GPT-2 124M at 1024 tokens.
-    assert model.flops_per_token(1024) == pytest.approx(0.855e9, rel=0.01)
+    assert common.flops_per_token(model.config, 1024) == pytest.approx(0.855e9, rel=0.01)
 
 
 def test_linear_cross_entropy_equals_plain_cross_entropy():
