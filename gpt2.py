@@ -22,7 +22,7 @@ Reference results: OpenAI's GPT-2 124M scores HellaSwag acc_norm 0.2955 and val 
 FineWeb-Edu; build-nanogpt, the reproduction followed here, reached 0.3009 and 3.0944 on 10B
 tokens in about 2 hours on 8xA100 (its figures). Measured here: 531,194 tokens/s (46% MFU) on one
 H200 (torch 2.11, bf16, compile, micro-batch 64, 2026-11-26; build-nanogpt's step: 542,796); the
-CPU quick start, 338 s on 2 cores (torch 2.13, 11-25), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
+CPU quick start, 264 s on 2 cores (torch 2.13, 11-26), train loss 10.81 -> 5.65, val 10.82 -> 6.19.
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
