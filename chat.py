@@ -833,11 +833,7 @@ def main(args):
     train_set, val_set, tasks, counts = open_data(args, block_size, rank, world_size)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")
+    common.start_ranks(device, ddp)  # DDP: join the process group
     print0 = print if rank == 0 else (lambda *a, **k: None)
     common.print_header(device, world_size)
     print0(f"data {args.data}: {counts['train_conversations']:,} training and "
@@ -944,8 +940,7 @@ def main(args):
         common.write_json(args.out_dir / "metrics.json", metrics)
         print(f"{steps_done} steps in {metrics['seconds']} s, val loss {metrics['val_loss']:.4f}"
               f"; outputs in {args.out_dir}")
-    if ddp:
-        dist.destroy_process_group()
+    common.end_ranks()
     return metrics
 
 

@@ -452,6 +452,17 @@ def start_ranks(device, ddp):
         torch.set_float32_matmul_precision("high")
 
 
+def end_ranks():
+    """Leave the process group, if one was joined. Gloo's worker threads let go of a collective's
+    tensors a moment after it returns, and that needs Python's lock: a rank that went straight
+    into interpreter teardown could abort there ("terminate called without an active
+    exception"). So all ranks meet, leave, and then yield the lock to those threads briefly."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        time.sleep(0.05)
+
+
 def pick_dtype(name, device):
     """bf16 on GPUs that have it (Ampere on), fp16 (with a gradient scaler) on older ones, fp32
     on CPU and MPS unless asked for."""
@@ -527,8 +538,7 @@ def stop_on_bad_loss(loss, step, checkpoint, log):
            f"without saving ({kept}); resume from it with a lower --lr or a longer "
            "--warmup-steps", file=sys.stderr)
     log.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_ranks()
     sys.exit(1)
 
 

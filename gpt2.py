@@ -624,8 +624,7 @@ def main(args):
                   f"outputs in {args.out_dir}")
     if rank == 0:
         write_outputs(args, log.records, metrics)
-    if ddp:
-        dist.destroy_process_group()
+    common.end_ranks()
     return metrics
 
 
