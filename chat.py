@@ -895,9 +895,7 @@ def main(args):
                                                 n_targets, device, autocast, args.grad_clip,
                                                 signals.received is not None)
             if not math.isfinite(train_loss):  # the last checkpoint written stays as it was
-                print0(f"{STAGE}.py: error: the loss is {train_loss} at step {step}; stopped "
-                       "without saving; lower --lr", file=sys.stderr)
-                sys.exit(1)
+                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
             record = timer.stop(step)
             log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
                  "ms": record["ms"]})

@@ -438,6 +438,30 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
     assert_user_error(run_chat("--chat", "--init-from", tmp_path / "nothing"), "--init-from")
 
 
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, base_checkpoint, monkeypatch,
+                                                       capsys):
+    """A non-finite loss ends the run with status 1 and one line; the checkpoint on disk is the
+    last good one, not the poisoned step's."""
+    forward, calls = chat.AssistantLoss.forward, {"n": 0}
+
+    def poisoned(self, x, y, mask):
+        loss = forward(self, x, y, mask)
+        if torch.is_grad_enabled():  # training's passes, not evaluation's
+            calls["n"] += 1
+            if calls["n"] > 6:  # steps 0-2 are fine (2 micro-steps each), step 3 is not
+                loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(chat.AssistantLoss, "forward", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train(tiny_args(base_checkpoint, out, "--checkpoint-every", 2, "--eval-every", 0))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3" in err and "last good checkpoint" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, base_checkpoint):
     """SIGTERM (preemption) finishes the step, saves, exits 0; --resume goes on from there."""
