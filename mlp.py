@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, pick_device, plot_losses, prepare_out_dir,
+from common import (Log, check_args, die, make_parser, pick_device, plot_curves, prepare_out_dir,
                     print_header, pyplot, read_text, save_figure, warn_unless_names, write_json)
 
 STAGE = "mlp"
@@ -298,7 +298,12 @@ def draw_figure(path, model, vocab, step_losses, evals):
                     va="center", fontsize=10)
     ax_emb.set_title("character embeddings, dimensions 0 and 1 ('.' = start/end)")
     ax_emb.grid(alpha=0.3)
-    plot_losses(ax, step_losses, evals)
+    # Every step's batch loss, and the evaluations' estimates on both splits.
+    batches = [{"step": step, "train_loss": loss} for step, loss in enumerate(step_losses)]
+    splits = [{"step": e["step"], "train_split_loss": e["train_loss"], "val_loss": e["val_loss"]}
+              for e in evals]
+    plot_curves(ax, batches + splits, ("train_loss", "train_split_loss", "val_loss"))
+    ax.set_title("loss")
     return save_figure(fig, path, dpi=90)
 
 

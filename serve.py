@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import chat
 import common
 import fineweb
+import gpt2
 from common import die
 
 STAGE = "serve"
@@ -296,22 +297,10 @@ class Engine:
     # Sampling, delivering and finishing, one request at a time.
 
     def sample(self, request, logits):
-        """A token from logits (V,) with the request's own settings and generator; the same
-        operations as gpt2.GPT.generate, plus top_p."""
-        if request.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / request.temperature
-        if request.top_k:
-            kth = torch.topk(logits, min(request.top_k, logits.size(-1))).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)  # (V,)
-        if request.top_p < 1:
-            # Nucleus sampling (Holtzman et al., 2019): the likeliest tokens whose probabilities
-            # add up to top_p; a token is kept while the mass before it is below top_p.
-            sorted_probs, order = probs.sort(descending=True)  # (V,) each
-            drop = sorted_probs.cumsum(0) - sorted_probs >= request.top_p  # (V,)
-            probs = probs.index_fill(0, order[drop], 0.0)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+        """A token from logits (V,) with the request's own settings and generator, through
+        gpt2.py's sampler (as generate and chat.py pick theirs)."""
+        return int(gpt2.sample_next_token(logits[None], request.temperature, request.top_k,
+                                          request.top_p, request.generator))
 
     def emit(self, slot, logits):
         """Sample the slot's next token, deliver its text, and free the slot if it is done."""
@@ -790,7 +779,7 @@ def model_name(source):
 
 def main(args):
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(args.dtype, device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
     try:  # bound first: a taken port is one line before the model loads, and --port 0 works
         sock = socket.create_server((args.host, args.port), backlog=2048)
     except OSError as err:

@@ -340,11 +340,14 @@ def main(args):
           f"{math.log(len(vocab.chars)):.4f}")
     log = common.Log(args.out_dir / "log.jsonl")
 
-    timer, best = common.StepTimer(args.batch_size * args.block_size), None
+    timer, best, stopped = common.StepTimer(args.batch_size * args.block_size), None, None
     # Ctrl-C or SIGTERM: the loop ends after its step, and the run still evaluates and samples.
     with common.StopSignals() as signals:
         for step in range(args.max_steps + 1):
             last = step == args.max_steps or signals.received is not None
+            # gpt2.py saves its latest weights first (a long run resumes from them); this stage
+            # keeps its best ones, since a small corpus is soon overfit and the val loss turns up
+            # (nanoGPT keeps the best for this reason), so here saving follows the evaluation.
             if last or (args.eval_every and step % args.eval_every == 0):
                 evaluation = {f"{split}_loss": estimate_loss(model, loader, args.eval_batches,
                                                              device)
@@ -357,7 +360,16 @@ def main(args):
                 if (step > 0 or last) and (best is None or val_loss < best["val_loss"]):
                     best = log.records[-1]
                     save_checkpoint(args, model, optimizer, vocab, step, val_loss)
-            if last:
+            if last:  # the sample: from the best checkpoint, after the last evaluation
+                stopped = signals.received
+                if stopped:
+                    print(f"received {stopped}: training stopped at step {step}")
+                best_model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
+                generator = torch.Generator(device=device).manual_seed(args.seed)
+                sample = sample_texts(best_model, prompt, 1, args.sample_tokens, args.temperature,
+                                      args.top_k, generator, vocab.decode)[0]
+                print(f"--- a sample from the best checkpoint (step {best['step']}):")
+                print(f"{sample}\n---")
                 break
 
             timer.start()
@@ -368,31 +380,23 @@ def main(args):
             train_loss = train_step(model, optimizer, train_loader, device, args.grad_clip).item()
             log({"step": step, "train_loss": train_loss, "lr": lr, **timer.stop(step)})
     log.close()
-    stopped = signals.received
-    if stopped:
-        print(f"received {stopped}: training stopped at step {step}")
-    model, _, _ = load_model(args.out_dir / "checkpoint.pt", device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    sample = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature, args.top_k,
-                          generator, vocab.decode)[0]
-    print(f"--- a sample from the best checkpoint (step {best['step']}):\n{sample}\n---")
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
-               "stopped": stopped, "params": sum(p.numel() for p in model.parameters()),
-               "steps": step, "lr": args.lr, "batch_size": args.batch_size,
-               "train_seconds": round(timer.total, 3),
+               "params": sum(p.numel() for p in model.parameters()), "stopped": stopped,
+               "steps_done": step, "seconds": timer.seconds(),
+               "train_seconds": round(timer.total, 3), "tokens_per_s": timer.median(),
+               "device": str(device), "steps": step, "lr": args.lr, "batch_size": args.batch_size,
                "ms_per_step": round(1000 * timer.total / max(step, 1), 3),
-               "seconds": timer.seconds(), "best_step": best["step"],
-               "best_val_loss": best["val_loss"], "sample": sample,
-               "vocab_size": len(vocab.chars), "device": str(device), "data": str(args.data),
+               "best_step": best["step"], "best_val_loss": best["val_loss"], "sample": sample,
+               "vocab_size": len(vocab.chars), "data": str(args.data),
                "threads": torch.get_num_threads(), "seed": args.seed,
                **common.summarize(log.records)}
-    print(f"best val loss {best['val_loss']:.4f} at step {best['step']}; {timer.total:.1f} s of "
-          f"training, {timer.seconds()} s in all; outputs in {args.out_dir}")
+    print(f"{step} steps in {timer.seconds()} s ({timer.total:.1f} s of training); best val loss "
+          f"{best['val_loss']:.4f} at step {best['step']}; outputs in {args.out_dir}")
     write_outputs(args, log.records, metrics)
     return metrics
 
 
-# --- outputs, checkpoints, and the weights used without training
+# --- outputs and checkpoints
 
 def write_outputs(args, records, metrics):
     """loss.png and metrics.json."""
@@ -402,9 +406,39 @@ def write_outputs(args, records, metrics):
 
 def draw_figure(path, records, args):
     """Every step's training loss, and each evaluation's estimates on both splits, against step."""
-    name = args.data.name
-    return common.draw_curves(path, records, f"{STAGE}.py --preset {args.preset} on {name}", [
-        ("loss (nats per character)", ("train_loss", "train_split_loss", "val_loss"), [])])
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    common.plot_curves(ax, records, ("train_loss", "train_split_loss", "val_loss"),
+                       ylabel="loss (nats per character)")
+    ax.set_title(f"{STAGE}.py --preset {args.preset} on {args.data.name}")
+    return common.save_figure(fig, path)
+
+
+def save_checkpoint(args, model, optimizer, vocab, step, val_loss):
+    """The best model so far, and the vocabulary that --sample needs to use it."""
+    checkpoint = {
+        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": step, "val_loss": val_loss, "config": asdict(model.config), "vocab": vocab.chars,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    # Written beside its final name, then renamed: a crash mid-write leaves the old one whole.
+    common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
+
+
+# --- the mode without training: --sample
+
+def other_modes(args, device):
+    """--sample: text from a checkpoint; nothing is written."""
+    model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
+    prompt = vocab.encode(args.prompt)
+    common.print_header(device)
+    print(f"checkpoint of step {checkpoint['step']}, val loss {checkpoint['val_loss']:.4f}")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    samples = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature,
+                           args.top_k, generator, vocab.decode)
+    print(samples[0])
+    return {"sample": samples[0]}
 
 
 def load_model(source, device="cpu"):
@@ -421,27 +455,6 @@ def load_model(source, device="cpu"):
         die(f"checkpoint {path} does not match this {STAGE}.py ({type(err).__name__}: its "
             f"config or weights differ); {hint}")
     return model.to(device).eval(), Vocab(checkpoint["vocab"]), checkpoint
-
-
-def save_checkpoint(args, model, optimizer, vocab, step, val_loss):
-    """The best model so far, and the vocabulary that --sample needs to use it."""
-    common.save_checkpoint(args.out_dir / "checkpoint.pt", {
-        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "step": step, "val_loss": val_loss, "config": asdict(model.config), "vocab": vocab.chars,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
-
-
-def other_modes(args, device):
-    """--sample: text from a checkpoint; nothing is written."""
-    model, vocab, checkpoint = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
-    prompt = vocab.encode(args.prompt)
-    common.print_header(device)
-    print(f"checkpoint of step {checkpoint['step']}, val loss {checkpoint['val_loss']:.4f}")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = sample_texts(model, prompt, 1, args.sample_tokens, args.temperature,
-                           args.top_k, generator, vocab.decode)
-    print(samples[0])
-    return {"sample": samples[0]}
 
 
 # --- command line
@@ -499,8 +512,14 @@ def parse_args(argv=None):
                        help="steps between evaluations, 0: off " + preset("eval_every"))
     evals.add_argument("--eval-batches", type=int, help="batches in each loss estimate, always "
                        "the same ones " + preset("eval_batches"))
-    common.add_sampling_flags(evals, "\n", 500, 0, names=("--sample-tokens", "--num-chars"),
-                              unit="characters")
+    evals.add_argument("--prompt", default="\n",
+                       help="text the sample starts from (default: %(default)r)")
+    evals.add_argument("--sample-tokens", "--num-chars", type=int, default=500,
+                       help="characters to generate (default: %(default)s)")
+    evals.add_argument("--temperature", type=float, default=1.0,
+                       help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
+    evals.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest "
+                       "characters (0: all; default: %(default)s)")
     modes = parser.add_argument_group("mode without training (the weights: --init-from, "
                                       "default <out-dir>/checkpoint.pt)")
     modes.add_argument("--sample", action="store_true", help="generate text")
@@ -512,8 +531,7 @@ def parse_args(argv=None):
                         "eval_batches", "lr"),
         non_negative=("warmup_steps", "eval_every", "sample_tokens", "top_k"),
         ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
-                ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
-    common.check_args(args, ranges=(("dropout", 0, 0.99),))
+                ("grad_clip", 0, math.inf), ("temperature", 0, 100), ("dropout", 0, 0.99)))
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head} "
             "(each head gets n_embd / n_head channels)")

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, pick_device, plot_losses, prepare_out_dir,
+from common import (Log, check_args, die, make_parser, pick_device, plot_curves, prepare_out_dir,
                     print_header, pyplot, read_text, save_figure, warn_unless_names, write_json)
 
 STAGE = "wavenet"
@@ -328,7 +328,12 @@ def draw_figure(path, outputs, step_losses, evals):
     ax_act.legend()
     ax_grad.set_title("gradients of the tanh outputs per level")
     ax_grad.legend()
-    plot_losses(ax, step_losses, evals)
+    # Every step's batch loss, and the evaluations' estimates on both splits.
+    batches = [{"step": step, "train_loss": loss} for step, loss in enumerate(step_losses)]
+    splits = [{"step": e["step"], "train_split_loss": e["train_loss"], "val_loss": e["val_loss"]}
+              for e in evals]
+    plot_curves(ax, batches + splits, ("train_loss", "train_split_loss", "val_loss"))
+    ax.set_title("loss")
     return save_figure(fig, path, dpi=90)
 
 

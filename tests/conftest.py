@@ -18,6 +18,13 @@ def run_script(script, *args, timeout=300, env=None):
     )
 
 
+def save_checkpoint(path, checkpoint):
+    """A checkpoint file as the stages write theirs: torch.save, atomically."""
+    import common
+    import torch
+    common.write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
 def signal_after(script, args, first_words, sig, env=None):
     """Run `python <script> <args>` until it prints a line that starts with `first_words`, then
     send it `sig`; returns (exit status, the rest of its stdout, its stderr)."""

@@ -101,15 +101,15 @@ def test_hellaswag_compares_evaluate_with_the_per_example_loop(hellaswag_file, o
 
 def test_gpt2_models_batched_scoring_equals_the_plain_scorer(hellaswag_file):
     """The property the benchmark's different_picks counts, on gpt2.GPT itself (real attention
-    over right-padded batches): hellaswag.score_examples gives hellaswag.score_example's losses
-    and picks, example by example."""
+    over right-padded batches): hellaswag.score_examples gives the plain scorer's (score_example,
+    the benchmark's reference) losses and picks, example by example."""
     torch.manual_seed(0)
     model = bench.gpt2.GPT(bench.gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=1,
                                                 n_head=2, n_embd=32)).eval()
     examples = bench.hellaswag.load_examples(path=hellaswag_file)
     enc = bench.fineweb.get_encoding()
     batched = bench.hellaswag.score_examples(model, examples, "cpu", enc, batch_size=4)
-    plain = [bench.hellaswag.score_example(model, e, enc, index=i) for i, e in enumerate(examples)]
+    plain = [bench.score_example(model, e, enc, index=i) for i, e in enumerate(examples)]
     for b, p in zip(batched, plain, strict=True):
         assert b["loss_sum"] == pytest.approx(p["loss_sum"], rel=1e-4)
         assert (b["pred"], b["pred_norm"], b["pred_norm_chars"]) == \

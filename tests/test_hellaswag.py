@@ -11,6 +11,7 @@ import torch.nn as nn
 from conftest import ROOT, assert_user_error, run_script
 
 sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402  (the plain scorer, score_example, is the benchmark's reference)
 import fineweb  # noqa: E402
 import hellaswag  # noqa: E402
 
@@ -102,7 +103,7 @@ def test_the_three_accuracies_by_hand(enc):
     log_probs = torch.log_softmax(torch.randn(VOCAB) * 3, dim=0)
     model = UnigramLM(log_probs)
     results = hellaswag.score_examples(model, EXAMPLES, enc=enc, batch_size=2)
-    plain = [hellaswag.score_example(model, e, enc, index=i) for i, e in enumerate(EXAMPLES)]
+    plain = [bench.score_example(model, e, enc, index=i) for i, e in enumerate(EXAMPLES)]
     correct = {"acc": 0, "acc_norm": 0, "acc_norm_chars": 0}
     for example, result, simple in zip(EXAMPLES, results, plain):
         sums = [-sum(log_probs[t].item() for t in enc.encode(" " + e)) for e in example["endings"]]
@@ -136,7 +137,7 @@ def test_batched_scoring_equals_one_example_at_a_time(enc):
     the plain scorer's losses and picks, for a model whose outputs depend on the whole prefix."""
     model = TinyCausalLM().eval()
     examples = [{**e, "ind": i} for i, e in enumerate(EXAMPLES * 3)]
-    plain = [hellaswag.score_example(model, e, enc) for e in examples]
+    plain = [bench.score_example(model, e, enc) for e in examples]
     batched = hellaswag.score_examples(model, examples, enc=enc, batch_size=4)
     for b, p in zip(batched, plain, strict=True):
         assert b["loss_sum"] == pytest.approx(p["loss_sum"], rel=1e-5)
@@ -240,6 +241,10 @@ def test_download_is_checked_atomic_and_cached(tmp_path, monkeypatch):
         hellaswag.load_examples("test", cache_dir=cache)  # no such "remote" file
     # nothing half-written
     assert sorted(p.name for p in cache.iterdir()) == ["hellaswag_val.jsonl"]
+    # A cache that cannot be written: one line that names it, not a traceback.
+    (tmp_path / "val.jsonl").write_bytes(data)
+    with pytest.raises(hellaswag.DataError, match="cannot write .*hellaswag_val.jsonl"):
+        hellaswag.load_examples("val", cache_dir=official / "cache")  # below a file
 
 
 def test_a_failed_download_leaves_no_folder_and_names_hellaswag_pys_flag(tmp_path, monkeypatch,
@@ -263,24 +268,14 @@ def test_a_failed_download_leaves_no_folder_and_names_hellaswag_pys_flag(tmp_pat
     assert not (tmp_path / "data").exists()
 
 
-def test_cli_sends_a_gpt2_checkpoint_to_gpt2_py(tmp_path, capsys):
-    """hellaswag.py imports no stage: for a gpt2.py checkpoint it names the command that scores
-    one, in one line, before reading anything."""
-    checkpoint = tmp_path / "model.pt"
-    checkpoint.write_bytes(b"stand-in")
-    with pytest.raises(SystemExit) as exc:
-        hellaswag.parse_args(["--checkpoint", str(checkpoint)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gpt2.py --eval-hellaswag --init-from" in err[0]
-
-
-def test_help_shows_defaults_and_not_the_checkpoint_flag(capsys):
-    """--checkpoint only answers with the gpt2.py command: it works but stays out of --help."""
+def test_help_shows_defaults_and_the_gpt2_py_command_for_a_checkpoint(capsys):
+    """hellaswag.py imports no stage: its help names the gpt2.py command that scores a gpt2.py
+    checkpoint, and it has no flag of its own for one."""
     with pytest.raises(SystemExit):
         hellaswag.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--checkpoint" not in text and "--hf-model" in text
+    assert "python gpt2.py --eval-hellaswag --init-from CHECKPOINT" in text
     for default in ("(default: val)", "(default: data/hellaswag)", "(default: out/hellaswag)",
                     "(default: 32)", "(default: auto)", "(default: float32)"):
         assert default in text, default
@@ -357,7 +352,8 @@ def test_cli_user_errors(tmp_path, capsys):
          ["--data", "no such file"]),
         (["--hf-model", str(tmp_path / "none")], ["--hf-model", "no such folder"]),
         (["--data", str(bad)], ["--hf-model", "required"]),
-        (["--checkpoint", str(ckpt), "--hf-model", "gpt2"], ["not allowed"]),
+        (["--checkpoint", str(ckpt), "--hf-model", "gpt2"],
+         ["unrecognized arguments: --checkpoint"]),
         (["--hf-model", "gpt2", "--limit", "-1"], ["--limit"]),
         (["--hf-model", "gpt2", "--batch-size", "0"], ["--batch-size"]),
         (["--hf-model", "gpt2", "--split", "test"], ["--split"]),

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_script, signal_after
+from conftest import ROOT, assert_user_error, run_script, save_checkpoint, signal_after
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -189,10 +189,10 @@ def test_checkpoint_round_trip(tmp_path):
     optimizer.step()
     vocab = tf.Vocab("abcdefghijklmnopqrst")
     path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, {"stage": "transformer", "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "step": 7, "val_loss": 1.5,
-                                  "config": dataclasses.asdict(model.config),
-                                  "vocab": vocab.chars})
+    save_checkpoint(path, {"stage": "transformer", "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "step": 7, "val_loss": 1.5,
+                           "config": dataclasses.asdict(model.config),
+                           "vocab": vocab.chars})
     loaded, loaded_vocab, checkpoint = tf.load_model(path, torch.device("cpu"))
     assert loaded_vocab.chars == vocab.chars
     assert checkpoint["step"] == 7 and checkpoint["val_loss"] == 1.5
