@@ -13,7 +13,7 @@ gpt2.GPT.generate on its prompt alone, whatever else runs beside it.
 
 Around the engine: an OpenAI-compatible HTTP API (FastAPI + uvicorn), so the official `openai`
 client works unchanged (/v1/completions, /v1/chat/completions for chat.py checkpoints, streaming,
-/v1/embeddings, /v1/models, /health), and a chat page at /.
+/v1/embeddings, /v1/models, /health), and a chat page at / (serve.html, beside this file).
 
 Run:
     python serve.py --init-from out/chat/checkpoint.pt     # or a gpt2.py checkpoint, or gpt2
@@ -22,9 +22,9 @@ Run:
         client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
         client.completions.create(model="chat", prompt="Hello", max_tokens=16)
     python bench.py serve     # the engine against one-at-a-time and transformers' static batches
-On 2 CPU cores (torch 2.13, float32, 2026-11-26), 32 requests on GPT-2 124M's shape: 133.6
-output tokens/s with 16 clients at once, 4.82x the same requests one at a time and 2.03x
-transformers' static batches of 16, median time to first token 0.30 s against 5.06 s. The
+On 2 CPU cores (Intel Xeon, torch 2.13, float32, 2026-12-02), 32 requests on GPT-2 124M's
+shape: 111.9 output tokens/s with 16 clients at once, 3.77x the same requests one at a time and
+1.99x transformers' static batches of 16, median time to first token 0.28 s against 5.68 s. The
 table and what this server is not for are in README.md (Serving).
 """
 import argparse
@@ -46,6 +46,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import chat
@@ -99,7 +103,6 @@ class Engine:
                  step_tokens=512):
         self.model, self.max_batch, self.log = model, max_batch, log
         self.step_tokens = step_tokens  # prompt tokens admitted per step (see admit)
-        self.transposed = set()  # (rows, out, in) where transposed_linear is faster (see tune)
         self.seeds = random.Random(seed)  # the seeds of requests that bring none
         config, weight = model.config, model.transformer.wte.weight
         self.block_size, self.vocab_size = config.block_size, config.vocab_size
@@ -124,7 +127,6 @@ class Engine:
     # The loop and its step.
 
     def start(self):
-        self.tune()
         self.thread.start()
         return self
 
@@ -230,13 +232,11 @@ class Engine:
         x = transformer.wte(tokens) + transformer.wpe(positions)  # (N, C)
         N, C = x.shape
         for layer, block in enumerate(transformer.h):
-            attn, mlp = block.attn, block.mlp
-            q, k, v = self.linear(block.ln_1(x), attn.c_attn).split(C, dim=1)  # 3 x (N, C)
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=1)  # 3 x (N, C)
             q, k, v = (t.reshape(N, nh, C // nh) for t in (q, k, v))  # (N, nh, hs) each
             y = self.attend(layer, q, k, v, positions[:running], mask, prompts)  # (N, nh, hs)
-            x = x + self.linear(y.reshape(N, C), attn.c_proj)  # (N, C)
-            h = mlp.gelu(self.linear(block.ln_2(x), mlp.c_fc))  # (N, 4C)
-            x = x + self.linear(h, mlp.c_proj)  # (N, C)
+            x = x + block.attn.c_proj(y.reshape(N, C))  # (N, C)
+            x = x + block.mlp(block.ln_2(x))  # (N, C)
         for slot in range(running):
             self.pos[slot] += 1
         for slot, prompt in enumerate(prompts, start=running):
@@ -244,7 +244,7 @@ class Engine:
         # each slot's last row: a running slot's one token, a prompt's last token
         last = list(range(running)) + [running - 1 + end for end in
                                        itertools.accumulate(len(p) for p in prompts)]
-        return self.linear(transformer.ln_f(x[last]), self.model.lm_head).float()  # (n, V)
+        return self.model.lm_head(transformer.ln_f(x[last])).float()  # (n, V)
 
     def attend(self, layer, q, k, v, positions, mask, prompts):
         """Write the step's keys and values into the cache and attend: the running slots
@@ -268,31 +268,6 @@ class Engine:
                 qs[None], ks[None], vs[None], is_causal=T > 1)[0].transpose(0, 1)  # (T, nh, hs)
             start += T
         return y
-
-    # A speed trick for CPUs, beside the model (tests/test_serve.py checks it against F.linear).
-
-    @torch.no_grad()
-    def tune(self):
-        """For the few rows of a decode step, a CPU's matrix library can run (W @ x.T).T several
-        times faster than F.linear's x @ W.T, or slower, depending on the rows and the weight's
-        shape (MKL on the 2-core machine: 4x faster at 2 rows, slower at 13 to 15). So, as
-        cuDNN's benchmark mode does, time both once for each shape a decode step meets and keep
-        the faster (linear, below). On a GPU both are fast: F.linear always."""
-        if self.k.device.type != "cpu":
-            return
-        block = self.model.transformer.h[0]  # every block has the same shapes
-        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj,
-                      self.model.lm_head):
-            for n in range(1, self.max_batch + 1):
-                x = torch.randn(n, layer.in_features, dtype=self.k.dtype)
-                if seconds(transposed_linear, x, layer) < seconds(layer, x):
-                    self.transposed.add((n, *layer.weight.shape))
-
-    def linear(self, x, layer):
-        """layer(x) for x (N, in), the faster way for its shape (see tune)."""
-        if (len(x), *layer.weight.shape) in self.transposed:
-            return transposed_linear(x, layer)
-        return layer(x)
 
     # Sampling, delivering and finishing, one request at a time.
 
@@ -364,23 +339,6 @@ class Engine:
                  f"{error or reason}", flush=True)
 
 
-def transposed_linear(x, layer):
-    """layer(x) for x (N, in), computed as (W @ x.T).T: the same sums in another order."""
-    y = (layer.weight @ x.t()).t().contiguous()  # (N, out)
-    return y if layer.bias is None else y + layer.bias
-
-
-def seconds(f, *args, repeat=3):
-    """The best of `repeat` timed calls of f(*args), after one untimed."""
-    f(*args)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        f(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @torch.no_grad()
 def embed(model, token_lists, batch_size=16):
     """One unit vector per input: the mean of the final hidden states (after ln_f) over its
@@ -402,78 +360,138 @@ def embed(model, token_lists, batch_size=16):
     return torch.cat(vectors).tolist()
 
 
-# --- the API
+# --- the API: one handler per route; the engine and the server's settings are on app.state
 
 MAX_BODY = 1 << 20  # bytes of a request body (413 beyond)
+PAGE = Path(__file__).with_name("serve.html")  # the chat page at /, shipped beside this file
+routes = APIRouter()
 
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>serve.py chat</title><style>
-body { font: 15px sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; }
-#log div { white-space: pre-wrap; margin: .5em 0; padding: .5em .8em; border-radius: .5em; }
-.user { background: #dbeafe; margin-left: 20%; } .assistant { background: #f1f5f9; }
-.error { background: #fee2e2; } form { display: flex; gap: .5em; } #question { flex: 1; }
-#settings { margin: .5em 0; color: #555; } #settings input { width: 5em; }
-</style></head><body>
-<h3>Chat with <span id="model">the model</span></h3>
-<div id="log"></div>
-<form id="form"><input id="question" autocomplete="off" placeholder="Ask something">
-<button id="send">Send</button></form>
-<div id="settings">temperature <input id="temperature" value="0.8">
-max tokens <input id="max-tokens" value="256">
-API key <input id="key" type="password" placeholder="if any" style="width: 8em"></div>
-<script>
-const messages = [];  // the conversation so far, sent whole with every question
-const $ = (id) => document.getElementById(id);
-fetch("/v1/models").then((r) => r.json()).then((m) => { $("model").textContent = m.data[0].id; })
-  .catch(() => {});
-function bubble(role, text) {
-  const div = document.createElement("div");
-  div.className = role; div.textContent = text; $("log").appendChild(div); return div;
-}
-$("form").onsubmit = async (event) => {
-  event.preventDefault();
-  const question = $("question").value.trim();
-  if (!question) return;
-  $("question").value = ""; $("send").disabled = true;
-  messages.push({role: "user", content: question});
-  bubble("user", question);
-  const answer = bubble("assistant", "");
-  let reply = "";
-  try {
-    const headers = {"Content-Type": "application/json"};
-    if ($("key").value) headers.Authorization = "Bearer " + $("key").value;
-    const response = await fetch("/v1/chat/completions", {method: "POST", headers,
-      body: JSON.stringify({messages, stream: true, temperature: Number($("temperature").value),
-                            max_tokens: Number($("max-tokens").value)})});
-    if (!response.ok) throw new Error((await response.json()).error.message);
-    const reader = response.body.getReader(), decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {  // server-sent events: "data: {json}" blocks separated by blank lines
-      const {done, value} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      const events = buffer.split("\\n\\n");
-      buffer = events.pop();
-      for (const data of events.map((e) => e.replace(/^data: /, ""))) {
-        if (data === "[DONE]") continue;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        reply += chunk.choices[0].delta.content || "";
-        answer.textContent = reply;
-      }
-    }
-    if (reply.trim()) messages.push({role: "assistant", content: reply});
-    else { messages.pop(); answer.textContent = "(an empty reply: ask again)"; }
-    answer.classList.add("done");
-  } catch (err) {
-    messages.pop();
-    answer.textContent = "error: " + err.message; answer.classList.add("error", "done");
-  }
-  $("send").disabled = false; $("question").focus();
-};
-</script></body></html>
-"""
 
+def create_app(engine, name, chat_format=None, api_key=None, max_body=MAX_BODY):
+    """The HTTP API around a running engine: every generation request becomes an engine
+    Request whose events come back through an asyncio queue."""
+    app = FastAPI(title="serve.py", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.name, app.state.chat_format = engine, name, chat_format
+    app.state.api_key, app.state.max_body = api_key, max_body
+    app.add_exception_handler(ApiError, lambda request, err: err.response())
+    app.add_exception_handler(HTTPException, lambda request, err: ApiError(
+        err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+        code=err.status_code).response())
+    app.include_router(routes)
+    return app
+
+
+@routes.post("/v1/completions")
+async def completions(http: HttpRequest):
+    body = await read_body(http)
+    prompts = token_inputs(body.get("prompt", ""), "prompt")
+    settings = sampling(body, 16)  # OpenAI's default max_tokens for completions
+    top = head("text_completion", http.app.state.name)
+    if body.get("stream"):
+        if len(prompts) > 1:
+            raise ApiError(400, "stream takes one prompt; send one request per prompt", "prompt")
+        job, events = start(http, prompts[0], settings, {fineweb.EOT})
+
+        def chunk(text, finish):
+            if text is None:
+                return None  # completions have no opening chunk
+            return {**top, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                        "finish_reason": finish}]}
+        return stream(job, events, chunk, body)
+    jobs = []
+    try:
+        for prompt in prompts:
+            jobs.append(start(http, prompt, settings, {fineweb.EOT}))
+    except ApiError:
+        for job, _ in jobs:  # all or none: the ones already queued would run for nobody
+            job.cancelled = True
+        raise
+    results = await asyncio.gather(*(collect(http, *job) for job in jobs))
+    if any(result is None for result in results):
+        return JSONResponse({}, 499)  # the client left; nobody reads this
+    return {**top, "choices": [{"text": text, "index": i, "logprobs": None,
+                                "finish_reason": final["finish"]}
+                               for i, (text, final) in enumerate(results)],
+            "usage": usage([final for _, final in results])}
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(http: HttpRequest):
+    body, state = await read_body(http), http.app.state
+    if state.chat_format is None:
+        raise ApiError(400, f"{state.name} is a base model, not a chat model: "
+                       "/v1/chat/completions needs a checkpoint written by chat.py (use "
+                       "/v1/completions here)", "model", "not_a_chat_model")
+    try:
+        prompt = chat.render_prompt(body.get("messages"))
+    except ValueError as err:
+        raise ApiError(400, f"messages: {err}", "messages") from None
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+        body["max_tokens"] = body["max_completion_tokens"]
+    settings = sampling(body, state.engine.block_size)  # default: until the context is full
+    job, events = start(http, prompt, settings, {chat.ASSISTANT_END, fineweb.EOT})
+    top = head("chat.completion", state.name)
+    if body.get("stream"):
+        top["object"] = "chat.completion.chunk"
+
+        def chunk(text, finish):
+            delta = ({"role": "assistant", "content": ""} if text is None else
+                     {"content": text} if text else {})
+            return {**top, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish}]}
+        return stream(job, events, chunk, body)
+    result = await collect(http, job, events)
+    if result is None:
+        return JSONResponse({}, 499)
+    text, final = result
+    return {**top, "choices": [{"index": 0, "logprobs": None, "finish_reason": final["finish"],
+                                "message": {"role": "assistant", "content": text}}],
+            "usage": usage([final])}
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(http: HttpRequest):
+    body, engine = await read_body(http), http.app.state.engine
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be float or base64", "encoding_format")
+    inputs = token_inputs(body.get("input"), "input")
+    for tokens in inputs:
+        if not tokens or len(tokens) > engine.block_size or max(tokens) >= engine.vocab_size:
+            raise ApiError(400, f"each input must be 1 to {engine.block_size} tokens with "
+                           f"ids below {engine.vocab_size}", "input")
+    # In a worker thread: the event loop stays free. The model is only read, so this is safe
+    # beside the engine's thread.
+    vectors = await asyncio.to_thread(embed, engine.model, inputs)
+    if encoding_format == "base64":  # little-endian float32 bytes (the openai client's ask)
+        vectors = [base64.b64encode(torch.tensor(v).numpy().tobytes()).decode()
+                   for v in vectors]
+    n = sum(map(len, inputs))
+    return {"object": "list", "model": http.app.state.name,
+            "data": [{"object": "embedding", "index": i, "embedding": vector}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+@routes.get("/v1/models")
+async def models(http: HttpRequest):
+    check_key(http)
+    return {"object": "list", "data": [{"id": http.app.state.name, "object": "model",
+                                        "created": 0, "owned_by": "serve.py"}]}
+
+
+@routes.get("/health")
+async def health(http: HttpRequest):
+    engine = http.app.state.engine
+    return {"status": "ok", "active": engine.active(), "waiting": engine.waiting.qsize()}
+
+
+@routes.get("/")
+async def page():
+    return FileResponse(PAGE, media_type="text/html")
+
+
+# The handlers' parts: the request's checks, then a generation's way in and out of the engine.
 
 class ApiError(Exception):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
@@ -485,10 +503,40 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self):
-        from fastapi.responses import JSONResponse
         return JSONResponse({"error": {"message": str(self), "type": self.kind,
                                        "param": self.param, "code": self.code}},
                             self.status, headers=self.headers)
+
+
+def check_key(http):
+    """401 unless the request carries the server's --api-key (when it has one)."""
+    api_key = http.app.state.api_key
+    if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
+        raise ApiError(401, "a missing or wrong API key: send Authorization: Bearer <key> "
+                       "with the server's --api-key", code="invalid_api_key")
+
+
+async def read_body(http):
+    """The JSON body, after the key and the size are checked."""
+    check_key(http)
+    max_body, name = http.app.state.max_body, http.app.state.name
+    too_large = ApiError(413, f"the request body is larger than {max_body:,} bytes",
+                         code="request_too_large")
+    if int(http.headers.get("content-length") or 0) > max_body:
+        raise too_large
+    raw = await http.body()
+    if len(raw) > max_body:
+        raise too_large
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if body.get("model") not in (None, name):
+        raise ApiError(400, f"unknown model {str(body['model'])[:80]!r}; this server serves "
+                       f"{name!r} (GET /v1/models)", "model", "model_not_found")
+    return body
 
 
 def number(body, name, default, low, high, integer=False, open_low=False):
@@ -523,7 +571,7 @@ def sampling(body, max_tokens):
                 stop=stop)
 
 
-def token_inputs(value, name, encode):
+def token_inputs(value, name):
     """A string, a list of strings, a list of token ids or a list of lists of them, as lists
     of token ids (OpenAI accepts all four for prompts and embedding inputs)."""
     def is_tokens(x):
@@ -534,236 +582,93 @@ def token_inputs(value, name, encode):
     if not isinstance(value, list) or not value or not all(
             isinstance(x, str) or is_tokens(x) for x in value):
         raise ApiError(400, f"{name} must be a string, a list of strings or token ids", name)
-    return [encode(x) if isinstance(x, str) else x for x in value]
+    return [chat.encode_text(x) if isinstance(x, str) else x for x in value]
 
 
-def create_app(engine, name, chat_format=None, api_key=None, max_body=MAX_BODY):
-    """The HTTP API around a running engine: every generation request becomes an engine
-    Request whose events come back through an asyncio queue."""
-    from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+def start(http, prompt, settings, stop_tokens):
+    """Submit one generation; (the engine Request, the asyncio queue of its events)."""
+    engine = http.app.state.engine
+    if not prompt:
+        prompt = [fineweb.EOT]  # an empty prompt starts where every document starts
+    if len(prompt) >= engine.block_size:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
+                       f"{engine.block_size}, with room for at least one new token: shorten it",
+                       "prompt", "context_length_exceeded")
+    if max(prompt) >= engine.vocab_size or min(prompt) < 0:
+        raise ApiError(400, f"token ids must lie in [0, {engine.vocab_size})", "prompt")
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    request = Request(prompt=prompt, stop_tokens=frozenset(stop_tokens), **settings,
+                      deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        engine.submit(request)
+    except queue.Full:
+        raise ApiError(503, f"the server is busy: {engine.waiting.maxsize} requests are waiting "
+                       "already; retry shortly", kind="server_error", code="overloaded",
+                       headers={"Retry-After": "1"}) from None
+    return request, events
 
-    app = FastAPI(title="serve.py", docs_url=None, redoc_url=None, openapi_url=None)
-    model, encode = engine.model, chat.encode_text
-    vocab = model.config.vocab_size
-    app.add_exception_handler(ApiError, lambda request, err: err.response())
-    app.add_exception_handler(HTTPException, lambda request, err: ApiError(
-        err.status_code, f"{request.method} {request.url.path}: {err.detail}",
-        code=err.status_code).response())
 
-    async def read_body(request):
-        """The JSON body, after the key and the size are checked."""
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise ApiError(401, "a missing or wrong API key: send Authorization: Bearer <key> "
-                           "with the server's --api-key", code="invalid_api_key")
-        too_large = ApiError(413, f"the request body is larger than {max_body:,} bytes",
-                             code="request_too_large")
-        if int(request.headers.get("content-length") or 0) > max_body:
-            raise too_large
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise too_large
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        if body.get("model") not in (None, name):
-            raise ApiError(400, f"unknown model {str(body['model'])[:80]!r}; this server "
-                           f"serves {name!r} (GET /v1/models)", "model", "model_not_found")
-        return body
-
-    def start(prompt, settings, stop_tokens):
-        """Submit one generation; (the engine Request, the asyncio queue of its events)."""
-        if not prompt:
-            prompt = [fineweb.EOT]  # an empty prompt starts where every document starts
-        if len(prompt) >= engine.block_size:
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
-                           f"{engine.block_size}, with room for at least one new token: shorten "
-                           "it", "prompt", "context_length_exceeded")
-        if max(prompt) >= vocab or min(prompt) < 0:
-            raise ApiError(400, f"token ids must lie in [0, {vocab})", "prompt")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(prompt=prompt, stop_tokens=frozenset(stop_tokens), **settings,
-                          deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait,
-                                                                          event))
-        try:
-            engine.submit(request)
-        except queue.Full:
-            raise ApiError(503, f"the server is busy: {engine.waiting.maxsize} requests are "
-                           "waiting already; retry shortly", kind="server_error",
-                           code="overloaded", headers={"Retry-After": "1"}) from None
-        return request, events
-
-    async def collect(http_request, job, events):
-        """A whole completion: (text, final event); cancelled if the client leaves first."""
-        parts = []
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await http_request.is_disconnected():
-                        return None
-                    continue
-                if "error" in event:
-                    raise ApiError(500, event["error"], kind="server_error")
-                parts.append(event.get("text", ""))
-                if "finish" in event:
-                    return "".join(parts), event
-        finally:
-            job.cancelled = True  # frees the slot if it still runs; harmless once finished
-
-    def usage(finals):
-        prompt = sum(f["prompt_tokens"] for f in finals)
-        completion = sum(f["completion_tokens"] for f in finals)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
-
-    def stream(job, events, chunk, include_usage):
-        """Server-sent events: one chunk per piece of text, a last one with finish_reason
-        (and usage when asked), then [DONE]. Closing the stream (the client left) cancels."""
-        async def generate():
+async def collect(http, job, events):
+    """A whole completion: (text, final event); cancelled if the client leaves first."""
+    parts = []
+    try:
+        while True:
             try:
-                yield f"data: {json.dumps(chunk(None, None))}\n\n" if chunk(None, None) else ""
-                while True:
-                    event = await events.get()
-                    if "error" in event:
-                        error = {"message": event["error"], "type": "server_error"}
-                        yield f"data: {json.dumps({'error': error})}\n\n"
-                        break
-                    if event.get("text"):
-                        yield f"data: {json.dumps(chunk(event['text'], None))}\n\n"
-                    if "finish" in event:
-                        yield f"data: {json.dumps(chunk('', event['finish']))}\n\n"
-                        if include_usage:
-                            last = {**chunk("", None), "choices": [], "usage": usage([event])}
-                            yield f"data: {json.dumps(last)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True
-        return StreamingResponse(generate(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                event = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return None
+                continue
+            if "error" in event:
+                raise ApiError(500, event["error"], kind="server_error")
+            parts.append(event.get("text", ""))
+            if "finish" in event:
+                return "".join(parts), event
+    finally:
+        job.cancelled = True  # frees the slot if it still runs; harmless once finished
 
-    def head(kind):
-        return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-"
-                      f"{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": name}
 
-    @app.post("/v1/completions")
-    async def completions(http_request: HttpRequest):
-        body = await read_body(http_request)
-        prompts = token_inputs(body.get("prompt", ""), "prompt", encode)
-        settings = sampling(body, 16)  # OpenAI's default max_tokens for completions
-        top = head("text_completion")
-        if body.get("stream"):
-            if len(prompts) > 1:
-                raise ApiError(400, "stream takes one prompt; send one request per prompt",
-                               "prompt")
-            job, events = start(prompts[0], settings, {fineweb.EOT})
+def stream(job, events, chunk, body):
+    """Server-sent events: one chunk per piece of text, a last one with finish_reason (and
+    usage when stream_options.include_usage asks), then [DONE]. Closing the stream (the client
+    left) cancels."""
+    include_usage = (body.get("stream_options") or {}).get("include_usage")
 
-            def chunk(text, finish):
-                if text is None:
-                    return None  # completions have no opening chunk
-                return {**top, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                            "finish_reason": finish}]}
-            return stream(job, events, chunk, (body.get("stream_options") or {}).get(
-                "include_usage"))
-        jobs = []
+    async def generate():
         try:
-            for prompt in prompts:
-                jobs.append(start(prompt, settings, {fineweb.EOT}))
-        except ApiError:
-            for job, _ in jobs:  # all or none: the ones already queued would run for nobody
-                job.cancelled = True
-            raise
-        results = await asyncio.gather(*(collect(http_request, *job) for job in jobs))
-        if any(result is None for result in results):
-            return JSONResponse({}, 499)  # the client left; nobody reads this
-        return {**top, "choices": [{"text": text, "index": i, "logprobs": None,
-                                    "finish_reason": final["finish"]}
-                                   for i, (text, final) in enumerate(results)],
-                "usage": usage([final for _, final in results])}
+            yield f"data: {json.dumps(chunk(None, None))}\n\n" if chunk(None, None) else ""
+            while True:
+                event = await events.get()
+                if "error" in event:
+                    error = {"message": event["error"], "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    break
+                if event.get("text"):
+                    yield f"data: {json.dumps(chunk(event['text'], None))}\n\n"
+                if "finish" in event:
+                    yield f"data: {json.dumps(chunk('', event['finish']))}\n\n"
+                    if include_usage:
+                        last = {**chunk("", None), "choices": [], "usage": usage([event])}
+                        yield f"data: {json.dumps(last)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True
+    return StreamingResponse(generate(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http_request: HttpRequest):
-        body = await read_body(http_request)
-        if chat_format is None:
-            raise ApiError(400, f"{name} is a base model, not a chat model: /v1/chat/completions "
-                           "needs a checkpoint written by chat.py (use /v1/completions here)",
-                           "model", "not_a_chat_model")
-        try:
-            prompt = chat.render_prompt(body.get("messages"))
-        except ValueError as err:
-            raise ApiError(400, f"messages: {err}", "messages") from None
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
-            body["max_tokens"] = body["max_completion_tokens"]
-        settings = sampling(body, engine.block_size)  # default: until the context is full
-        job, events = start(prompt, settings, {chat.ASSISTANT_END, fineweb.EOT})
-        top = head("chat.completion")
-        if body.get("stream"):
-            top["object"] = "chat.completion.chunk"
 
-            def chunk(text, finish):
-                delta = ({"role": "assistant", "content": ""} if text is None else
-                         {"content": text} if text else {})
-                return {**top, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish}]}
-            return stream(job, events, chunk, (body.get("stream_options") or {}).get(
-                "include_usage"))
-        result = await collect(http_request, job, events)
-        if result is None:
-            return JSONResponse({}, 499)
-        text, final = result
-        return {**top, "choices": [{"index": 0, "logprobs": None, "finish_reason": final["finish"],
-                                    "message": {"role": "assistant", "content": text}}],
-                "usage": usage([final])}
+def usage(finals):
+    prompt = sum(f["prompt_tokens"] for f in finals)
+    completion = sum(f["completion_tokens"] for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
-    @app.post("/v1/embeddings")
-    async def embeddings(http_request: HttpRequest):
-        body = await read_body(http_request)
-        encoding_format = body.get("encoding_format") or "float"
-        if encoding_format not in ("float", "base64"):
-            raise ApiError(400, "encoding_format must be float or base64", "encoding_format")
-        inputs = token_inputs(body.get("input"), "input", encode)
-        for tokens in inputs:
-            if not tokens or len(tokens) > engine.block_size or max(tokens) >= vocab:
-                raise ApiError(400, f"each input must be 1 to {engine.block_size} tokens with "
-                               f"ids below {vocab}", "input")
-        # In a worker thread: the event loop stays free. The model is only read, so this is
-        # safe beside the engine's thread.
-        vectors = await asyncio.to_thread(embed, model, inputs)
-        if encoding_format == "base64":  # little-endian float32 bytes (the openai client's ask)
-            vectors = [base64.b64encode(torch.tensor(v).numpy().tobytes()).decode()
-                       for v in vectors]
-        n = sum(map(len, inputs))
-        return {"object": "list", "model": name,
-                "data": [{"object": "embedding", "index": i, "embedding": vector}
-                         for i, vector in enumerate(vectors)],
-                "usage": {"prompt_tokens": n, "total_tokens": n}}
 
-    @app.get("/v1/models")
-    async def models(http_request: HttpRequest):
-        if api_key is not None and http_request.headers.get("authorization") != \
-                f"Bearer {api_key}":
-            raise ApiError(401, "a missing or wrong API key: send Authorization: Bearer <key>",
-                           code="invalid_api_key")
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "serve.py"}]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "active": engine.active(), "waiting": engine.waiting.qsize()}
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return PAGE
-
-    return app
+def head(kind, name):
+    """The fields every completion and chunk starts with."""
+    return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": kind, "created": int(time.time()), "model": name}
 
 
 # --- main
@@ -818,12 +723,9 @@ def main(args):
 # --- command line
 
 def parse_args(argv=None):
-    parser = common.make_parser(STAGE, "Serve a model over an OpenAI-compatible HTTP API.",
-                                ".", "unused", seed=0)
-    for action in parser._actions:  # the shared flags a server has no use for
-        if action.dest in ("data", "out_dir"):
-            action.help = argparse.SUPPRESS
-    parser.set_defaults(seed=None)
+    parser = argparse.ArgumentParser(prog=f"{STAGE}.py", description="Serve a model over an "
+                                     "OpenAI-compatible HTTP API.")
+    parser.error = die  # argparse's own complaints: one line, exit 2, like every mistake
     parser.add_argument("--init-from", required=True, help="a chat.py or gpt2.py checkpoint "
                         "(or an --out-dir holding checkpoint.pt), a Hugging Face GPT-2 folder, "
                         "or a hub name such as gpt2")
@@ -849,6 +751,10 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model's id in the API (default: from "
                         "--init-from)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=int, help="seed of the requests that bring none (default: "
+                        "a new one at each start)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="weights' dtype; auto: float32 on CPU, bfloat16 on "
                         "GPUs that have it")

@@ -164,36 +164,6 @@ def test_engine_prefills_ride_with_decodes_within_the_step_budget(model):
         assert request.output == greedy(model, prompt, n)
 
 
-@pytest.mark.parametrize("transposed", ["all", "none", "tuned"])
-def test_engine_linear_ways_agree_with_f_linear_and_generate(model, transposed):
-    """tune's speed trick: (W @ x.T).T is F.linear within float32 rounding for every row count
-    and layer, with and without bias; whichever way each shape takes, greedy requests get
-    generate's tokens."""
-    g = torch.Generator().manual_seed(3)
-    layers = [model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_proj,
-              model.lm_head]
-    for layer in layers:
-        for rows in (1, 2, 3, 7, 16):
-            x = torch.randn(rows, layer.in_features, generator=g)
-            torch.testing.assert_close(serve.transposed_linear(x, layer), layer(x))
-    shapes = {m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    engine = serve.Engine(model, max_batch=4, log=lambda *a, **k: None)
-    if transposed != "tuned":
-        engine.tune = lambda: None
-    if transposed == "all":  # prefills too
-        engine.transposed = {(n, *shape) for n in range(1, 200) for shape in shapes}
-    engine.start()
-    if transposed == "tuned":  # a decode step's shapes only: up to max_batch rows
-        assert engine.transposed <= {(n, *shape) for n in range(1, 5) for shape in shapes}
-    prompts = [[11, 12, 13], list(range(400, 430)), [7], [9, 8, 7, 6, 5]]
-    requests = [serve.Request(prompt=p, max_tokens=20, temperature=0, deliver=None)
-                for p in prompts]
-    run_engine(engine, requests, delays=[0, 0.01, 0.02, 0.03])
-    engine.stop()
-    for request, prompt in zip(requests, prompts):
-        assert request.output == greedy(model, prompt, 20)
-
-
 def test_engine_seeded_sampling_is_the_same_alone_or_in_company(model, engine):
     """A seeded sampled request gives the same tokens alone and among others; with top_p 1 they
     are generate's with a generator of that seed (the same operations in the same order)."""
@@ -314,6 +284,20 @@ def test_api_key_base_model_and_full_queue(model, tmp_path):
     assert client.post("/v1/completions", json=body, headers=key).status_code == 200
     assert client.get("/health").json() == {"status": "ok", "active": 0, "waiting": 0}
     engine.stop()
+
+
+def test_chat_page_is_served_from_its_file_beside_serve_py(model, tmp_path, monkeypatch):
+    """GET / answers serve.html, the file shipped next to serve.py, as HTML, wherever the
+    server was started from (here an empty folder), and without the API key (the page asks for
+    one)."""
+    from fastapi.testclient import TestClient
+    monkeypatch.chdir(tmp_path)
+    engine = serve.Engine(model, max_batch=1, log=lambda *a, **k: None)
+    response = TestClient(serve.create_app(engine, "chat", chat.FORMAT, api_key="k")).get("/")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.text == (ROOT / "serve.html").read_text()
+    assert "/v1/chat/completions" in response.text
 
 
 # --- a real server in a subprocess
@@ -567,6 +551,7 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
                          "already in use"),
                         (["--init-from", "x", "--port", "70000"], "--port"),
                         (["--init-from", "x", "--api-key", " "], "--api-key"),
+                        (["--init-from", "x", "--out-dir", "y"], "unrecognized arguments"),
                         (["--init-from", str(tmp_path / "junk.pt")], "--init-from")):
         with pytest.raises(SystemExit) as exit_info:
             serve.main(serve.parse_args(argv))

@@ -1,6 +1,7 @@
-"""serve.py's chat page in a real headless browser (Debian's chromium driven by Selenium through
-/usr/bin/chromedriver; .ci/run installs both): a question typed in, the reply streamed into the
-page, the conversation kept for the next question. A screenshot is kept in tmp_path."""
+"""serve.py's chat page (serve.html) in a real headless browser (Debian's chromium driven by
+Selenium through /usr/bin/chromedriver; .ci/run installs both): a question typed in, the reply
+streamed into the page, the conversation kept for the next question. A screenshot is kept in
+tmp_path."""
 import shutil
 
 import httpx
