@@ -393,11 +393,11 @@ def split_off_val(conversations, fraction, seed):
     return [conversations[i] for i in order[:-n_val]], [conversations[i] for i in order[-n_val:]]
 
 
-def batch(examples, pad_to=None):
+def batch(examples):
     """(x, y, mask), each (B, T): inputs, targets shifted by one, and which targets the loss
-    learns. Rows pad to the longest (or to pad_to) with masked targets, at the end: causal
-    attention never lets a real position see the padding after it."""
-    T = pad_to or max(len(tokens) for tokens, _ in examples) - 1
+    learns. Rows pad to the longest with masked targets, at the end: causal attention never
+    lets a real position see the padding after it."""
+    T = max(len(tokens) for tokens, _ in examples) - 1
     x = torch.full((len(examples), T), BOS, dtype=torch.long)  # (B, T)
     y = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(examples), T), dtype=torch.bool)  # (B, T)
@@ -415,10 +415,9 @@ class ConversationLoader:
     the step covers the same conversations with any number of ranks and micro-steps. Resumable
     from (epoch, offset) alone."""
 
-    def __init__(self, examples, per_step, batch_size, rank=0, world_size=1, seed=0,
-                 pad_to=None):
+    def __init__(self, examples, per_step, batch_size, rank=0, world_size=1, seed=0):
         self.examples, self.per_step, self.B = examples, per_step, batch_size
-        self.rank, self.world_size, self.seed, self.pad_to = rank, world_size, seed, pad_to
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.layout = {"examples": len(examples), "per_step": per_step, "seed": seed}
         self.epoch, self.offset = 0, 0
         self._plan()
@@ -439,8 +438,8 @@ class ConversationLoader:
                 self._plan()
         n_targets = sum(sum(mask[1:]) for _, mask in chosen)
         stride = self.B * self.world_size
-        micro = [batch(chosen[start + self.rank * self.B:start + (self.rank + 1) * self.B],
-                       self.pad_to) for start in range(0, self.per_step, stride)]
+        micro = [batch(chosen[start + self.rank * self.B:start + (self.rank + 1) * self.B])
+                 for start in range(0, self.per_step, stride)]
         return micro, n_targets
 
     def state_dict(self):
@@ -457,33 +456,26 @@ class ConversationLoader:
 
 # --- training: the loss mask, the step, evaluation
 
-def assistant_loss(hidden, weight, targets, mask, gather=True):
+def assistant_loss(hidden, weight, targets, mask):
     """The sum of the cross-entropies of the targets the mask keeps (the assistant's tokens and
     end tokens); every other target adds nothing, and so sends no gradient. hidden (B, T, C) are
-    the final LayerNorm's outputs, weight (V, C) the output layer. gather: only the kept positions
-    reach the output layer, whose (N, 50,304) logits are most of a small model's cost and most
-    targets are masked (the CPU path); else every position's logits, the masked ones ignored (one
-    fixed shape, for torch.compile on a GPU)."""
-    if gather:
-        logits = F.linear(hidden[mask], weight)  # (N, V), N = mask.sum()
-        return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-    logits = F.linear(hidden, weight)  # (B, T, V)
-    ignored = targets.masked_fill(~mask, -1)  # (B, T), -1: no target
-    return F.cross_entropy(logits.flatten(0, 1).float(), ignored.flatten(), ignore_index=-1,
-                           reduction="sum")
+    the final LayerNorm's outputs, weight (V, C) the output layer. Only the kept positions reach
+    the output layer: its (N, 50,304) logits are most of a small model's cost, and most targets
+    (the user's turns, the padding) are masked."""
+    logits = F.linear(hidden[mask], weight)  # (N, V), N = mask.sum()
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
 
 
 class AssistantLoss(nn.Module):
     """gpt's summed assistant_loss on a batch. No weights of its own: DDP and torch.compile wrap
     it, and checkpoints hold the plain GPT's."""
 
-    def __init__(self, gpt, gather):
+    def __init__(self, gpt):
         super().__init__()
-        self.gpt, self.gather = gpt, gather
+        self.gpt = gpt
 
     def forward(self, x, y, mask):
-        return assistant_loss(self.gpt.hidden_states(x), self.gpt.lm_head.weight, y, mask,
-                              self.gather)
+        return assistant_loss(self.gpt.hidden_states(x), self.gpt.lm_head.weight, y, mask)
 
 
 def train_step(model, optimizer, scaler, micro_batches, n_targets, device, autocast, grad_clip,
@@ -516,14 +508,13 @@ def train_step(model, optimizer, scaler, micro_batches, n_targets, device, autoc
 
 
 @torch.no_grad()
-def estimate_loss(model, examples, batch_size, batches, device, autocast, rank, world_size,
-                  pad_to=None):
+def estimate_loss(model, examples, batch_size, batches, device, autocast, rank, world_size):
     """Mean loss over the assistant tokens of the first `batches` batches of `examples` (the same
     ones every time), the batches dealt out to the ranks."""
     total = torch.zeros(2, device=device)  # summed loss, targets
     starts = range(0, min(len(examples), batches * batch_size), batch_size)
     for start in list(starts)[rank::world_size]:
-        x, y, mask = batch(examples[start:start + batch_size], pad_to)
+        x, y, mask = batch(examples[start:start + batch_size])
         with autocast:
             loss = model(x.to(device), y.to(device), mask.to(device))
         total += torch.stack([loss.float(), mask.sum().to(device).float()])
@@ -811,7 +802,7 @@ def export(args):
 
 # --- main: fine-tune
 
-def open_data(args, block_size, rank, world_size):
+def open_data(args, block_size):
     """(train examples, val examples, held-out tasks or None, counts for the log), all checked
     before anything is written."""
     if str(args.data) == "tasks":
@@ -859,21 +850,12 @@ def save_checkpoint(args, model, optimizer, scaler, loader, base, step):
     common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 
-def resume(checkpoint, optimizer, scaler, loader):
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        loader.load_state_dict(checkpoint["loader"])
-    except (KeyError, ValueError, RuntimeError) as err:
-        die(f"cannot resume: {err}; resume with the run's own flags (--data, --seed, "
-            "--examples-per-step, --train-examples) or drop --resume")
-    gpt2.set_rng_state(checkpoint["rng"])
-    return checkpoint["step"]
-
-
 def main(args):
+    # torchrun's environment, as in gpt2.py: RANK among all processes, LOCAL_RANK (its GPU) on
+    # this machine, WORLD_SIZE. A plain `python chat.py` is rank 0 of 1.
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # the one that prints, logs and writes
     device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
     dtype = gpt2.pick_dtype(args.dtype, device)
     if args.export_hf:
@@ -887,71 +869,71 @@ def main(args):
             f"ranks = {args.batch_size} x {world_size}; change one of them")
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args)
-    if checkpoint is not None and checkpoint["step"] >= args.max_steps:
-        print(f"the run in {args.out_dir} is complete ({checkpoint['step']} of {args.max_steps} "
-              "steps): nothing to do; raise --max-steps to train on, or --overwrite to start "
-              "afresh")
-        return {"complete": True, "step": checkpoint["step"]}
-    block_size = model.config.block_size
-    train_set, val_set, tasks, counts = open_data(args, block_size, rank, world_size)
+    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    if checkpoint is not None and checkpoint["step"] >= end_step:
+        return {**gpt2.already_done(args, checkpoint["step"]), "stage": STAGE, "complete": True}
+    train_set, val_set, tasks, counts = open_data(args, model.config.block_size)
     common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
                            resume_flag=True)
-    if ddp:  # join the other ranks, as gpt2.py does
+    if ddp:  # join the other ranks: NCCL moves gradients GPU to GPU, gloo is the CPU's backend
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32, as in gpt2.py
-    print0 = print if rank == 0 else (lambda *a, **k: None)
+    # Autocast as in gpt2.py: bfloat16 (float16 on older GPUs) where safe, the weights float32.
+    half = dtype if dtype != torch.float32 else None  # None: float32 throughout
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     common.print_header(device, world_size)
-    print0(f"data {args.data}: {counts['train_conversations']:,} training and "
-           f"{counts['val_conversations']:,} validation conversations; {counts['cut']} cut at a "
-           f"turn to fit the context of {block_size} tokens, {counts['dropped']} dropped")
+    gpt2.print0(f"data {args.data}: {counts['train_conversations']:,} training and "
+                f"{counts['val_conversations']:,} validation conversations; {counts['cut']} cut "
+                f"at a turn to fit the context of {model.config.block_size} tokens, "
+                f"{counts['dropped']} dropped")
 
     model.to(device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    loader = ConversationLoader(train_set, args.examples_per_step, args.batch_size, rank,
+                                world_size, args.seed)
+    start_step = gpt2.restore_training(
+        checkpoint, "--data, --seed, --examples-per-step, --train-examples", optimizer=optimizer,
+        scaler=scaler, loader=loader) if checkpoint else 0
     use_compile = device.type == "cuda" if args.compile is None else args.compile
-    # On a GPU every batch pads to the context (one shape: compiled once) and takes all logits;
-    # on a CPU batches pad to their longest conversation and only learned targets get logits.
-    pad_to = block_size if use_compile else None
-    loss_model = AssistantLoss(model, gather=not use_compile)
+    loss_model = AssistantLoss(model)  # the masked loss; the task accuracy runs on `model`
     loss_model = torch.compile(loss_model) if use_compile else loss_model
     train_model = (DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
                    if ddp else loss_model)
-    loader = ConversationLoader(train_set, args.examples_per_step, args.batch_size, rank,
-                                world_size, args.seed, pad_to)
-    start_step = resume(checkpoint, optimizer, scaler, loader) if checkpoint else 0
-    half = dtype if dtype != torch.float32 else None
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=half is not None)
     micro_steps = args.examples_per_step // (args.batch_size * world_size)
-    print0(f"preset {args.preset}: {model.config} from {args.init_from}; {args.batch_size} "
-           f"conversations a micro-batch on {world_size} rank(s), {micro_steps} micro-step(s) = "
-           f"{args.examples_per_step} a step; {dtype}, compile {use_compile}"
-           + (f"; resumed at step {start_step}" if checkpoint else ""))
-
+    gpt2.print0(f"preset {args.preset}: {model.config} from {args.init_from}; {args.batch_size} "
+                f"conversations a micro-batch on {world_size} rank(s), {micro_steps} "
+                f"micro-step(s) = {args.examples_per_step} a step; {dtype}, compile "
+                f"{use_compile}" + (f"; resumed at step {start_step}" if checkpoint else ""))
+    # The base model's held-out task accuracy, measured once and kept in every checkpoint.
     evaluate_tasks = functools.partial(task_accuracy, model, tasks or [], autocast, rank,
                                        world_size)
-    if checkpoint is not None:
-        base = checkpoint["base_task_accuracy"]
-    else:
-        base = evaluate_tasks() if tasks else None
-        if base:
-            print0("base model's task accuracy (greedy exact match, held-out): "
-                   + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+    base = checkpoint["base_task_accuracy"] if checkpoint else (evaluate_tasks() if tasks
+                                                                 else None)
+    if base and not checkpoint:
+        gpt2.print0("base model's task accuracy (greedy exact match, held-out): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
     model.train()
-    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=rank == 0)
+    log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=master)
     save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, loader, base)
-            if rank == 0 else lambda step: None)
-    timer = common.StepTimer(args.examples_per_step)
-    end_step, stopped = min(args.max_steps, args.stop_step or args.max_steps), None
+            if master else lambda step: None)
+    timer, stopped = common.StepTimer(args.examples_per_step), None
     with common.StopSignals() as signals:
-        for step in range(start_step, end_step):
-            last = step == args.max_steps - 1
-            if args.eval_every and step % args.eval_every == 0 or last:
+        for step in range(start_step, end_step + 1):
+            last = step == end_step  # --max-steps, or --stop-step to go on later with --resume
+            if step > start_step and (last or args.checkpoint_every and
+                                      step % args.checkpoint_every == 0):
+                save(step)  # before evaluating: what the first `step` steps made
+            if last or args.eval_every and step % args.eval_every == 0:
                 val_loss = estimate_loss(loss_model, val_set, args.batch_size, args.eval_batches,
-                                         device, autocast, rank, world_size, pad_to)
+                                         device, autocast, rank, world_size)
                 log({"step": step, "val_loss": val_loss})
                 common.print_step(step, f"val loss {val_loss:.4f}")
+            if last:
+                break
+
             timer.start()
             lr = gpt2.learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
                                     args.min_lr_ratio)
@@ -961,32 +943,23 @@ def main(args):
             train_loss, norm, stop = train_step(train_model, optimizer, scaler, micro_batches,
                                                 n_targets, device, autocast, args.grad_clip,
                                                 signals.received is not None)
-            if not math.isfinite(train_loss):  # the last checkpoint written stays as it was
+            if not math.isfinite(train_loss):
                 gpt2.stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
-            record = timer.stop(step)
+            timing = timer.stop(step)
             log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm,
-                 "ms": record["ms"]})
+                 "ms": timing["ms"]})
             common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
-                              f"{record['ms']:.1f} ms")
-            if stop:
-                stopped = signals.received or "a signal on another rank"
-                save(step + 1)
-                print0(f"received {stopped}: saved a checkpoint at step {step + 1} in "
-                       f"{args.out_dir}; the same command with --resume continues")
+                              f"{timing['ms']:.1f} ms")
+            if stop:  # no evaluation now: a machine that is going away gives a minute or two
+                stopped = gpt2.stop_and_save(signals, save, step + 1, args.out_dir)
                 break
-            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 \
-                    or step + 1 == end_step:
-                save(step + 1)
-    steps_done = start_step + len(timer.rates)
-    if steps_done < args.max_steps:  # stopped early: the val loss of the weights it saved
-        log({"step": steps_done, "val_loss": estimate_loss(
-            loss_model, val_set, args.batch_size, args.eval_batches, device, autocast, rank,
-            world_size, pad_to)})
     log.close()
+    steps_done = start_step + len(timer.rates)
+    # The lesson's measure: the held-out tasks answered after fine-tuning, once, at the end.
     final = evaluate_tasks() if tasks and steps_done == args.max_steps else None
     if final:
-        print0("task accuracy after fine-tuning (greedy exact match, held-out): "
-               + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+        gpt2.print0("task accuracy after fine-tuning (greedy exact match, held-out): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
     val_losses = [r["val_loss"] for r in log.records if "val_loss" in r]
     metrics = {"stage": STAGE, "preset": args.preset, "init_from": str(args.init_from),
                "data": str(args.data), "config": vars(model.config), "stopped": stopped,
@@ -998,13 +971,14 @@ def main(args):
                "base_task_accuracy": base and base["overall"],
                "base_task_accuracy_by_kind": base and {k: base[k] for k in TASK_KINDS},
                "task_n": len(tasks) if tasks else 0, **counts, **common.summarize(log.records)}
-    if rank == 0:
+    gpt2.print0(f"{steps_done} steps in {metrics['seconds']} s" + (
+        f", val loss {metrics['val_loss']:.4f}" if val_losses else "")
+        + f"; outputs in {args.out_dir}")
+    if master:
         title = f"chat.py --preset {args.preset} on {args.data}"
         metrics["figure"] = draw_figure(args.out_dir / "chat.png", log.records, base or {},
                                         final or {}, title)
         common.write_json(args.out_dir / "metrics.json", metrics)
-        print(f"{steps_done} steps in {metrics['seconds']} s, val loss {metrics['val_loss']:.4f}"
-              f"; outputs in {args.out_dir}")
     gpt2.end_ranks()
     return metrics
 
@@ -1031,26 +1005,31 @@ def parse_args(argv=None):
                                 '{"messages": [...]} rows, a folder of them, or a hub dataset '
                                 "name", seed=1337)
     parser.set_defaults(data=None)  # the preset's, unless given
-    add = parser.add_argument
-    add("--preset", choices=list(PRESETS), default="cpu", help="training defaults: cpu (gpt2.py's "
-        "cpu checkpoint, the task mix) or gpt2 (OpenAI's 124M, smol-smoltalk; a GPU); a flag "
-        "overrides its value (default: cpu)")
-    add("--init-from", help="the model to fine-tune: a gpt2.py or chat.py checkpoint, a Hugging "
-        "Face GPT-2 folder or hub name (gpt2); with --chat/--prompt/--export-hf, the fine-tuned "
-        "model (default: <out-dir>/checkpoint.pt)")
+    preset = functools.partial(common.by_preset, PRESETS)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                        help="training defaults: cpu (gpt2.py's cpu checkpoint, the task mix) or "
+                        "gpt2 (OpenAI's 124M, smol-smoltalk; a GPU); a flag overrides its value "
+                        "(default: cpu)")
+    parser.add_argument("--init-from", help="the model to fine-tune: a gpt2.py or chat.py "
+                        "checkpoint, a Hugging Face GPT-2 folder or hub name (gpt2); with --chat/"
+                        "--prompt/--export-hf, the fine-tuned model (default: "
+                        "<out-dir>/checkpoint.pt)")
     train = parser.add_argument_group("training")
-    for flag, kind, text in (
-            ("--max-steps", int, "optimizer steps; the learning rate's cosine ends here"),
-            ("--batch-size", int, "conversations per micro-batch and rank"),
-            ("--examples-per-step", int, "conversations per optimizer step, over ranks and "
-                                         "micro-steps"),
-            ("--lr", float, "peak learning rate"),
-            ("--warmup-steps", int, "steps of linear warmup to --lr"),
-            ("--eval-every", int, "steps between validation losses (0: only at the end)"),
-            ("--eval-batches", int, "validation batches in each loss estimate, the same ones"),
-            ("--checkpoint-every", int, "steps between checkpoints (0: only at the end)")):
-        train.add_argument(flag, type=kind, help=f"{text} "
-                           + common.by_preset(PRESETS, flag[2:].replace("-", "_")))
+    train.add_argument("--max-steps", type=int,
+                       help="optimizer steps; the cosine ends here " + preset("max_steps"))
+    train.add_argument("--batch-size", type=int, help="conversations per micro-batch and rank "
+                       + preset("batch_size"))
+    train.add_argument("--examples-per-step", type=int, help="conversations per optimizer step, "
+                       "over ranks and micro-steps " + preset("examples_per_step"))
+    train.add_argument("--lr", type=float, help="peak learning rate " + preset("lr"))
+    train.add_argument("--warmup-steps", type=int,
+                       help="steps of linear warmup to --lr " + preset("warmup_steps"))
+    train.add_argument("--eval-every", type=int, help="steps between validation losses, 0: only "
+                       "at the end " + preset("eval_every"))
+    train.add_argument("--eval-batches", type=int, help="validation batches in each loss "
+                       "estimate, always the same ones " + preset("eval_batches"))
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints, 0: only "
+                       "at the end " + preset("checkpoint_every"))
     train.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine ends at lr x this (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=0.0,
@@ -1062,9 +1041,6 @@ def parse_args(argv=None):
                        "goes on")
     train.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                        help="continue from a checkpoint (default: <out-dir>/checkpoint.pt)")
-    with contextlib.suppress(argparse.ArgumentError):  # make_parser may have added it already
-        train.add_argument("--overwrite", action="store_true",
-                           help="start afresh though --out-dir holds a checkpoint, replacing it")
     train.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                        default="auto", help="autocast dtype; auto: bfloat16 on GPUs that have "
                        "it, float16 with a gradient scaler on older ones, float32 elsewhere")
@@ -1096,9 +1072,11 @@ def parse_args(argv=None):
     parser.add_argument_group("export (no training)").add_argument(
         "--export-hf", type=Path, metavar="DIR", help="write the model, GPT-2's tokenizer with the "
         "chat tokens and the chat template as a folder that transformers and vLLM load")
-    args = common.use_preset(parser.parse_args(argv), PRESETS)
+    args = parser.parse_args(argv)
+    given = args.init_from  # --chat, --prompt, --export-hf: the fine-tuned model, not the base
+    args = common.use_preset(args, PRESETS)
     if args.chat or args.prompt is not None or args.export_hf:
-        args.init_from = parser.parse_args(argv).init_from  # the preset's base is not the chat's
+        args.init_from = given
     common.check_args(args, positive=("max_steps", "batch_size", "examples_per_step", "lr",
                                       "eval_batches", "train_examples", "task_n",
                                       "max_new_tokens"),
