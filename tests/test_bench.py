@@ -144,6 +144,21 @@ def test_fineweb_runs_both_designs_and_checks_identical_shards(tmp_path, capsys)
     assert any(line.strip().startswith("fineweb.py") for line in out)
 
 
+def test_fineweb_child_runs_a_design_without_torch(tmp_path):
+    """A design's process is bench.py's hidden subcommand, dispatched before torch's import, so
+    that the memory measured is the design's own: it writes the shards and never loads torch."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + "words " * i}) + "\n"
+                              for i in range(30)), encoding="utf-8")
+    child = subprocess.run([sys.executable, "-X", "importtime", "-m", "bench",
+                            bench.FINEWEB_CHILD, "ours", str(corpus), str(tmp_path / "out"), "500",
+                            "1"], cwd=bench.ROOT, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.strip().splitlines()[-1])["tokens"] > 30
+    assert list((tmp_path / "out").glob("*.npy"))
+    assert " torch" not in child.stderr  # -X importtime lists every module imported
+
+
 def test_tree_memory_counts_a_process_and_its_children():
     """The fineweb benchmark's memory figure is the PSS of the design's process and all its
     workers: a child that holds 80 MiB raises its parent's tree by about that much."""
