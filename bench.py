@@ -215,7 +215,7 @@ def require_positive(args, *names):
 
 def add_threads_argument(parser):
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch's CPU threads (default 0: torch's own choice)")
+                        help="torch's CPU threads (default: 0, one per core)")
 
 
 def add_model_arguments(parser, preset):
@@ -225,7 +225,8 @@ def add_model_arguments(parser, preset):
     parser.add_argument("--n-layer", type=int, help="override the preset's blocks")
     parser.add_argument("--n-head", type=int, help="override the preset's heads")
     parser.add_argument("--n-embd", type=int, help="override the preset's width")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="autocast dtype, as in gpt2.py")
     parser.add_argument("--seed", type=int, default=1337, help="weights and batches")

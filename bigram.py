@@ -240,7 +240,7 @@ def draw_count_table(path, counts, vocab):
 
 def main(args):
     started = time.time()
-    device = pick_device(args.device)
+    device = pick_device(args.device, threads=args.threads)
     names, vocab, splits, about_data = load_data(args)
     prepare_out_dir(args.out_dir)
     print_header(device)

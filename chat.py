@@ -238,12 +238,8 @@ def load_chat_model(source, device="cpu"):
         checkpoint = read_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path)
         chat_format = checkpoint.get("chat_format") if checkpoint["stage"] == STAGE else None
-    else:  # a Hugging Face folder or hub name
-        try:
-            model = gpt2.GPT.from_pretrained(str(source))
-        except (ImportError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            die(f"cannot load weights from {source} ({type(err).__name__}); {LOAD_HINT}")
-        chat_format = None
+    else:  # a Hugging Face folder or hub name: gpt2.py's loader and its errors (offline too)
+        model, chat_format = gpt2.load_model(source), None
     if chat_format is None:
         if model.config.vocab_size < max(SPECIALS) + 1:
             model = pad_vocab(model)
@@ -712,6 +708,17 @@ def chat(model, args, device, lines, echo):
     return {"turns": len(history)}
 
 
+def typed_lines():
+    """What a person types at the terminal, a line after each `user: ` prompt, until Ctrl-D or
+    Ctrl-C."""
+    while True:
+        try:
+            yield input("user: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+
+
 def check_format(source, chat_format):
     """die() if `source` was fine-tuned with a chat format other than this file's."""
     if chat_format is not None and chat_format != FORMAT:
@@ -729,7 +736,8 @@ def talk(args, device):
     check_format(source, chat_format)
     if args.prompt is None:
         common.print_header(device)
-        return chat(model, args, device, sys.stdin, echo=not sys.stdin.isatty())
+        typing = sys.stdin.isatty()  # a person at a terminal, not a pipe
+        return chat(model, args, device, typed_lines() if typing else sys.stdin, echo=not typing)
     history = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     if fit_history(history, model.config.block_size,
@@ -856,7 +864,8 @@ def main(args):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master = rank == 0  # the one that prints, logs and writes
-    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None,
+                                args.threads)
     dtype = gpt2.pick_dtype(args.dtype, device)
     if args.export_hf:
         return export(args)
@@ -1001,10 +1010,9 @@ PRESETS = {
 
 def parse_args(argv=None):
     parser = common.make_parser(STAGE, "Fine-tune a GPT-2 into an assistant, or chat with one.",
-                                "tasks", "tasks (the bundled task mix), a .jsonl of "
+                                None, "tasks (the bundled task mix), a .jsonl of "
                                 '{"messages": [...]} rows, a folder of them, or a hub dataset '
-                                "name", seed=1337)
-    parser.set_defaults(data=None)  # the preset's, unless given
+                                "name " + common.by_preset(PRESETS, "data"), seed=1337)
     preset = functools.partial(common.by_preset, PRESETS)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
                         help="training defaults: cpu (gpt2.py's cpu checkpoint, the task mix) or "

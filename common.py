@@ -35,14 +35,17 @@ def make_parser(stage, description, data, data_help, seed):
     parser = argparse.ArgumentParser(prog=f"{stage}.py", description=description)
     parser.error = die
     add = parser.add_argument
-    add("--data", type=Path, default=Path(data), help=f"{data_help} (default: %(default)s)")
+    add("--data", type=Path, default=data and Path(data),  # None: the --preset's
+        help=data_help + (" (default: %(default)s)" if data else ""))
     add("--out-dir", type=Path, default=Path("out") / stage, help="where log.jsonl, metrics.json, "
         "the figure and any checkpoint go (default: %(default)s)")
     add("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a "
         "checkpoint, replacing it (a run never replaces one without this flag; stages that keep "
         "no checkpoint rewrite their outputs anyway)")
     add("--device", default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--threads", type=int, default=0, help="torch's CPU threads (default: 0, one per core; "
+        "on a machine that other jobs keep busy, fewer threads can run much faster)")
     add("--seed", type=int, default=seed,
         help="seed of everything random in the run (default: %(default)s)")
     return parser
@@ -70,9 +73,14 @@ def check_args(args, positive=(), non_negative=(), ranges=()):
     return args
 
 
-def pick_device(name="auto", local_rank=None):
+def pick_device(name="auto", local_rank=None, threads=0):
     """auto: cuda, mps, cpu. A CUDA device always gets an index (cuda:LOCAL_RANK under torchrun,
-    else the index given or the current GPU): torch.cuda.set_device and DDP need one."""
+    else the index given or the current GPU): torch.cuda.set_device and DDP need one. `threads`
+    (--threads) sets torch's CPU threads; 0 leaves torch's own choice, one per core."""
+    if threads < 0:
+        die(f"--threads must be 0 (one per core) or a positive number, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     if name == "auto":
         name = ("cuda" if torch.cuda.is_available() else
                 "mps" if torch.backends.mps.is_available() else "cpu")
@@ -162,8 +170,28 @@ def print_header(device, world_size=1):
         return
     print("command:", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    threads = torch.get_num_threads()
     print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
-          f"({name or device.type}), {world_size} rank(s), {torch.get_num_threads()} CPU threads")
+          f"({name or device.type}), {world_size} rank(s), {threads} CPU threads")
+    note = busy_machine(threads * world_size) if device.type == "cpu" else None
+    if note:
+        print(note)
+
+
+def busy_machine(threads):
+    """A note when other jobs already keep this machine's cores busy (the load average of the
+    last minute against the cores): torch's threads then wait for one another at every matmul,
+    and a step can take several times longer than with fewer threads."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+    free = max(1, round(cores - load))
+    if load < 0.75 or threads <= free:
+        return None
+    return (f"note: this machine is busy (load average {load:.2f} over the last minute on "
+            f"{cores} cores) and this run uses {threads} CPU threads; if steps are slow, try "
+            f"--threads {free}")
 
 
 class Log:
@@ -254,7 +282,9 @@ def by_preset(presets, key):
     names = {}
     for name, preset in presets.items():
         names.setdefault(preset[key], []).append(name)
-    return "(default: " + ", ".join(f"{'/'.join(n)} {value:g}" for value, n in names.items()) + ")"
+    shown = [f"{'/'.join(n)} {value if isinstance(value, str) else format(value, 'g')}"
+             for value, n in names.items()]
+    return "(default: " + ", ".join(shown) + ")"
 
 
 def use_preset(args, presets):

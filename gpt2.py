@@ -464,7 +464,8 @@ def main(args):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master = rank == 0  # the one that prints, logs and writes
-    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    device = common.pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None,
+                                args.threads)
     dtype = pick_dtype(args.dtype, device)
     if args.sample or args.eval_hellaswag or args.export_hf:
         return other_modes(args, device, dtype)

@@ -182,7 +182,7 @@ def evaluate(model, examples, device="cpu", enc=None, batch_size=32, rank=0, wor
 
 
 def main(args):
-    device = common.pick_device(args.device)
+    device = common.pick_device(args.device, threads=args.threads)
     common.print_header(device)
     fix = ("" if args.data else f"; check the network, or download hellaswag_{args.split}.jsonl "
            "on a machine with network access and pass it with --data FILE")
@@ -379,6 +379,7 @@ def parse_args(argv=None):
         help="examples per forward pass (default: %(default)s)")
     add("--device", default="auto",
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--threads", type=int, default=0, help="torch's CPU threads (default: 0, one per core)")
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="autocast dtype of the forward pass; float32: no autocast (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -318,7 +318,7 @@ def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, gener
 
 
 def main(args):
-    device = common.pick_device(args.device)
+    device = common.pick_device(args.device, threads=args.threads)
     if args.sample:
         return other_modes(args, device)
 

@@ -339,7 +339,7 @@ def draw_figure(path, outputs, step_losses, evals):
 
 def main(args):
     started = time.time()
-    device = pick_device(args.device)
+    device = pick_device(args.device, threads=args.threads)
     vocab, splits, about_data = load_data(args, device)
     prepare_out_dir(args.out_dir)
     print_header(device)

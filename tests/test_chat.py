@@ -3,6 +3,7 @@ checks, the task mix, training (resume, DDP, outputs) and the chat loop. Tiny mo
 written to tmp_path."""
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -397,6 +398,41 @@ def test_piped_chat_keeps_history_clears_drops_and_exits(chat_checkpoint):
     assert out.index("(history cleared)") < out.index("user: again")
 
 
+def test_terminal_chat_prompts_for_each_turn(chat_checkpoint):
+    """At a terminal (a pseudo-terminal here) each turn of the user starts after `user: `, and
+    Ctrl-D ends the chat without a traceback."""
+    pty = pytest.importorskip("pty")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: chat.py on the pseudo-terminal's other end
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "chat.py", "--chat", "--init-from",
+                                  str(chat_checkpoint), "--temperature", "0",
+                                  "--max-new-tokens", "3"])
+    seen = b""
+
+    def read_until(marker, count):
+        nonlocal seen
+        while seen.count(marker) < count:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, f"no {marker!r} in {seen!r}"
+            seen += os.read(fd, 4096)
+
+    read_until(b"user: ", 1)
+    os.write(fd, b"hello\n")
+    read_until(b"user: ", 2)  # the reply came, then the next turn's prompt
+    os.write(fd, b"\x04")  # Ctrl-D
+    try:
+        while chunk := os.read(fd, 4096):
+            seen += chunk
+    except OSError:  # the child closed the terminal
+        pass
+    _, status = os.waitpid(pid, 0)
+    text = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert text.index("user: ") < text.index("hello") < text.index("assistant: ")
+    assert "Traceback" not in text
+
+
 def test_prompt_answers_once_and_a_too_long_prompt_is_one_line(chat_checkpoint):
     result = run_chat("--prompt", "Repeat: cat dog", "--init-from", chat_checkpoint,
                       "--max-new-tokens", 3, "--seed", 1)
@@ -521,3 +557,15 @@ def test_fine_tuning_on_a_gpu_with_bf16_and_compile(tmp_path, base_checkpoint):
                       "--max-new-tokens", 4)
     assert result.returncode == 0, result.stderr
     assert "device cuda" in result.stdout and "assistant: " in result.stdout
+
+
+@pytest.mark.parametrize("script", ["chat.py", "serve.py"])
+def test_an_unreachable_hub_is_gpt2_pys_one_line(tmp_path, script):
+    """--init-from gpt2 without network and without a cached copy: gpt2.py's own words (the hub
+    cannot be reached, what to pass instead), not a suggestion of the name that just failed."""
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    env = {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    result = run_script(script, "--init-from", "gpt2", "--device", "cpu", env=env)
+    assert_user_error(result, "--init-from gpt2", "hub cannot be reached", "local checkpoint")
+    assert "such as gpt2" not in result.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_user_error, run_script
 
 
 @pytest.fixture
@@ -110,6 +111,32 @@ def test_every_stage_has_overwrite(stage, capsys):
         module.parse_args(["--help"])
     assert "start afresh in an --out-dir that holds a checkpoint" in \
         " ".join(capsys.readouterr().out.split())
+
+
+def test_threads_flag_sets_the_run_and_shows_in_its_header(names_file, tmp_path):
+    """--threads N is torch's thread count for the whole run, and the header says so."""
+    before = torch.get_num_threads()
+    result = run_script("bigram.py", "--data", names_file, "--out-dir", tmp_path / "out",
+                        "--threads", 1, "--max-steps", 1, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "rank(s), 1 CPU threads" in result.stdout
+    assert_user_error(run_script("bigram.py", "--threads", -1), "--threads must be 0")
+    assert torch.get_num_threads() == before
+
+
+def test_a_busy_machine_is_named_in_the_header(monkeypatch, capsys):
+    """Other jobs holding the cores (the load average against the cores): the header suggests
+    fewer threads; an idle machine, or threads that fit beside the load, get no note."""
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.1, 1.0, 0.5))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    common.print_header(torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "busy (load average 1.10 over the last minute on 2 cores)" in out
+    assert "--threads 1" in out
+    assert common.busy_machine(1) is None  # one thread beside one busy core: fine
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert common.busy_machine(2) is None
 
 
 def test_die_names_the_running_script(capsys, monkeypatch):
