@@ -173,25 +173,24 @@ def print_header(device, world_size=1):
     threads = torch.get_num_threads()
     print(f"python {platform.python_version()}, torch {torch.__version__}, device {device} "
           f"({name or device.type}), {world_size} rank(s), {threads} CPU threads")
-    note = busy_machine(threads * world_size) if device.type == "cpu" else None
-    if note:
-        print(note)
+    if device.type == "cpu" and world_size == 1 and threads > 1 and Path("/proc/stat").exists():
+        # Other jobs already holding cores: torch's threads then wait for one another at every
+        # matmul, and a step can take several times as long as with fewer threads. Measured
+        # now, not as the load average (which still holds the run before this one): the cores'
+        # busy time over a tenth of a second while this process waits (Linux's /proc/stat).
+        def busy_and_all():  # the first line sums all cores: user nice system idle iowait ...
+            jiffies = [int(n) for n in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            return sum(jiffies) - jiffies[3] - jiffies[4], sum(jiffies)
 
-
-def busy_machine(threads):
-    """A note when other jobs already keep this machine's cores busy (the load average of the
-    last minute against the cores): torch's threads then wait for one another at every matmul,
-    and a step can take several times longer than with fewer threads."""
-    try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):  # Windows has no load average
-        return None
-    free = max(1, round(cores - load))
-    if load < 0.75 or threads <= free:
-        return None
-    return (f"note: this machine is busy (load average {load:.2f} over the last minute on "
-            f"{cores} cores) and this run uses {threads} CPU threads; if steps are slow, try "
-            f"--threads {free}")
+        busy, total = busy_and_all()
+        time.sleep(0.1)
+        busy_after, total_after = busy_and_all()
+        cores = os.cpu_count() or 1
+        taken = cores * (busy_after - busy) / max(1, total_after - total)  # cores in use now
+        free = max(1, round(cores - taken))  # the cores the other jobs leave
+        if taken >= 0.75 and threads > free:
+            print(f"note: other jobs keep {taken:.1f} of this machine's {cores} cores busy and "
+                  f"this run uses {threads} CPU threads; if steps are slow, try --threads {free}")
 
 
 class Log:

@@ -3,7 +3,10 @@ the shared flags and their checks, errors in the script's name, the output folde
 of checkpoints, atomic writes, the log and the metrics' summary."""
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -124,19 +127,23 @@ def test_threads_flag_sets_the_run_and_shows_in_its_header(names_file, tmp_path)
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
 def test_a_busy_machine_is_named_in_the_header(monkeypatch, capsys):
-    """Other jobs holding the cores (the load average against the cores): the header suggests
-    fewer threads; an idle machine, or threads that fit beside the load, get no note."""
-    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.1, 1.0, 0.5))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    common.print_header(torch.device("cpu"))
-    out = capsys.readouterr().out
-    assert "busy (load average 1.10 over the last minute on 2 cores)" in out
-    assert "--threads 1" in out
-    assert common.busy_machine(1) is None  # one thread beside one busy core: fine
-    monkeypatch.setattr(common.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
-    assert common.busy_machine(2) is None
+    """Another job holding a core right now: the header names it and suggests fewer threads;
+    a run that already uses one thread gets no note."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: os.cpu_count())
+        common.print_header(torch.device("cpu"))
+        out = capsys.readouterr().out
+        assert "note: other jobs keep" in out and "if steps are slow, try --threads" in out, out
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        common.print_header(torch.device("cpu"))
+        assert "note" not in capsys.readouterr().out
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def test_die_names_the_running_script(capsys, monkeypatch):
