@@ -13,7 +13,13 @@ gpt2.GPT.generate on its prompt alone, whatever else runs beside it.
 
 Around the engine: an OpenAI-compatible HTTP API (FastAPI + uvicorn), so the official `openai`
 client works unchanged (/v1/completions, /v1/chat/completions for chat.py checkpoints, streaming,
-/v1/embeddings, /v1/models, /health), and a chat page at / (serve.html, beside this file).
+/v1/embeddings, /v1/models, /health), and a page at / (serve.html, beside this file): chat
+with a chat model, text completion with a base one. A completion is raw text in, raw text out,
+on a chat model too: a special token comes out as its name ("<|assistant_end|>"), so the text
+holds every token its usage counts but the <|endoftext|> that ends it. SIGTERM or Ctrl-C
+drains: no new connections, and the requests in flight have --drain-seconds to finish; any
+still unfinished then end with an error (a stream: an error event in OpenAI's shape, then
+[DONE]; any other: 503), a log line each, counted in the last line.
 
 Run:
     python serve.py --init-from out/chat/checkpoint.pt     # or a gpt2.py checkpoint, or gpt2
@@ -30,6 +36,7 @@ table and what this server is not for are in README.md (Serving).
 import argparse
 import asyncio
 import base64
+import errno
 import itertools
 import json
 import math
@@ -75,6 +82,7 @@ class Request:
     seed: int = None  # the same seed, the same text, alone or in company
     stop: list = field(default_factory=list)  # strings that end the text (not included)
     stop_tokens: frozenset = frozenset()  # tokens that end it (not included)
+    decode: object = None  # its tokens' text, decode(tokens) (None: the engine's)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancelled: bool = False  # set by the client's side: the engine frees its slot
     output: list = field(default_factory=list)  # the tokens generated so far
@@ -89,6 +97,10 @@ def gpt2_text(tokens):
     """The text of GPT-2 tokens; the special and padded ids past its 50,257 have none."""
     enc = chat.encoding()
     return enc.decode([t for t in tokens if t < enc.n_vocab])
+
+
+class Stopped(RuntimeError):
+    """submit() after stop(): the server is shutting down."""
 
 
 class Engine:
@@ -115,11 +127,18 @@ class Engine:
         self.waiting = queue.Queue(max_queue)  # thread-safe: submit() puts, the engine takes
         self.decode = decode or gpt2_text
         self.stopping = threading.Event()
+        self.stop_error = "the server stopped before this request finished"
+        self.unfinished = 0  # requests that stop() cut short, running or waiting
+        self.lock = threading.Lock()  # no request joins the queue after the loop's last look
         self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
 
     def submit(self, request):
-        """Queue a request for the next free slot; raises queue.Full when --max-queue wait."""
-        self.waiting.put_nowait(request)
+        """Queue a request for the next free slot; raises queue.Full when --max-queue wait, and
+        Stopped once stop() was called."""
+        with self.lock:
+            if self.stopping.is_set():
+                raise Stopped(self.stop_error)
+            self.waiting.put_nowait(request)
 
     def active(self):
         return sum(request is not None for request in self.slots)
@@ -130,7 +149,10 @@ class Engine:
         self.thread.start()
         return self
 
-    def stop(self):
+    def stop(self, error=None):
+        """End the loop; every request still running or waiting ends with an error event
+        (`error`, code "server_shutting_down") and a log line, counted in self.unfinished."""
+        self.stop_error = error or self.stop_error
         self.stopping.set()
         self.thread.join()
 
@@ -141,9 +163,17 @@ class Engine:
                           SDPBackend.MATH]):
             while not self.stopping.is_set():
                 self.step()
-        for slot, request in enumerate(self.slots):
-            if request is not None:
-                self.finish(slot, error="the server stopped before this request finished")
+        left = [request for request in self.slots if request is not None]
+        self.slots, self.pos = [None] * self.max_batch, [0] * self.max_batch
+        with self.lock:  # submit() refuses from now on: nothing is left behind in the queue
+            while not self.waiting.empty():
+                left.append(self.waiting.get_nowait())
+        for request in left:
+            if request.cancelled:  # its client left: nobody to tell
+                self.end(request, "cancelled")
+            else:
+                self.unfinished += 1
+                self.end(request, error=self.stop_error, code="server_shutting_down")
 
     def step(self):
         for slot, request in enumerate(self.slots):
@@ -297,7 +327,7 @@ class Engine:
 
     def update_text(self, request):
         """Decode the output; a stop string cuts the text before it and ends the request."""
-        request.text = self.decode(request.output)
+        request.text = (request.decode or self.decode)(request.output)
         cuts = [request.text.find(s) for s in request.stop if s in request.text]
         if cuts:
             request.text = request.text[:min(cuts)]
@@ -324,11 +354,15 @@ class Engine:
             request.cancelled = True
 
     def finish(self, slot, reason=None, error=None):
-        """Free the slot; tell the client how it ended (unless it left); log one line."""
+        """Free the slot and end its request."""
         request, self.slots[slot], self.pos[slot] = self.slots[slot], None, 0
+        self.end(request, reason, error)
+
+    def end(self, request, reason=None, error=None, code=None):
+        """Tell the client how its request ended (unless it left); log one line."""
         done, n = time.perf_counter(), len(request.output)
         if error:
-            self.send(request, {"error": error})
+            self.send(request, {"error": error, "code": code})
         elif reason != "cancelled":
             self.send(request, {"finish": reason, "prompt_tokens": len(request.prompt),
                                 "completion_tokens": n})
@@ -383,6 +417,10 @@ def create_app(engine, name, chat_format=None, api_key=None, max_body=MAX_BODY):
 
 @routes.post("/v1/completions")
 async def completions(http: HttpRequest):
+    """Raw text in, raw text out, on a chat model too: every token counted is in the text, a
+    special token written as its name (chat.decode: "<|assistant_end|>", a padded id as
+    "<|50300|>"), as skip_special_tokens=False writes them. The text ends at <|endoftext|>,
+    max_tokens or a stop string, which may name a special token: stop="<|assistant_end|>"."""
     body = await read_body(http)
     prompts = token_inputs(body.get("prompt", ""), "prompt")
     settings = sampling(body, 16)  # OpenAI's default max_tokens for completions
@@ -390,7 +428,7 @@ async def completions(http: HttpRequest):
     if body.get("stream"):
         if len(prompts) > 1:
             raise ApiError(400, "stream takes one prompt; send one request per prompt", "prompt")
-        job, events = start(http, prompts[0], settings, {fineweb.EOT})
+        job, events = start(http, prompts[0], settings, {fineweb.EOT}, chat.decode)
 
         def chunk(text, finish):
             if text is None:
@@ -401,7 +439,7 @@ async def completions(http: HttpRequest):
     jobs = []
     try:
         for prompt in prompts:
-            jobs.append(start(http, prompt, settings, {fineweb.EOT}))
+            jobs.append(start(http, prompt, settings, {fineweb.EOT}, chat.decode))
     except ApiError:
         for job, _ in jobs:  # all or none: the ones already queued would run for nobody
             job.cancelled = True
@@ -476,8 +514,10 @@ async def embeddings(http: HttpRequest):
 @routes.get("/v1/models")
 async def models(http: HttpRequest):
     check_key(http)
-    return {"object": "list", "data": [{"id": http.app.state.name, "object": "model",
-                                        "created": 0, "owned_by": "serve.py"}]}
+    state = http.app.state  # "chat" (an extension): whether /v1/chat/completions works here
+    return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0,
+                                        "owned_by": "serve.py",
+                                        "chat": state.chat_format is not None}]}
 
 
 @routes.get("/health")
@@ -502,10 +542,12 @@ class ApiError(Exception):
         self.status, self.param, self.code, self.kind = status, param, code, kind
         self.headers = headers
 
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
     def response(self):
-        return JSONResponse({"error": {"message": str(self), "type": self.kind,
-                                       "param": self.param, "code": self.code}},
-                            self.status, headers=self.headers)
+        return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
 def check_key(http):
@@ -549,7 +591,9 @@ def number(body, name, default, low, high, integer=False, open_low=False):
               and (low < value if open_low else low <= value) and value <= high)
     if not inside:
         what = "an integer" if integer else "a number"
-        where = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        if not integer:  # integers in full: 1048576, not 1.04858e+06
+            low, high = f"{low:g}", f"{high:g}"
+        where = f"{'(' if open_low else '['}{low}, {high}]"
         raise ApiError(400, f"{name} must be {what} in {where}, got {json.dumps(value)}", name)
     return value
 
@@ -585,7 +629,7 @@ def token_inputs(value, name):
     return [chat.encode_text(x) if isinstance(x, str) else x for x in value]
 
 
-def start(http, prompt, settings, stop_tokens):
+def start(http, prompt, settings, stop_tokens, decode=None):
     """Submit one generation; (the engine Request, the asyncio queue of its events)."""
     engine = http.app.state.engine
     if not prompt:
@@ -597,7 +641,7 @@ def start(http, prompt, settings, stop_tokens):
     if max(prompt) >= engine.vocab_size or min(prompt) < 0:
         raise ApiError(400, f"token ids must lie in [0, {engine.vocab_size})", "prompt")
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    request = Request(prompt=prompt, stop_tokens=frozenset(stop_tokens), **settings,
+    request = Request(prompt=prompt, stop_tokens=frozenset(stop_tokens), decode=decode, **settings,
                       deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
     try:
         engine.submit(request)
@@ -605,7 +649,20 @@ def start(http, prompt, settings, stop_tokens):
         raise ApiError(503, f"the server is busy: {engine.waiting.maxsize} requests are waiting "
                        "already; retry shortly", kind="server_error", code="overloaded",
                        headers={"Retry-After": "1"}) from None
+    except Stopped as err:
+        raise shutting_down(str(err)) from None
     return request, events
+
+
+def shutting_down(message):
+    return ApiError(503, message, kind="server_error", code="server_shutting_down")
+
+
+def engine_error(event):
+    """An engine's error event as an ApiError: 503 when shutdown cut the request, else 500."""
+    if event.get("code") == "server_shutting_down":
+        return shutting_down(event["error"])
+    return ApiError(500, event["error"], kind="server_error", code=event.get("code"))
 
 
 async def collect(http, job, events):
@@ -620,7 +677,7 @@ async def collect(http, job, events):
                     return None
                 continue
             if "error" in event:
-                raise ApiError(500, event["error"], kind="server_error")
+                raise engine_error(event)
             parts.append(event.get("text", ""))
             if "finish" in event:
                 return "".join(parts), event
@@ -639,9 +696,8 @@ def stream(job, events, chunk, body):
             yield f"data: {json.dumps(chunk(None, None))}\n\n" if chunk(None, None) else ""
             while True:
                 event = await events.get()
-                if "error" in event:
-                    error = {"message": event["error"], "type": "server_error"}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                if "error" in event:  # the status is sent already: the error goes in the stream
+                    yield f"data: {json.dumps(engine_error(event).body())}\n\n"
                     break
                 if event.get("text"):
                     yield f"data: {json.dumps(chunk(event['text'], None))}\n\n"
@@ -683,13 +739,9 @@ def model_name(source):
 
 
 def main(args):
-    device = common.pick_device(args.device)
+    device = common.pick_device(args.device, threads=args.threads)
     dtype = gpt2.pick_dtype(args.dtype, device)
-    try:  # bound first: a taken port is one line before the model loads, and --port 0 works
-        sock = socket.create_server((args.host, args.port), backlog=2048)
-    except OSError as err:
-        die(f"cannot listen on {args.host}:{args.port} ({os.strerror(err.errno or 0)}); "
-            "choose another --port or --host")
+    sock = listen(args.host, args.port)  # first: a taken port is one line before the model loads
     common.print_header(device)
     model, chat_format = chat.load_chat_model(args.init_from, device)
     model.to(dtype)  # inference only: the weights themselves in bf16 on a GPU, no autocast
@@ -701,23 +753,57 @@ def main(args):
     import uvicorn
     host, port = sock.getsockname()[:2]
     params = sum(p.numel() for p in model.parameters())
+    page = ("chat page at /" if chat_format else
+            "page at / continues text (a base model; chat needs a chat.py checkpoint)")
     print(f"serving {name} ({'chat' if chat_format else 'base'} model, {params:,} parameters, "
           f"context {model.config.block_size}) on http://{host}:{port} with {args.max_batch} "
-          f"slots, {device} {str(dtype).removeprefix('torch.')}; chat page at /, "
-          "API at /v1; Ctrl-C or SIGTERM drains and stops", flush=True)
+          f"slots, {device} {str(dtype).removeprefix('torch.')}; {page}, API at /v1; Ctrl-C "
+          "or SIGTERM drains and stops", flush=True)
     engine.start()
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (no new connections; those in
-    # flight finish, up to --drain-seconds) and then raises the signal again: these handlers
-    # take that second delivery, so the process exits 0.
+    # flight finish) and then raises the signal again: these handlers take that second
+    # delivery, so the process exits 0. The drain's end is ours (end_drain); uvicorn's own
+    # deadline, later, is a last resort only: it cancels handlers mid-response.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=args.drain_seconds))
+                                           timeout_graceful_shutdown=args.drain_seconds + 10))
+    threading.Thread(target=end_drain, args=(server, engine, args.drain_seconds),
+                     name="drain", daemon=True).start()
     server.run(sockets=[sock])
-    unfinished = engine.active() + engine.waiting.qsize()  # the drain's time ran out for these
     engine.stop()
-    print(f"stopped ({unfinished} requests unfinished)", flush=True)
-    return {"host": host, "port": port}
+    n = engine.unfinished
+    print(f"stopped ({n} request{'' if n == 1 else 's'} unfinished"
+          f"{': --drain-seconds ran out' if n else ''})", flush=True)
+    return {"host": host, "port": port, "unfinished": n}
+
+
+def listen(host, port):
+    """The server's socket, or one line naming the flag to change."""
+    where = f"{host}:{port}" if port else host  # port 0 is any free one: nothing to name
+    try:  # resolved first: a bad address is not a busy port
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        die(f"--host {host} is not a valid address (neither an IP address nor a name this "
+            "machine can resolve); use 127.0.0.1 (this machine only), 0.0.0.0 (every "
+            "interface) or one of this machine's addresses")
+    try:
+        return socket.create_server((host, port), backlog=2048)
+    except OSError as err:
+        flag = {errno.EADDRINUSE: "--port", errno.EACCES: "--port",
+                errno.EADDRNOTAVAIL: "--host"}.get(err.errno, "--port or --host")
+        die(f"cannot listen on {where} ({os.strerror(err.errno or 0)}); choose another {flag}")
+
+
+def end_drain(server, engine, seconds):
+    """--drain-seconds after uvicorn's graceful shutdown begins, stop the engine: a request
+    still running or waiting then ends as the API says (a stream with an error chunk and
+    [DONE], any other request with 503), so its connection closes cleanly."""
+    while not server.should_exit:
+        time.sleep(0.05)
+    time.sleep(seconds)
+    engine.stop(f"the server shut down before this request finished (--drain-seconds "
+                f"{seconds:g} ran out); send it again")
 
 
 # --- command line
@@ -727,8 +813,8 @@ def parse_args(argv=None):
                                      "OpenAI-compatible HTTP API.")
     parser.error = die  # argparse's own complaints: one line, exit 2, like every mistake
     parser.add_argument("--init-from", required=True, help="a chat.py or gpt2.py checkpoint "
-                        "(or an --out-dir holding checkpoint.pt), a Hugging Face GPT-2 folder, "
-                        "or a hub name such as gpt2")
+                        "(a file, or the folder that holds its checkpoint.pt), a Hugging Face "
+                        "GPT-2 folder, or a hub name such as gpt2")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=8000,
@@ -742,22 +828,27 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests that may wait for a slot; more get 503 (default: "
                         "%(default)s)")
-    parser.add_argument("--api-key", help="require Authorization: Bearer <key> on /v1")
+    parser.add_argument("--api-key", help="require Authorization: Bearer <key> on /v1 "
+                        "(default: none, no key asked)")
     parser.add_argument("--max-body", type=int, default=MAX_BODY,
                         help="largest request body in bytes; larger gets 413 (default: "
                         "%(default)s)")
     parser.add_argument("--drain-seconds", type=float, default=30.0,
-                        help="on SIGTERM or Ctrl-C, time for requests in flight to finish "
-                        "(default: %(default)s)")
+                        help="on SIGTERM or Ctrl-C, time for requests in flight to finish; "
+                        "those still unfinished then end with an error (a stream: an error "
+                        "event, then [DONE]; others: 503) (default: %(default)s)")
     parser.add_argument("--model-name", help="the model's id in the API (default: from "
                         "--init-from)")
     parser.add_argument("--device", default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                        "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (default: 0, one per core)")
     parser.add_argument("--seed", type=int, help="seed of the requests that bring none (default: "
                         "a new one at each start)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="weights' dtype; auto: float32 on CPU, bfloat16 on "
-                        "GPUs that have it")
+                        "GPUs that have it (default: %(default)s)")
     args = parser.parse_args(argv)
     common.check_args(args, positive=("max_batch", "step_tokens", "max_queue", "max_body"),
                       non_negative=("drain_seconds",), ranges=(("port", 0, 65535),))

@@ -272,6 +272,7 @@ def test_api_key_base_model_and_full_queue(model, tmp_path):
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers=key).json()["data"][0]["chat"] is False
     response = client.post("/v1/chat/completions", headers=key, json={
         "model": "base", "messages": [{"role": "user", "content": "Hi"}]})
     assert response.status_code == 400 and "not a chat model" in response.json()["error"][
@@ -298,6 +299,41 @@ def test_chat_page_is_served_from_its_file_beside_serve_py(model, tmp_path, monk
     assert response.headers["content-type"].startswith("text/html")
     assert response.text == (ROOT / "serve.html").read_text()
     assert "/v1/chat/completions" in response.text
+
+
+def test_completions_write_special_tokens_as_their_names(model):
+    """A completion is raw text, on a chat model too: the special tokens it generates come out
+    as their names (a padded id as <|id|>), so its text holds every token its usage counts, but
+    the <|endoftext|> that ends it; streamed, one chunk per token; a stop string may name one."""
+    from fastapi.testclient import TestClient
+    script = [chat.USER_END, chat.ASSISTANT_START, 40, chat.ASSISTANT_END, 50300, fineweb.EOT]
+    engine = serve.Engine(model, max_batch=1, log=lambda *a, **k: None)
+    engine.sample = lambda request, logits: script[len(request.output)]  # the model's choices
+    engine.start()
+    client = TestClient(serve.create_app(engine, "chat", chat.FORMAT))
+    text = "<|user_end|><|assistant_start|>I<|assistant_end|><|50300|>"
+    try:
+        short = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).json()
+        assert short["choices"][0]["text"] == "<|user_end|><|assistant_start|>"
+        assert short["usage"]["completion_tokens"] == 2
+        whole = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 10}).json()
+        assert whole["choices"][0] == {"text": text, "index": 0, "logprobs": None,
+                                       "finish_reason": "stop"}
+        assert whole["usage"]["completion_tokens"] == len(script)  # <|endoftext|> counted
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": "hi", "max_tokens": 10, "stream": True,
+                "stream_options": {"include_usage": True}}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        pieces = [e["choices"][0]["text"] for e in events if e["choices"]]
+        assert "".join(pieces) == text and len([p for p in pieces if p]) == len(script) - 1
+        assert events[-1]["usage"]["completion_tokens"] == len(script)
+        stopped = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 10,
+                                                       "stop": "<|assistant_end|>"}).json()
+        assert stopped["choices"][0]["text"] == "<|user_end|><|assistant_start|>I"
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+    finally:
+        engine.stop()
 
 
 # --- a real server in a subprocess
@@ -367,7 +403,7 @@ def test_openai_client(server, model):
     embeddings (its default base64 and floats), models, and errors as its exceptions."""
     import openai
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["chat"]
+    assert [(m.id, m.chat) for m in client.models.list()] == [("chat", True)]
     prompt = "The meaning of life is"
     tokens = greedy(model, chat.encode_text(prompt), 12)
     done = client.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0)
@@ -423,7 +459,8 @@ ERRORS = [  # (path, body, status, the error's param or code, words of its messa
     ("/v1/completions", {"prompt": [5, 60000]}, 400, "prompt", "token ids"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "[0, 2]"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens",
+     "max_tokens must be an integer in [1, 1048576], got 0"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k", "integer"),
     ("/v1/completions", {"prompt": "x", "seed": True}, 400, "seed", "integer"),
@@ -537,7 +574,56 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(checkpoints):
         assert final["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(60) == 0
         assert "200 completion tokens" in "".join(server.lines), "".join(server.lines)
+        assert server.lines[-1] == "stopped (0 requests unfinished)\n"
         assert len(first) > 6
+    finally:
+        server.stop()
+
+
+def test_requests_cut_when_the_drain_runs_out_end_cleanly(checkpoints):
+    """SIGTERM with a short --drain-seconds while 4 long requests are in flight (3 slots: a
+    stream and two others running, one waiting): when the drain runs out the stream ends with
+    an error event in OpenAI's shape and [DONE], the others get 503 in OpenAI's body; the log
+    has one line per cut request, the count in its last line, and no traceback; exit 0."""
+    server = Server("--init-from", checkpoints["base"], "--drain-seconds", "0.2",
+                    "--max-batch", "3")
+    assert "page at / continues text (a base model" in "".join(server.lines)
+    answers = []
+
+    def plain(prompt):  # 1,000 greedy tokens: seconds of work, cut long before its end
+        answers.append(httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 1000, "temperature": 0}))
+
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json={
+                    "prompt": "Once", "max_tokens": 1000, "temperature": 0,
+                    "stream": True}) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                threads = [threading.Thread(target=plain, args=(prompt,))
+                           for prompt in ("Twice", "Thrice", "Four times")]
+                for thread in threads:
+                    thread.start()
+                while server.health() != {"status": "ok", "active": 3, "waiting": 1}:
+                    time.sleep(0.01)
+                server.proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data:")]
+        for thread in threads:
+            thread.join(60)
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] is None
+        assert "--drain-seconds 0.2 ran out" in error["message"]
+        assert all("choices" in json.loads(line[6:]) for line in rest[:-2])  # text until then
+        assert [answer.status_code for answer in answers] == [503] * 3
+        assert all(answer.json()["error"] == error for answer in answers)
+        assert server.proc.wait(60) == 0
+        log = "".join(server.lines)
+        assert "Traceback" not in log and "CancelledError" not in log and "Cancel " not in log
+        assert log.count(error["message"]) == 4  # a line per cut request
+        assert server.lines[-1] == "stopped (4 requests unfinished: --drain-seconds ran out)\n"
     finally:
         server.stop()
 
@@ -551,6 +637,8 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
                          "already in use"),
                         (["--init-from", "x", "--port", "70000"], "--port"),
                         (["--init-from", "x", "--api-key", " "], "--api-key"),
+                        (["--init-from", "x", "--host", "256.1.1.1"],
+                         "--host 256.1.1.1 is not a valid address"),
                         (["--init-from", "x", "--out-dir", "y"], "unrecognized arguments"),
                         (["--init-from", str(tmp_path / "junk.pt")], "--init-from")):
         with pytest.raises(SystemExit) as exit_info:
@@ -558,7 +646,27 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("serve.py: error:") and words in lines[0]
+        assert ":0" not in lines[0]
     taken.close()
+
+
+def test_help_shows_every_default_and_only_serve_py_flags(capsys):
+    """--help: each flag with a default shows it (--device's auto too), and no flag's help
+    names an option that serve.py does not have."""
+    with pytest.raises(SystemExit) as exit_info:
+        serve.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())  # past the usage
+    flags = set(re.findall(r"--[a-z][a-z-]+", text))
+    assert flags <= {"--help", "--init-from", "--host", "--port", "--max-batch", "--step-tokens",
+                     "--max-queue", "--api-key", "--max-body", "--drain-seconds",
+                     "--model-name", "--device", "--threads", "--seed", "--dtype"}, flags
+    for action in serve.parse_args(["--init-from", "x"]).__dict__:
+        if action != "init_from":  # required: it has none
+            flag = "--" + action.replace("_", "-")
+            help_text = text[text.index(flag + " "):][:400].split(" --")[0]
+            assert "(default:" in help_text, flag
+    assert "cpu, cuda, cuda:N or mps (default: auto)" in text
 
 
 def test_bench_serve_runs_the_three_designs_on_the_same_work(capsys):
