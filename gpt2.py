@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -197,10 +198,14 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, per_token=False):
         B, T = idx.shape
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
         loss = None
+        if targets is not None and per_token:  # --token-losses: each position's loss as well
+            losses = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                                     reduction="none")  # (B*T,)
+            return logits, losses.mean(), losses.detach().view(B, T)
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
@@ -312,9 +317,13 @@ class ShardLoader:
         rng = np.random.default_rng([self.seed, self.epoch, shard_id])
         self.windows = rng.permutation(n_windows) if self.shuffle else np.arange(n_windows)
 
-    def next_batch(self):
+    def where(self):
+        """(shard, first token of this rank's slice) of the next batch: its sequences' address."""
         shard_id = int(self.order[self.shard])
-        start = int(self.windows[self.offset]) * self.stride + self.rank * self.B * self.T
+        return shard_id, int(self.windows[self.offset]) * self.stride + self.rank * self.B * self.T
+
+    def next_batch(self):
+        shard_id, start = self.where()
         chunk = self.shards[shard_id][start:start + self.B * self.T + 1]  # (B*T+1,) uint16
         buf = torch.from_numpy(chunk.astype(np.int64))  # a copy: the memory map stays read-only
         x = buf[:-1].view(self.B, self.T)  # (B, T) inputs
@@ -365,13 +374,16 @@ def learning_rate(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, grad_clip, stop):
+def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, grad_clip, stop,
+               track=None):
     """One optimizer step of grad_accum micro-steps. Returns the loss (the mean over all ranks),
-    the gradient's norm, and whether any rank was asked to stop; a NaN loss takes no step."""
+    the gradient's norm, and whether any rank was asked to stop; a NaN loss takes no step.
+    track(shard, start, losses) receives each micro-batch's per-token losses (--token-losses)."""
     ddp = isinstance(model, DDP)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
+        where = loader.where() if track else None  # its address, before next_batch moves on
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # DDP all-reduces the gradients after every backward. Accumulation needs the sum only
@@ -379,7 +391,11 @@ def train_step(model, optimizer, scaler, loader, grad_accum, device, autocast, g
         last = micro_step == grad_accum - 1
         with contextlib.nullcontext() if last or not ddp else model.no_sync():
             with autocast:
-                _, loss = model(x, y)
+                if track is None:
+                    _, loss = model(x, y)
+                else:  # the same pass gives each token's loss (B, T) beside their mean
+                    _, loss, losses = model(x, y, per_token=True)
+                    track(*where, losses)
             loss = loss / grad_accum  # the mean over the whole batch, not a sum of means
             loss_sum += loss.detach().float()
             scaler.scale(loss).backward()
@@ -412,6 +428,82 @@ def estimate_loss(model, loader, batches, device, autocast, world_size):
         total = torch.tensor(total, dtype=torch.float64, device=device)
         dist.all_reduce(total)  # SUM: gloo has no AVG
     return float(total) / (batches * world_size)
+
+
+class TokenLosses:
+    """--token-losses: the loss of each training sequence with its address (shard, first token),
+    and each position's mean loss over each stretch of `span` steps. The sequences say how much
+    each sample costs the model (--hardest lists the worst); the positions show how the loss
+    falls as the context grows, what the position embeddings and the context buy."""
+
+    def __init__(self, span):
+        self.span = span
+        # (n, 3) int64 [step, shard, start] and (n,) float32, a tensor for each micro-batch
+        self.where, self.loss = [torch.zeros(0, 3, dtype=torch.long)], [torch.zeros(0)]
+        self.position_sum, self.position_count = {}, {}  # stretch -> (T,) float64, sequences
+
+    def add(self, step, shard, start, losses):
+        losses = losses.detach().float().cpu()  # (B, T)
+        B, T = losses.shape
+        starts = start + T * torch.arange(B)  # (B,): sequence b is the b-th T tokens
+        self.where.append(torch.stack([torch.full((B,), step), torch.full((B,), shard), starts], 1))
+        self.loss.append(losses.mean(1))  # (B,)
+        stretch = step // self.span
+        self.position_sum[stretch] = self.position_sum.get(stretch, 0) + losses.double().sum(0)
+        self.position_count[stretch] = self.position_count.get(stretch, 0) + B
+
+    def curves(self):
+        """[(first step, (T,) mean loss at each position)] of each stretch."""
+        return [(k * self.span, (total / self.position_count[k]).numpy())
+                for k, total in sorted(self.position_sum.items())]
+
+    def labelled_curves(self):
+        """curves() with a label for each stretch, "steps 0-49"."""
+        last = int(torch.cat(self.where)[:, 0].max())
+        return [(f"steps {start}-{min(start + self.span, last + 1) - 1}", losses)
+                for start, losses in self.curves()]
+
+    def hardest(self, n):
+        """The n sequences trained on in the last stretch with the highest loss, the worst first:
+        (loss, step, shard, start). The model has mostly finished learning by then."""
+        where = torch.cat(self.where)  # (N, 3)
+        loss = torch.cat(self.loss)  # (N,)
+        last = where[:, 0] // self.span == where[:, 0].max() // self.span  # (N,) bool
+        loss, where = loss[last], where[last]
+        order = loss.argsort(descending=True)[:n]
+        return [(loss[i].item(), *where[i].tolist()) for i in order]
+
+    def write(self, path, shards):
+        """The file beside log.jsonl: each sequence's step, shard (and the shards' names), first
+        token and loss; each stretch's first step and mean loss by position."""
+        where = torch.cat(self.where).numpy()
+        curves = self.curves()
+        arrays = dict(step=where[:, 0], shard=where[:, 1], start=where[:, 2],
+                      loss=torch.cat(self.loss).numpy(),
+                      shard_names=np.array([Path(getattr(s, "filename", None) or "").name
+                                            for s in shards]),
+                      span_start=np.array([step for step, _ in curves]),
+                      position_loss=np.stack([curve for _, curve in curves]))
+
+        def save(tmp):
+            with open(tmp, "wb") as file:  # np.savez would add .npz to a name without it
+                np.savez(file, **arrays)
+        common.write_atomic(path, save)
+        return str(path)
+
+    def state_dict(self):
+        stretches = sorted(self.position_sum)
+        return {"where": torch.cat(self.where), "loss": torch.cat(self.loss),
+                "stretches": torch.tensor(stretches, dtype=torch.long),
+                "position_sum": torch.stack([self.position_sum[k] for k in stretches])
+                if stretches else torch.zeros(0),
+                "position_count": torch.tensor([self.position_count[k] for k in stretches])}
+
+    def load_state_dict(self, state):
+        self.where, self.loss = [state["where"]], [state["loss"]]
+        stretches = state["stretches"].tolist()
+        self.position_sum = dict(zip(stretches, state["position_sum"]))
+        self.position_count = dict(zip(stretches, state["position_count"].tolist()))
 
 
 def sample_texts(model, tokens, count, max_new_tokens, temperature, top_k, generator, decode,
@@ -458,7 +550,21 @@ def peak_tflops(device, flag=None):
     return flag or next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in name), None)
 
 
-def main(args):
+@dataclass(frozen=True)
+class Recipe:
+    """What main trains: gpt2.py's GPT with AdamW (GPT2_RECIPE, at the end of the file) unless a
+    stage built on this trainer brings its own (modern.py: its model, Muon, its loss)."""
+    stage: str  # the name its checkpoints, logs and figures carry
+    config: Callable  # args -> a new model's config, a dict
+    model: Callable  # config -> a new model, on the CPU
+    load_model: Callable  # (checkpoint, device) -> a trained model in eval mode, for the modes
+    optimizer: Callable  # (model, args, device) -> an optimizer; a group's lr_scale scales --lr
+    training_models: Callable  # (model, device, dtype, compile) -> (val loss's, training's)
+    after_step: Callable = lambda model: {}  # after each optimizer step: fields for the log
+
+
+def main(args, recipe=None):
+    recipe = recipe or GPT2_RECIPE
     # torchrun starts one process per GPU and tells each its place: RANK among all processes,
     # LOCAL_RANK (its GPU) on this machine, WORLD_SIZE. A plain `python gpt2.py` is rank 0 of 1.
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -468,15 +574,15 @@ def main(args):
                                 args.threads)
     dtype = pick_dtype(args.dtype, device)
     if args.sample or args.eval_hellaswag or args.export_hf:
-        return other_modes(args, device, dtype)
+        return other_modes(args, device, dtype, recipe.load_model)
 
     # Every input is checked before anything is written or any process group is joined.
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     torch.manual_seed(args.seed)
-    checkpoint, model = start_from(args)
+    checkpoint, model = start_from(args, recipe)
     end_step = min(args.max_steps, args.stop_step or args.max_steps)
     if checkpoint is not None and checkpoint["step"] >= end_step:
-        return already_done(args, checkpoint["step"])  # nothing on disk changes
+        return already_done(args, checkpoint["step"], recipe.stage)  # nothing on disk changes
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
@@ -496,15 +602,18 @@ def main(args):
     common.print_header(device, world_size)
 
     model.to(device)
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, device)
+    optimizer = recipe.optimizer(model, args, device)
     # fp16 has too few exponent bits for small gradients: scale the loss up, the grads back down.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # --token-losses: each training sequence's loss, each position's mean (see TokenLosses).
+    tracker = TokenLosses(args.eval_every or args.max_steps) if args.token_losses else None
     start_step = restore_training(
-        checkpoint, "batch-size, seq-len, ranks, data, --shuffle, --seed, --dtype", model=model,
-        optimizer=optimizer, scaler=scaler, loader=train_loader) if checkpoint else 0
+        checkpoint, "batch-size, seq-len, ranks, data, --shuffle, --seed, --dtype, "
+        "--token-losses", model=model, optimizer=optimizer, scaler=scaler, loader=train_loader,
+        **({"token_losses": tracker} if tracker else {})) if checkpoint else 0
     # HellaSwag and sampling run on the eager `model`: their new shapes would recompile.
     use_compile = device.type == "cuda" if args.compile is None else args.compile
-    eval_model, train_model = training_models(model, device, dtype, use_compile)
+    eval_model, train_model = recipe.training_models(model, device, dtype, use_compile)
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     print0(f"preset {args.preset}: {model.config}, {sum(p.numel() for p in model.parameters()):,} "
@@ -514,7 +623,8 @@ def main(args):
     # A resumed run keeps the log of the steps before its checkpoint; the ones after run again.
     log = common.Log(args.out_dir / "log.jsonl", keep_before=start_step, write=master)
     # The ranks hold the same weights: one writes them.
-    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader)
+    save = (functools.partial(save_checkpoint, args, model, optimizer, scaler, train_loader,
+                              stage=recipe.stage, token_losses=tracker)
             if master else lambda step: None)
     # A generator per rank: sampling never moves the training RNG, and the ranks' texts differ.
     sample_generator = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -550,25 +660,28 @@ def main(args):
             timer.start()
             lr = learning_rate(step, args.lr, args.warmup_steps, args.max_steps,
                                args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_loss, norm, stop = train_step(train_model, optimizer, scaler, train_loader,
-                                                grad_accum, device, autocast, args.grad_clip,
-                                                signals.received is not None)
+            for group in optimizer.param_groups:  # modern.py's groups each scale the schedule
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            train_loss, norm, stop = train_step(
+                train_model, optimizer, scaler, train_loader, grad_accum, device, autocast,
+                args.grad_clip, signals.received is not None,
+                functools.partial(tracker.add, step) if tracker else None)
             if not math.isfinite(train_loss):
                 stop_on_bad_loss(train_loss, step, args.out_dir / "checkpoint.pt", log)
+            extra = recipe.after_step(model)  # modern.py's MoE: the experts' load
             timing = timer.stop(step)  # ms, tokens/s and tokens so far
             if peak:
                 timing["mfu"] = model.estimate_mfu(timing["tokens_per_s"] / world_size,
                                                    args.seq_len, peak)
-            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, **timing})
+            log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, **extra,
+                 **timing})
             common.print_step(step, f"loss {train_loss:.6f}", f"lr {lr:.4e}", f"norm {norm:.4f}",
                               str(timer), *([f"MFU {100 * timing['mfu']:.1f}%"] if peak else []))
             if stop:  # no evaluation now: a machine that is going away gives a minute or two
                 stopped = stop_and_save(signals, save, step + 1, args.out_dir)
                 break
     log.close()
-    metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
+    metrics = {"stage": recipe.stage, "preset": args.preset, "config": asdict(model.config),
                "params": sum(p.numel() for p in model.parameters()), "stopped": stopped,
                "steps_done": start_step + len(timer.rates), "seconds": timer.seconds(),
                "train_seconds": round(timer.total, 3), "tokens_per_s": timer.median(),
@@ -580,7 +693,7 @@ def main(args):
     print0(f"{len(timer.rates)} steps in {timer.seconds()} s; {', '.join(finals)}; "
            f"outputs in {args.out_dir}")
     if master:
-        write_outputs(args, log.records, metrics)
+        write_outputs(args, log.records, metrics, tracker, train_loader)
     end_ranks()
     return metrics
 
@@ -601,13 +714,21 @@ def print_samples(texts, numbers, step=None):
               flush=True)
 
 
-def write_outputs(args, records, metrics):
-    """loss.png and metrics.json."""
-    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, args)
+def write_outputs(args, records, metrics, tracker=None, loader=None):
+    """loss.png and metrics.json; with --token-losses, token_losses.npz, position_loss.png and
+    the --hardest report."""
+    metrics["figure"] = draw_figure(args.out_dir / "loss.png", records, args, metrics["stage"])
+    if tracker is not None:
+        metrics["token_losses"] = tracker.write(args.out_dir / "token_losses.npz", loader.shards)
+        metrics["position_figure"] = draw_position_loss(
+            args.out_dir / "position_loss.png", tracker.labelled_curves(),
+            f"{metrics['stage']}.py --preset {args.preset}: loss by position")
+        if args.hardest:
+            print_hardest(tracker.hardest(args.hardest), loader.shards, args.seq_len)
     common.write_json(args.out_dir / "metrics.json", metrics)
 
 
-def draw_figure(path, records, args):
+def draw_figure(path, records, args, stage=STAGE):
     """Train and val loss, and HellaSwag if measured, against step, with GPT-2 124M's scores (its
     val loss only on FineWeb-Edu, the data it was measured on)."""
     plt = common.pyplot()
@@ -619,36 +740,70 @@ def draw_figure(path, records, args):
     fig, axes = plt.subplots(1, panels, figsize=(2 + 5 * panels, 4), squeeze=False)
     common.plot_curves(axes[0][0], records, ("train_loss", "val_loss"), openai_val,
                        ylabel="loss (nats per token)")
-    axes[0][0].set_title(f"{STAGE}.py --preset {args.preset} on {name}")
+    axes[0][0].set_title(f"{stage}.py --preset {args.preset} on {name}")
     if panels == 2:
         common.plot_curves(axes[0][1], records, ("hellaswag",),
                            [("OpenAI GPT-2 124M (0.2955)", 0.2955)], ylabel="HellaSwag acc_norm")
     return common.save_figure(fig, path)
 
 
-def save_checkpoint(args, model, optimizer, scaler, loader, step):
+def draw_position_loss(path, curves, title):
+    """Mean loss against position in the context, a line for each (label, (T,) losses): the
+    first positions see almost no context, the last ones a whole window. Positions are pooled
+    in bins that widen with the position (1, 2, 3-4, ...), as even steps on the log axis."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(curves)))
+    for (label, losses), color in zip(curves, colors):
+        edges = np.unique(np.round(np.geomspace(1, len(losses) + 1, 24)).astype(int))
+        x = [np.sqrt(a * (b - 1)) for a, b in zip(edges, edges[1:])]  # each bin's middle
+        y = [losses[a - 1:b - 1].mean() for a, b in zip(edges, edges[1:])]
+        ax.plot(x, y, "o-", color=color, lw=1.2, ms=3, label=label)
+    ax.set(xscale="log", xlabel="position in the context (tokens seen, log scale)",
+           ylabel="mean training loss (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return common.save_figure(fig, path)
+
+
+def print_hardest(hardest, shards, seq_len):
+    """--hardest N: the training sequences the model found hardest at the end, as text."""
+    enc = fineweb.get_encoding()
+    for rank, (loss, step, shard, start) in enumerate(hardest, 1):
+        tokens = [t for t in shards[shard][start:start + seq_len].tolist() if t < enc.n_vocab]
+        name = Path(getattr(shards[shard], "filename", None) or f"shard {shard}").name
+        print(f"--- hardest {rank}: loss {loss:.4f} at step {step}, {name} tokens "
+              f"{start}-{start + seq_len}:\n{enc.decode(tokens)}", flush=True)
+
+
+def save_checkpoint(args, model, optimizer, scaler, loader, step, stage=STAGE,
+                    token_losses=None):
     """Everything a resume needs, the data's position and the RNG state included."""
     checkpoint = {
-        "stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "step": step, "scaler": scaler.state_dict(), "config": asdict(model.config),
         "loader": loader.state_dict(), "rng": rng_state(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    if token_losses is not None:
+        checkpoint["token_losses"] = token_losses.state_dict()
     # Written beside its final name, then renamed: a crash mid-write leaves the old one whole.
     common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 
-def start_from(args):
+def start_from(args, recipe):
     """(checkpoint or None, model on the CPU): --resume's, --init-from's, or a new one."""
     checkpoint = None
     if args.resume is not None:  # default: <out-dir>/checkpoint.pt
-        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
+        checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt",
+                                            recipe.stage,
                                             "cannot resume; drop --resume to start afresh")
-        model = GPT(GPTConfig(**checkpoint["config"]))  # restore_training loads its weights
+        model = recipe.model(checkpoint["config"])  # restore_training loads its weights
     elif args.init_from is not None:
-        model = load_model(args.init_from).train()
+        model = recipe.load_model(args.init_from).train()
     else:
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
-                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
+        model = recipe.model(recipe.config(args))
     if args.seq_len > model.config.block_size:
         die(f"--seq-len {args.seq_len} is longer than the model's block size "
             f"{model.config.block_size}; lower --seq-len")
@@ -682,12 +837,12 @@ def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states a
         torch.cuda.set_rng_state(cuda_state, index)
 
 
-def already_done(args, step):
+def already_done(args, step, stage=STAGE):
     """--resume of a run that has already reached its end: say so, and change nothing."""
     end = (f"complete at step {step} (--max-steps {args.max_steps})" if step >= args.max_steps
            else f"at step {step}, its --stop-step {args.stop_step} (raise it or drop it to go on)")
     print0(f"the run in {args.out_dir} is already {end}: nothing was changed")
-    return {"stage": STAGE, "steps_done": step}
+    return {"stage": stage, "steps_done": step}
 
 
 def stop_and_save(signals, save, step, out_dir):
@@ -725,10 +880,11 @@ def end_ranks():
 
 # --- the modes without training: --sample, --eval-hellaswag, --export-hf
 
-def other_modes(args, device, dtype):
-    """--sample, --eval-hellaswag, --export-hf: weights used without training."""
+def other_modes(args, device, dtype, load):
+    """--sample, --eval-hellaswag, --export-hf: weights used without training, read by `load`
+    (load_model, or modern.py's)."""
     examples = load_hellaswag(args) if args.eval_hellaswag else None
-    model = load_model(args.init_from or args.out_dir / "checkpoint.pt", device)
+    model = load(args.init_from or args.out_dir / "checkpoint.pt", device)
     if args.export_hf:
         write_hf_gpt2(args.export_hf, model.state_dict(), asdict(model.config))
         return {"export_hf": str(args.export_hf)}
@@ -973,36 +1129,48 @@ class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight.T, targets) and its gradients, `chunk` rows of logits at a
     time: the (N, 50,304) logits, the largest tensor by far, become the softmax and then the
     gradient in place, instead of being walked many times. For CPU training in float32; on a GPU
-    torch.compile fuses the plain path instead."""
+    torch.compile fuses the plain path instead. Returns the mean loss and each row's (N,), which
+    the softmax makes anyway. softcap > 0 caps the logits at softcap * tanh(logits / softcap)
+    first (modern.py's output layer)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
+    def forward(ctx, x, weight, targets, chunk, softcap=0.0):
         # x (N, C), weight (V, C), targets (N,)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)  # (N,)
         grad_x = torch.empty_like(x)  # (N, C)
         grad_weight = torch.zeros_like(weight)  # (V, C)
         for start in range(0, x.size(0), chunk):
             xs, ts = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
             logits = xs @ weight.t()  # (n, V)
+            if softcap:
+                squash = torch.tanh(logits.div_(softcap))  # (n, V), kept for the gradient
+                torch.mul(squash, softcap, out=logits)  # (n, V), the capped logits
             target_logit = logits.gather(1, ts[:, None])  # (n, 1)
-            top = logits.amax(dim=1, keepdim=True)  # (n, 1), subtracted so exp cannot overflow
+            # Subtracted so that exp cannot overflow: the largest logit, or the cap itself.
+            top = softcap or logits.amax(dim=1, keepdim=True)  # (n, 1) or a number
             torch.sub(logits, top, out=logits).exp_()  # (n, V), unnormalised probabilities
             norm = logits.sum(dim=1, keepdim=True)  # (n, 1)
-            total += (top + norm.log() - target_logit).sum()  # -log softmax at the target
+            rows = top + norm.log() - target_logit  # (n, 1): -log softmax at the target
+            total += rows.sum()
+            losses[start:start + chunk] = rows[:, 0]
             logits.div_(norm)  # (n, V), softmax
             logits[torch.arange(len(ts), device=x.device), ts] -= 1  # d loss / d logits
+            if softcap:  # through the cap: d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2
+                logits.addcmul_(logits, squash.square_(), value=-1)  # (n, V)
             torch.mm(logits, weight, out=grad_x[start:start + chunk])  # (n, C)
             grad_weight.addmm_(logits.t(), xs)  # (V, C)
         ctx.save_for_backward(grad_x, grad_weight)
+        ctx.mark_non_differentiable(losses)
         ctx.n = x.size(0)
-        return total / ctx.n
+        return total / ctx.n, losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_losses):
         grad_x, grad_weight = ctx.saved_tensors
         scale = grad_loss / ctx.n  # the loss is a mean over the N positions
         # In place: the saved gradients are used once, and (V, C) is a large copy to avoid.
-        return grad_x.mul_(scale), grad_weight.mul_(scale), None, None
+        return grad_x.mul_(scale), grad_weight.mul_(scale), None, None, None
 
 
 class FusedLossGPT(nn.Module):
@@ -1014,11 +1182,12 @@ class FusedLossGPT(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, per_token=False):
         B, T = idx.shape
         x = self.gpt.hidden_states(idx).view(B * T, -1)  # (B*T, C)
-        return None, LinearCrossEntropy.apply(x, self.gpt.lm_head.weight,
-                                              targets.reshape(B * T), self.CHUNK)
+        loss, losses = LinearCrossEntropy.apply(x, self.gpt.lm_head.weight,
+                                                targets.reshape(B * T), self.CHUNK)
+        return (None, loss, losses.view(B, T)) if per_token else (None, loss)
 
 
 def training_models(model, device, dtype, use_compile):
@@ -1035,6 +1204,18 @@ def training_models(model, device, dtype, use_compile):
 def variable_length_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
+
+
+def gpt2_config(args):
+    return dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                n_head=args.n_head, n_embd=args.n_embd)
+
+
+# What main trains by default: GPT-2 with AdamW, its loss fused on a CPU.
+GPT2_RECIPE = Recipe(
+    STAGE, gpt2_config, lambda config: GPT(GPTConfig(**config)), load_model,
+    lambda model, args, device: model.configure_optimizer(args.lr, args.weight_decay, device),
+    training_models)
 
 
 # --- command line
@@ -1063,12 +1244,20 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun).",
-                                "data/shards", "a folder of fineweb.py's shards", seed=1337)
-    preset = functools.partial(common.by_preset, PRESETS)
-    parser.add_argument("--preset", choices=list(PRESETS), default="gpt2",
-                        help="model size and training defaults: gpt2 (124M) to gpt2-xl, or cpu, "
-                        "cpu-tiny for a laptop; a flag overrides its value (default: gpt2)")
+    parser = make_parser(STAGE, "Pre-train GPT-2 on token shards (python or torchrun).", PRESETS,
+                         "gpt2 (124M) to gpt2-xl, or cpu, cpu-tiny for a laptop")
+    return finish_args(parser.parse_args(argv), PRESETS)
+
+
+def make_parser(stage, description, presets, preset_names, hf=True):
+    """This trainer's flags, each preset's values in their help; modern.py adds its own flags.
+    hf: --init-from and --export-hf take and write Hugging Face's GPT-2."""
+    parser = common.make_parser(stage, description, "data/shards",
+                                "a folder of fineweb.py's shards", seed=1337)
+    preset = functools.partial(common.by_preset, presets)
+    parser.add_argument("--preset", choices=list(presets), default="gpt2",
+                        help=f"model size and training defaults: {preset_names}; a flag "
+                        "overrides its value (default: gpt2)")
     model = parser.add_argument_group("model")
     model.add_argument("--n-layer", type=int, help="Transformer blocks " + preset("n_layer"))
     model.add_argument("--n-head", type=int, help="attention heads " + preset("n_head"))
@@ -1078,8 +1267,9 @@ def parse_args(argv=None):
                        help="longest context the model can take " + preset("block_size"))
     model.add_argument("--vocab-size", type=int, default=50304,
                        help="rows of the embedding: GPT-2's 50,257 tokens padded (default: 50304)")
-    model.add_argument("--init-from", help="weights to start from or use: gpt2 to gpt2-xl (the "
-                       "Hugging Face hub), a Hugging Face folder, or a gpt2.py checkpoint")
+    model.add_argument("--init-from", help="weights to start from or use: " + (
+        "gpt2 to gpt2-xl (the Hugging Face hub), a Hugging Face folder, or a gpt2.py checkpoint"
+        if hf else f"a {stage}.py checkpoint"))
     train = parser.add_argument_group("training")
     train.add_argument("--batch-size", type=int, help="micro-batch: sequences per forward pass "
                        "and rank " + preset("batch_size"))
@@ -1134,19 +1324,33 @@ def parse_args(argv=None):
                        help="divide the logits by this before sampling; 0: greedy (default: 1.0)")
     evals.add_argument("--top-k", type=int, default=50,
                        help="sample among the k likeliest tokens (0: all; default: %(default)s)")
+    evals.add_argument("--token-losses", action="store_true", help="keep each training "
+                       "sequence's loss and each position's mean loss: token_losses.npz and "
+                       "position_loss.png (under torchrun, rank 0's sequences)")
+    evals.add_argument("--hardest", type=int, default=0, metavar="N", help="at the end, print "
+                       "the N training sequences of the last --eval-every steps with the highest "
+                       "loss (implies --token-losses; default: 0, none)")
     modes = parser.add_argument_group("modes without training (the weights: --init-from, "
                                       "default <out-dir>/checkpoint.pt)")
     modes.add_argument("--sample", action="store_true", help="generate text")
     modes.add_argument("--eval-hellaswag", action="store_true", help="score HellaSwag")
-    modes.add_argument("--export-hf", type=Path, help="write a folder for GPT2LMHeadModel")
-    args = common.use_preset(parser.parse_args(argv), PRESETS)
+    if hf:
+        modes.add_argument("--export-hf", type=Path, help="write a folder for GPT2LMHeadModel")
+    parser.set_defaults(export_hf=None)  # without hf: never asked for
+    return parser
+
+
+def finish_args(args, presets):
+    """The preset's values for the flags left unset, then every check of the flags."""
+    args = common.use_preset(args, presets)
+    args.token_losses = args.token_losses or args.hardest > 0
     args.seq_len = args.seq_len or args.block_size  # 0 means the block size too
     common.check_args(
         args, positive=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                         "seq_len", "total_batch_size", "max_steps", "eval_batches", "lr",
                         "num_samples", "stop_step", "peak_tflops"),
         non_negative=("warmup_steps", "eval_every", "hellaswag_every", "hellaswag_limit",
-                      "sample_every", "sample_tokens", "top_k", "checkpoint_every"),
+                      "sample_every", "sample_tokens", "top_k", "checkpoint_every", "hardest"),
         ranges=(("lr", 0, 10), ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10),
                 ("grad_clip", 0, math.inf), ("temperature", 0, 100)))
     if args.n_embd % args.n_head:

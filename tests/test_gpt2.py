@@ -721,3 +721,54 @@ def test_restore_training_puts_every_part_back_or_names_the_flags(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume" in err[0] and "--seed x" in err[0], err
 
+
+
+# --- per-token losses (--token-losses, --hardest)
+
+def test_per_token_losses_come_from_the_same_pass():
+    """Both training paths give each token's loss beside the mean: F.cross_entropy's, their mean
+    the loss (the fused path's loss bit for bit what it is without them)."""
+    model = tiny_model().train()
+    x, y = torch.randint(0, VOCAB, (3, 7)), torch.randint(0, VOCAB, (3, 7))
+    expected = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="none")
+    fused = gpt2.FusedLossGPT(model)
+    fused.CHUNK = 5
+    for path in (model, fused):
+        _, loss, losses = path(x, y, per_token=True)
+        assert losses.shape == (3, 7) and not losses.requires_grad
+        torch.testing.assert_close(losses.flatten(), expected, atol=1e-5, rtol=1e-5)
+        assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert fused(x, y, per_token=True)[1].item() == fused(x, y)[1].item()
+
+
+def test_token_losses_file_figure_and_hardest(tmp_path, shards, capsys):
+    """--hardest 2: every training sequence's loss with its address (their mean per step is
+    the logged train loss), each stretch of --eval-every steps' loss by position, the figure,
+    and the two worst sequences of the last stretch printed as text; the training itself is
+    the same as without tracking, and a resumed run's file equals an uninterrupted one's."""
+    base = TINY + ["--data", shards, "--vocab-size", "50304", "--max-steps", "8", "--shuffle"]
+    train(base + ["--out-dir", tmp_path / "plain"])
+    capsys.readouterr()
+    train(base + ["--out-dir", tmp_path / "tracked", "--hardest", "2"])
+    printed = capsys.readouterr().out
+    assert train_losses(tmp_path / "tracked") == train_losses(tmp_path / "plain")
+    saved = np.load(tmp_path / "tracked" / "token_losses.npz")
+    assert len(saved["loss"]) == 8 * 4  # 8 steps of 2 micro-steps of 2 sequences
+    assert saved["position_loss"].shape == (3, 16)  # steps 0-2, 3-5, 6-7 by 16 positions
+    assert list(saved["span_start"]) == [0, 3, 6]
+    means = [saved["loss"][saved["step"] == s].mean() for s in range(8)]
+    np.testing.assert_allclose(means, train_losses(tmp_path / "tracked"), rtol=1e-5)
+    names = saved["shard_names"][saved["shard"]]
+    assert all(name.startswith("test_train_") for name in names)
+    assert set(saved["start"] % 16) == {0}
+    assert (tmp_path / "tracked" / "position_loss.png").read_bytes()[:4] == b"\x89PNG"
+    hardest = [line for line in printed.splitlines() if line.startswith("--- hardest")]
+    assert len(hardest) == 2 and ("at step 6" in hardest[0] or "at step 7" in hardest[0])
+    first, second = (float(line.split("loss ")[1].split()[0]) for line in hardest)
+    last = saved["loss"][saved["step"] >= 6]
+    assert first == pytest.approx(last.max(), abs=1e-4) and second <= first
+    train(base + ["--out-dir", tmp_path / "split", "--token-losses", "--stop-step", "4"])
+    train(base + ["--out-dir", tmp_path / "split", "--token-losses", "--resume"])
+    split = np.load(tmp_path / "split" / "token_losses.npz")
+    for key in ("step", "shard", "start", "loss", "position_loss"):
+        np.testing.assert_array_equal(split[key], saved[key])
