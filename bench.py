@@ -16,6 +16,8 @@
     python bench.py serve        # output tokens/s and time to first token of serve.py's
                                  # engine (16 clients at once) against the same requests one
                                  # at a time and transformers' generate in static batches
+    python bench.py rl           # tokens/s of rl.py's rollouts through serve.py's engine
+                                 # against GPT.generate group by group
 
 Each benchmark times a project script against a straightforward design of the same work, on the
 same machine at the same time: the two take turns (rounds of steps, chunks of examples, fresh
@@ -1019,6 +1021,88 @@ def run_serve(args):
                   result)
 
 
+def add_rl_arguments(parser):
+    add_model_arguments(parser, "cpu")  # rl.py's quick-start shape, random weights
+    parser.add_argument("--init-from", help="a chat.py checkpoint instead of random weights")
+    parser.add_argument("--questions", type=int, default=8, help="questions of one RL step "
+                        "(default: %(default)s)")
+    parser.add_argument("--group", type=int, default=8, help="samples per question "
+                        "(default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="longest reply "
+                        "(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each design "
+                        "(default: %(default)s)")
+
+
+def run_rl(args):
+    """One RL step's rollouts (--questions prompts of rl.py's task, --group samples each, at
+    temperature 1) through serve.py's engine, as rl.rollouts samples them (every sample in one
+    continuous batch), against gpt2.GPT.generate group by group (one prompt's samples as one
+    batch), taking turns. Both count the tokens of each reply up to its end token; generate,
+    which has no stop, runs each group only as far as its longest reply went. The check: greedy
+    replies (temperature 0) are the same tokens both ways."""
+    import chat
+    import rl
+    import serve
+    require_positive(args, "questions", "group", "new_tokens", "rounds")
+    device = common.pick_device(args.device)
+    if args.init_from:
+        model = chat.load_chat_model(args.init_from, device)[0]
+    else:
+        torch.manual_seed(args.seed)
+        model = gpt2.GPT(model_config(args, device)).to(device).eval()
+    prompts = [chat.render_prompt([{"role": "user", "content": question}])
+               for question, _ in rl.task_rows(args.seed, args.questions)]
+    engine = serve.Engine(model, len(prompts) * args.group, max_queue=0,
+                          log=lambda *a, **k: None, step_tokens=1 << 20)
+
+    def by_engine(turn, temperature=1.0):
+        seeds = rl.rollout_seeds(args.seed + turn, 0, len(prompts), args.group)
+        return rl.rollouts(engine, prompts, args.group, args.new_tokens, temperature, 0, seeds)
+
+    def by_generate(turn, temperature=1.0, lengths=None):
+        generator = torch.Generator(device).manual_seed(args.seed + turn)
+        replies = []
+        for i, prompt in enumerate(prompts):
+            n = lengths[i] if lengths else args.new_tokens
+            out = model.generate(torch.tensor([prompt] * args.group, device=device), n,
+                                 temperature, generator=generator)[:, len(prompt):]
+            replies.append([reply[:min([reply.index(t) + 1 for t in rl.STOPS if t in reply],
+                                       default=n)] for reply in out.tolist()])
+        return replies
+
+    # generate runs a group as far as its longest reply in the engine's run of the same turn
+    longest = {}
+
+    def engine_turn(turn):
+        replies = by_engine(turn)
+        longest[turn] = [max(map(len, group)) for group in replies]
+        return replies
+    by_engine(-1), by_generate(-1, lengths=[2] * len(prompts))  # warm-up
+    runs = take_turns({"engine": engine_turn,
+                       "generate": lambda turn: by_generate(turn, lengths=longest[turn])},
+                      range(args.rounds))
+    tokens = {name: [sum(len(r) for group in value for r in group) for value, _, _ in turns]
+              for name, turns in runs.items()}
+    rate = {name: sum(tokens[name]) / sum(wall for _, wall, _ in turns)
+            for name, turns in runs.items()}
+    same = by_engine(0, 0.0) == by_generate(0, 0.0)
+    result = {"device": device_name(device), "config": asdict(model.config),
+              "questions": args.questions, "group": args.group, "new_tokens": args.new_tokens,
+              "engine_tokens_per_s": round(rate["engine"], 1),
+              "generate_tokens_per_s": round(rate["generate"], 1),
+              "speedup": rate["engine"] / rate["generate"], "same_tokens_greedy": same}
+    rows = [[name, f"{rate[name]:,.1f}", sum(tokens[name]),
+             f"{sum(wall for _, wall, _ in runs[name]):.2f}",
+             f"{sum(cpu for _, _, cpu in runs[name]):.2f}"] for name in runs]
+    return report(args, f"RL rollouts: {args.questions} questions x {args.group} samples, up to "
+                  f"{args.new_tokens} tokens, temperature 1, {model.config}, "
+                  f"{result['device']}, {args.rounds} rounds",
+                  ["design", "tokens/s", "tokens", "wall s", "CPU s"], rows,
+                  f"engine rollouts: {result['speedup']:.2f}x generate group by group; greedy "
+                  f"tokens identical: {same}", result)
+
+
 # name -> (add_arguments, run, help)
 BENCHMARKS = {
     "train": (add_train_arguments, run_train,
@@ -1033,6 +1117,8 @@ BENCHMARKS = {
                 "tokens/s and peak memory of fineweb.py against a multiprocessing Pool"),
     "serve": (add_serve_arguments, run_serve,
               "serve.py's continuous batching against one at a time and static batches"),
+    "rl": (add_rl_arguments, run_rl,
+           "rl.py's rollouts through serve.py's engine against GPT.generate group by group"),
 }
 
 
