@@ -1024,11 +1024,12 @@ def run_serve(args):
 def add_rl_arguments(parser):
     add_model_arguments(parser, "cpu")  # rl.py's quick-start shape, random weights
     parser.add_argument("--init-from", help="a chat.py checkpoint instead of random weights")
+    # rl.py's cpu preset: 8 questions a step, 8 replies each, up to 8 tokens
     parser.add_argument("--questions", type=int, default=8, help="questions of one RL step "
                         "(default: %(default)s)")
     parser.add_argument("--group", type=int, default=8, help="samples per question "
                         "(default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="longest reply "
+    parser.add_argument("--new-tokens", type=int, default=8, help="longest reply "
                         "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each design "
                         "(default: %(default)s)")

@@ -202,8 +202,9 @@ def pad_vocab(model, vocab_size=VOCAB_SIZE):
     return padded
 
 
-LOAD_HINT = ("pass --init-from with a chat.py or gpt2.py checkpoint, a Hugging Face GPT-2 folder "
-             "or a hub name such as gpt2")
+LOAD_HINT = ("pass --init-from with a chat.py, rl.py or gpt2.py checkpoint, a Hugging Face GPT-2 "
+             "folder or a hub name such as gpt2")
+CHAT_STAGES = (STAGE, "rl")  # checkpoints of chat models: this file's and rl.py's (stage 10)
 
 
 def read_checkpoint(path):
@@ -212,8 +213,9 @@ def read_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
         die(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}); {LOAD_HINT}")
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") not in (STAGE, gpt2.STAGE):
-        die(f"{path} is not a chat.py or gpt2.py checkpoint; {LOAD_HINT}")
+    if not isinstance(checkpoint, dict) or checkpoint.get("stage") not in (*CHAT_STAGES,
+                                                                            gpt2.STAGE):
+        die(f"{path} is not a chat.py, rl.py or gpt2.py checkpoint; {LOAD_HINT}")
     return checkpoint
 
 
@@ -228,7 +230,7 @@ def model_from_checkpoint(checkpoint, path):
 
 
 def load_chat_model(source, device="cpu"):
-    """(model in eval mode, chat format) from a chat.py checkpoint (its recorded format), or
+    """(model in eval mode, chat format) from a chat.py or rl.py checkpoint (its format), or
     (model, None) from a base model: a gpt2.py checkpoint, a Hugging Face GPT-2 folder or a hub
     name, padded to 50,304 rows with the special tokens' rows initialised by init_special_rows.
     A file, or a folder holding checkpoint.pt; anything else dies in one line."""
@@ -237,7 +239,8 @@ def load_chat_model(source, device="cpu"):
     if path.is_file():
         checkpoint = read_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path)
-        chat_format = checkpoint.get("chat_format") if checkpoint["stage"] == STAGE else None
+        chat_format = (checkpoint.get("chat_format") if checkpoint["stage"] in CHAT_STAGES
+                       else None)
     else:  # a Hugging Face folder or hub name: gpt2.py's loader and its errors (offline too)
         model, chat_format = gpt2.load_model(source), None
     if chat_format is None:
@@ -1018,7 +1021,7 @@ def parse_args(argv=None):
                         help="training defaults: cpu (gpt2.py's cpu checkpoint, the task mix) or "
                         "gpt2 (OpenAI's 124M, smol-smoltalk; a GPU); a flag overrides its value "
                         "(default: cpu)")
-    parser.add_argument("--init-from", help="the model to fine-tune: a gpt2.py or chat.py "
+    parser.add_argument("--init-from", help="the model to fine-tune: a gpt2.py, chat.py or rl.py "
                         "checkpoint, a Hugging Face GPT-2 folder or hub name (gpt2); with --chat/"
                         "--prompt/--export-hf, the fine-tuned model (default: "
                         "<out-dir>/checkpoint.pt)")

@@ -22,12 +22,15 @@ and the ratio is 1; the KL penalty toward the starting model, because runs this 
 it anyway (DAPO, Yu et al., 2025, drops it too); and a value network, which GRPO had already
 replaced by the group's mean.
 
-The task (`--data tasks`, generated from the seed like chat.py's task mix): "Second word: king
-love night queen" -> " love", phrases of 3 to 5 of chat.py's words. chat.py's model never saw
-it. A short supervised cold start on a few hundred labelled examples (--sft-steps, as
-DeepSeek-R1 began its RL from a small SFT set) leaves the model unsure, with its right answer
-among a few candidates: pass@1 well below pass@8, which is the room RL learns in. The RL
-questions carry no answers the model sees; only the verifier compares.
+The task (`--data tasks`, generated from the seed like chat.py's task mix): "How many words:
+lord king lord night crown blood love" -> "There are 7.", phrases of 6 to 10 of chat.py's words,
+where chat.py taught 2 to 5. The verifier reads the reply's last number, as GSM8K's check does. A
+short supervised cold start on a few hundred labelled examples (--sft-steps, as DeepSeek-R1 began
+its RL from a small SFT set) teaches the reply's form and leaves the count unsure, the right one
+among its neighbours: pass@1 well below pass@8, which is the room RL learns in. RL turns "right
+sometimes" into "right most times"; it cannot find an answer the model never samples (a run
+without the cold start never scores, so never learns). The RL questions carry no answers the
+model sees; only the verifier compares.
 
 Run (CPU quick start, after README's chat quick start made out/chat/checkpoint.pt):
     python rl.py --init-from out/chat/checkpoint.pt
@@ -37,15 +40,16 @@ GPU (the `gpt2` preset: chat.py's gpt2 checkpoint on GSM8K, rewarded for the fin
     python rl.py --preset gpt2
     torchrun --standalone --nproc_per_node=8 rl.py --preset gpt2
 
-Measured (2-core Intel Xeon, torch 2.13, --threads 1, 2026-12-03), from chat.py's quick-start
-checkpoint: the cold start leaves held-out pass@1 0.244, pass@8 0.740; 300 RL steps (231 s of
-steps, 4 min 28 s in all) raise pass@1 to 0.321 (pass@8 0.660). The same minutes of more SFT on
-the same labels (678 steps) reach pass@1 0.499, pass@8 0.880: labels beat rewards here. More in
+Measured (2-core Intel Xeon, torch 2.13, 2026-12-03), from chat.py's quick-start checkpoint: the
+cold start leaves held-out pass@1 0.459, pass@8 0.970; 200 RL steps (103 s of steps, 2 min 6 s
+in all) raise pass@1 to 0.978 (pass@8 1.000). The same minutes of more SFT on the 300 labels
+reach 0.986 by their 50th step: where labels exist, they teach faster than a reward. More in
 README.md (Stage 10).
 
 Outputs in --out-dir (default out/rl): log.jsonl, metrics.json (heldout_pass1, heldout_passk and
 their values before RL, k), rl.png (reward and held-out pass@1 against step), checkpoint.pt
-(model, optimizer, step, the cold start's data position, RNG state, the chat format).
+(model, optimizer, step, the cold start's data position, RNG state, the chat format): chat.py
+--chat and serve.py load it as they load chat.py's.
 """
 import functools
 import json
@@ -74,10 +78,11 @@ STAGE = "rl"
 # --- the task and its verifier
 
 def make_question(rng):
-    """(question, answer) of the bundled task: the second word of a phrase of 3 to 5 distinct
-    words. chat.py's model can copy the first and the last word; the second is new to it."""
-    words = rng.sample(chat.WORDS, rng.randint(3, 5))
-    return f"Second word: {' '.join(words)}", words[1]
+    """(question, answer) of the bundled task: how many words a phrase of 6 to 10 of chat.py's
+    words has (a word may repeat). chat.py taught its model to count phrases of 2 to 5 words, in
+    its reply form "There are 4."; longer phrases are new to it."""
+    words = [rng.choice(chat.WORDS) for _ in range(rng.randint(6, 10))]
+    return f"How many words: {' '.join(words)}", f"There are {len(words)}."
 
 
 def task_rows(seed, n):
@@ -101,9 +106,11 @@ def final_number(text):
 
 
 def verify(reply, answer):
-    """The reward of a reply's text: 1.0 if its final answer is `answer`, else 0.0. A numeric
-    answer (GSM8K's) is compared with the reply's last number; a word, with the whole reply."""
-    expected = final_number(answer) if NUMBER.fullmatch(answer.strip()) else None
+    """The reward of a reply's text: 1.0 if its final answer is right, else 0.0. An answer with a
+    number (GSM8K's, the bundled task's) is right when the reply's last number is the answer's
+    last number, whatever the words around it; an answer without one, when the whole reply is
+    the answer."""
+    expected = final_number(answer)
     if expected is not None:
         return float(final_number(reply) == expected)
     return float(reply.strip() == answer.strip())
@@ -443,12 +450,13 @@ def read_rows(args):
     else:
         try:
             import datasets
-            hub = datasets.load_dataset(str(args.data), "main", split=args.split)
+            config = args.config or ("main" if str(args.data) == GSM8K else None)
+            hub = datasets.load_dataset(str(args.data), config, split=args.split)
         except ImportError:
             die(f"--data {args.data} needs the datasets package (pip install datasets)")
         except Exception as err:  # datasets raises many kinds: offline, not found, bad split
             die(f"cannot load --data {args.data} split {args.split} through datasets "
-                f"({type(err).__name__}); check the name and --split, or pass a .jsonl")
+                f"({type(err).__name__}); check the name, --config and --split, or pass a .jsonl")
         raw = [(f"{args.data} row {i + 1}", row) for i, row in enumerate(hub)]
     rows = []
     for where, row in raw:
@@ -476,11 +484,9 @@ def open_data(args, block_size):
             die(f"--data {args.data}: the answer to {question[:40]!r} has no final value after "
                 "####; fix that row")
         finals.append((question, final))
-    # A labelled reply is the answer's text (GSM8K's calculator notes <<...>> dropped); the
-    # bundled task's reply is the word after a space, the token chat.py's model copies.
+    # A labelled reply is the answer's text, GSM8K's calculator notes <<...>> dropped.
     labelled = [[{"role": "user", "content": q},
-                 {"role": "assistant", "content": f" {a}" if str(args.data) == "tasks" else
-                  re.sub(r"<<[^>]*>>", "", a)}]
+                 {"role": "assistant", "content": re.sub(r"<<[^>]*>>", "", a)}]
                 for q, a in rows[args.task_n:args.task_n + args.sft_examples]]
     examples, _, _ = chat.fit_to_context(labelled, block_size)
     room = block_size - args.max_new_tokens
@@ -518,6 +524,8 @@ def draw_figure(path, records, before, args):
                               ("heldout_pass1", "held-out pass@1", dict(marker="o")),
                               ("heldout_passk", f"held-out pass@{args.k}", dict(marker="s"))):
         points = [(r["step"], r[key]) for r in records if key in r]
+        if points and key != "reward":  # held-out values start from the ones before RL
+            points = [(0, before[key.replace("heldout_", "")])] + points
         if points:
             ax.plot(*zip(*points), label=label, **style)
     ax.axhline(before["pass1"], ls="--", c="gray", lw=0.8, label="pass@1 before")
@@ -531,16 +539,17 @@ def draw_figure(path, records, before, args):
 
 # --- command line
 
+GSM8K = "openai/gsm8k"  # its configuration "main" has the worked solutions, "socratic" others
 PRESETS = {
     # chat.py's cpu checkpoint on the bundled task: a cold start, then RL; minutes on 2 cores.
     "cpu": dict(init_from="out/chat/checkpoint.pt", data="tasks", sft_examples=300,
-                sft_steps=60, sft_lr=1e-3, train_questions=5000, task_n=100,
-                questions_per_step=8, group=8, batch_size=32, max_steps=300, lr=2e-4,
-                warmup_steps=10, max_new_tokens=8, rollout_batch=64, eval_every=100,
+                sft_steps=40, sft_lr=1e-3, train_questions=5000, task_n=100,
+                questions_per_step=8, group=8, batch_size=32, max_steps=200, lr=5e-4,
+                warmup_steps=10, max_new_tokens=8, rollout_batch=64, eval_every=50,
                 checkpoint_every=0),
     # chat.py's gpt2 checkpoint on GSM8K (openai/gsm8k, config main), rewarded for the final
     # number: a cold start on 1,000 worked solutions, then RL on the remaining questions.
-    "gpt2": dict(init_from="out/chat/checkpoint.pt", data="openai/gsm8k", sft_examples=1000,
+    "gpt2": dict(init_from="out/chat/checkpoint.pt", data=GSM8K, sft_examples=1000,
                  sft_steps=200, sft_lr=2e-5, train_questions=0, task_n=400,
                  questions_per_step=16, group=16, batch_size=16, max_steps=500, lr=1e-5,
                  warmup_steps=10, max_new_tokens=256, rollout_batch=128, eval_every=50,
@@ -611,6 +620,8 @@ def parse_args(argv=None):
                       "--method sft " + preset("sft_lr"))
     data.add_argument("--train-questions", type=int, help="bundled task: RL questions "
                       + preset("train_questions"))
+    data.add_argument("--config", help=f"hub dataset: its configuration (default: main for "
+                      f"{GSM8K}, none for others)")
     data.add_argument("--split", default="train", help="hub dataset: the split (default: "
                       "%(default)s)")
     args = common.use_preset(parser.parse_args(argv), PRESETS)

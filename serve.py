@@ -246,9 +246,15 @@ class Engine:
         tokens go through the linear layers as one matrix (N, C): the weights, most of the
         work, are read once per step for prefills and decodes together, and a short prompt
         does not run alone through matrices built for many tokens. Only attention tells the
-        slots apart (attend, below)."""
+        slots apart (attend, below). A prompt that an earlier starting slot of this step holds
+        too (rl.py's G replies to one question, n samples of one prompt) is computed once: its
+        twin copies the keys, values and logits, as vLLM's prefix caching shares a prefix."""
         transformer, device, nh = self.model.transformer, self.k.device, self.model.config.n_head
-        prompts = [self.slots[slot].prompt for slot in range(running, n)]
+        owner = {}  # prompt -> the first starting slot that holds it
+        for slot in range(running, n):
+            owner.setdefault(tuple(self.slots[slot].prompt), slot)
+        fed = sorted(owner.values())  # the starting slots whose prompts this pass computes
+        prompts = [self.slots[slot].prompt for slot in fed]
         tokens = [self.slots[slot].output[-1] for slot in range(running)] + sum(prompts, [])
         positions = self.pos[:running] + [t for p in prompts for t in range(len(p))]
         tokens = torch.tensor(tokens, device=device)  # (N,)
@@ -264,22 +270,29 @@ class Engine:
         for layer, block in enumerate(transformer.h):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=1)  # 3 x (N, C)
             q, k, v = (t.reshape(N, nh, C // nh) for t in (q, k, v))  # (N, nh, hs) each
-            y = self.attend(layer, q, k, v, positions[:running], mask, prompts)  # (N, nh, hs)
+            y = self.attend(layer, q, k, v, positions[:running], mask, dict(zip(fed, prompts)))
             x = x + block.attn.c_proj(y.reshape(N, C))  # (N, C)
             x = x + block.mlp(block.ln_2(x))  # (N, C)
         for slot in range(running):
             self.pos[slot] += 1
-        for slot, prompt in enumerate(prompts, start=running):
-            self.pos[slot] = len(prompt)
-        # each slot's last row: a running slot's one token, a prompt's last token
-        last = list(range(running)) + [running - 1 + end for end in
-                                       itertools.accumulate(len(p) for p in prompts)]
-        return self.model.lm_head(transformer.ln_f(x[last])).float()  # (n, V)
+        # each slot's last row: a running slot's one token, a prompt's last token (its twin's)
+        last = dict(zip(fed, (running - 1 + end for end in
+                              itertools.accumulate(len(p) for p in prompts))))
+        for slot in range(running, n):
+            prompt, first = self.slots[slot].prompt, owner[tuple(self.slots[slot].prompt)]
+            self.pos[slot], T = len(prompt), len(prompt)
+            if slot != first:  # a twin: the keys and values its prompt's first slot computed
+                self.k[:, slot, :, :T] = self.k[:, first, :, :T]  # (L, nh, T, hs)
+                self.v[:, slot, :, :T] = self.v[:, first, :, :T]
+        rows = list(range(running)) + [last[owner[tuple(self.slots[slot].prompt)]]
+                                       for slot in range(running, n)]
+        return self.model.lm_head(transformer.ln_f(x[rows])).float()  # (n, V)
 
     def attend(self, layer, q, k, v, positions, mask, prompts):
         """Write the step's keys and values into the cache and attend: the running slots
         together, each to its own cache up to its position (mask hides the longer contexts of
-        the others); each prompt causally within itself, as in gpt2.GPT.generate."""
+        the others); each prompt ({slot: prompt}) causally within itself, as in
+        gpt2.GPT.generate."""
         running, y = len(positions), torch.empty_like(q)  # (N, nh, hs)
         if running:
             slots = torch.arange(running, device=q.device)
@@ -290,7 +303,7 @@ class Engine:
             y[:running] = F.scaled_dot_product_attention(
                 q[:running, :, None], keys, values, attn_mask=mask)[:, :, 0]  # (running, nh, hs)
         start = running
-        for slot, prompt in enumerate(prompts, start=running):
+        for slot, prompt in prompts.items():
             rows, T = slice(start, start + len(prompt)), len(prompt)
             qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # (nh, T, hs) each
             self.k[layer, slot, :, :T], self.v[layer, slot, :, :T] = ks, vs
@@ -812,9 +825,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog=f"{STAGE}.py", description="Serve a model over an "
                                      "OpenAI-compatible HTTP API.")
     parser.error = die  # argparse's own complaints: one line, exit 2, like every mistake
-    parser.add_argument("--init-from", required=True, help="a chat.py or gpt2.py checkpoint "
-                        "(a file, or the folder that holds its checkpoint.pt), a Hugging Face "
-                        "GPT-2 folder, or a hub name such as gpt2")
+    parser.add_argument("--init-from", required=True, help="a chat.py, rl.py or gpt2.py "
+                        "checkpoint (a file, or the folder that holds its checkpoint.pt), a "
+                        "Hugging Face GPT-2 folder, or a hub name such as gpt2")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=8000,

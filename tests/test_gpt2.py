@@ -485,6 +485,34 @@ def test_sample_mode_is_seeded(tmp_path, shards, capsys):
     assert train(argv)["samples"] == first
 
 
+def test_draw_samples_the_distribution_multinomial_samples():
+    """gpt2.draw (one uniform number per row) gives torch.multinomial's frequencies: the same
+    counts to within sampling noise over 50,304 entries with a long tail, no draw of a token
+    whose probability is 0 (top-k's and top-p's cut), the same draws for the same generator."""
+    torch.manual_seed(0)
+    logits = torch.randn(50304) * 3  # a few likely tokens and a long tail of tiny ones
+    logits[::7] = float("-inf")  # tokens cut away: probability 0
+    probs = F.softmax(logits, dim=-1)
+    n, rows, generator = 20_000, 500, torch.Generator().manual_seed(1)
+    ours = torch.cat([gpt2.draw(probs.expand(rows, -1), generator).flatten()
+                      for _ in range(n // rows)])  # (n,)
+    theirs = torch.multinomial(probs, n, replacement=True, generator=torch.Generator()
+                               .manual_seed(2))  # (n,)
+    assert not (ours % 7 == 0).any()
+    # the 20 likeliest tokens one by one, then the rest as one bucket: that is where a
+    # precision loss in the tail would show
+    top = probs.topk(20).indices
+    def buckets(draws):
+        counts = torch.bincount(draws, minlength=probs.numel()).double()
+        return torch.cat([counts[top], (counts.sum() - counts[top].sum())[None]])
+    expected = torch.cat([probs[top], 1 - probs[top].sum()[None]]).double() * n
+    for counts in (buckets(ours), buckets(theirs)):
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 50, chi2  # 20 degrees of freedom: p < 1e-4 above 50
+    again = gpt2.draw(probs.expand(rows, -1), torch.Generator().manual_seed(1))
+    assert torch.equal(again.flatten(), ours[:rows])
+
+
 # --- a user's mistakes: one line on stderr, exit status 2, nothing written
 
 def user_error(capsys, argv, *words, out_dir=None):

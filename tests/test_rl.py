@@ -94,7 +94,7 @@ def test_the_loss_is_minus_advantage_times_log_prob_over_the_reply_tokens_only()
 def test_engine_rollouts_equal_gpt_generate_at_temperature_0():
     model = tiny_gpt().eval()
     prompts = [chat.render_prompt([{"role": "user", "content": text}])
-               for text in ("Second word: king love night", "Hello", "a b c d e f g")]
+               for text in ("How many words: king love night", "Hello", "a b c d e f g")]
     engine = serve.Engine(model, max_batch=4, max_queue=0, log=lambda *a, **k: None)
     replies = rl.rollouts(engine, prompts, 2, 6, 0.0, 0, rl.rollout_seeds(0, 0, 3, 2))
     for prompt, group in zip(prompts, replies):
@@ -119,7 +119,9 @@ def test_sampled_rollouts_follow_their_seeds_alone():
     (" love love", "love", 0.0), ("", "love", 0.0),
     ("3 + 4 = 7, so 7 * 2 = 14. The answer is 14.", "14", 1.0),
     ("The total is 1,250 dollars", "1250", 1.0), ("14 or 15", "14", 0.0),
-    ("no number here", "14", 0.0), ("-3.5", "-3.5", 1.0)])
+    ("no number here", "14", 0.0), ("-3.5", "-3.5", 1.0),
+    ("There are 7.", "There are 7.", 1.0), (" There are 7 words", "There are 7.", 1.0),
+    ("There are 6.", "There are 7.", 0.0), ("There are", "There are 7.", 0.0)])
 def test_verifier(reply, answer, reward):
     assert rl.verify(reply, answer) == reward
 
@@ -127,8 +129,10 @@ def test_verifier(reply, answer, reward):
 def test_the_bundled_task_is_seeded_distinct_and_held_out_questions_stay_out():
     rows = rl.task_rows(5, 300)
     assert rows == rl.task_rows(5, 300) and len(set(rows)) == 300
-    for question, answer in rows[:20]:
-        assert question.split(": ")[1].split()[1] == answer
+    for question, answer in rows:
+        words = question.split(": ")[1].split()
+        assert 6 <= len(words) <= 10 and set(words) <= set(chat.WORDS)
+        assert answer == f"There are {len(words)}."
     args = rl.parse_args(["--task-n", "50", "--sft-examples", "30", "--train-questions", "200"])
     labelled, questions, heldout = rl.open_data(args, 64)
     asked = {q for q, _ in heldout}
@@ -164,6 +168,21 @@ def test_a_run_writes_metrics_and_resumes_exactly(tmp_path, chat_checkpoint, mon
     result = rl.main(tiny_args(chat_checkpoint, tmp_path / "whole", "--resume"))
     assert result["complete"] and (tmp_path / "whole" / "checkpoint.pt").read_bytes() == before
 
+
+
+def test_an_rl_checkpoint_is_a_chat_model_for_chat_and_serve(tmp_path, chat_checkpoint):
+    """rl.py's checkpoint loads where a chat.py one does: chat.load_chat_model (serve.py's and
+    chat.py's loader) gives its weights and the chat format, and chat.py --prompt answers."""
+    rl.main(tiny_args(chat_checkpoint, tmp_path / "rl", "--max-steps", 1, "--eval-every", 0))
+    path = tmp_path / "rl" / "checkpoint.pt"
+    model, chat_format = chat.load_chat_model(path)
+    saved = torch.load(path, weights_only=True)["model"]
+    assert chat_format == chat.FORMAT
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    result = run_script("chat.py", "--prompt", "How many words: king love", "--init-from", path,
+                        "--max-new-tokens", 3, "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant: ") == 1
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, chat_checkpoint):
     out = tmp_path / "o"

@@ -185,6 +185,36 @@ def test_engine_seeded_sampling_is_the_same_alone_or_in_company(model, engine):
     assert len({tuple(r.output) for r in crowd}) == 4  # different seeds, different text
 
 
+
+def test_a_prompt_that_starts_in_several_slots_is_computed_once(model):
+    """Requests with one prompt that start in the same step (rl.py's G replies to a question)
+    prefill it once: the pass holds its tokens once, the twins copy the keys, values and
+    logits, and every request's tokens are the same as when it runs alone."""
+    shared, other = [464, 3290, 318, 257], [11, 12, 13]
+    settings = [(shared, 1), (other, 2), (shared, 3), (shared, 4), (other, 5)]
+
+    def run(pairs):  # queued first, then stepped in this thread until done (as rl.py does)
+        engine = serve.Engine(model, max_batch=5, log=lambda *a, **k: None)
+        requests = [serve.Request(prompt=prompt, max_tokens=6, temperature=1.0, seed=seed,
+                                  deliver=lambda event: None) for prompt, seed in pairs]
+        for request in requests:
+            engine.submit(request)
+        with torch.no_grad():
+            while engine.active() or not engine.waiting.empty():
+                engine.step()
+        return [request.output for request in requests]
+    alone = [run([pair])[0] for pair in settings]
+    fed, wte = [], model.transformer.wte.forward
+    model.transformer.wte.forward = lambda tokens: (fed.append(len(tokens)), wte(tokens))[1]
+    try:
+        together = run(settings)
+    finally:
+        model.transformer.wte.forward = wte
+    assert fed[0] == len(shared) + len(other)  # the first pass: each prompt once
+    assert together == alone
+    assert len({tuple(output) for output in alone}) == 5  # their own seeds, their own replies
+
+
 def test_engine_survives_failing_requests(model, engine):
     """A request that fails at admission (a seed torch cannot take) or at sampling (a broken
     setting) gets an error event; the others finish with generate's tokens; no slot stays busy."""
