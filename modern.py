@@ -194,10 +194,11 @@ class MoE(nn.Module):
             self.load = counts if self.load is None else self.load + counts  # (E,)
         out = self.shared(flat)  # (N, C)
         for e, expert in enumerate(self.experts):
-            rows, slot = torch.where(chosen == e)  # the tokens sent to expert e
-            if len(rows):
-                y = expert(flat[rows]) * gates[rows, slot, None]  # (n, C), weighted
-                out = out.index_add(0, rows, y.to(out.dtype))  # (N, C)
+            # The tokens sent to expert e. An expert that got none still runs, on zero rows:
+            # its gradient is then zeros, not missing, which DDP needs from every parameter.
+            rows, slot = torch.where(chosen == e)  # (n,) each
+            y = expert(flat[rows]) * gates[rows, slot, None]  # (n, C), weighted
+            out = out.index_add(0, rows, y.to(out.dtype))  # (N, C)
         return out.view(B, T, C)
 
     @torch.no_grad()

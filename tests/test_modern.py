@@ -2,6 +2,9 @@
 part, MoE routes to k experts and balances, MTP weighs nothing when off, the cache samples as a
 full recompute, the fused soft-capped loss is the plain one, and a resume is exact."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 
 import gpt2
 import modern
-from conftest import assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script
 from test_gpt2 import VOCAB, write_shards
 
 TINY = ["--preset", "cpu-tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
@@ -293,6 +296,51 @@ def test_resume_is_exact_and_samples_from_the_checkpoint(tmp_path, capsys):
     assert len(result["samples"]) == 1
     assert "--- sample 0:" in capsys.readouterr().out
 
+
+
+@pytest.mark.slow
+def test_moe_under_torchrun_with_idle_experts_equals_one_process(tmp_path):
+    """--moe over 2 gloo ranks, with 64 experts and one per token, so that most experts get no
+    token on a rank (DDP expects a gradient for every parameter): the run ends, and logs one
+    process's losses and expert loads (Muon, the balancing biases and all) to float tolerance."""
+    shards = write_shards(tmp_path / "shards")
+    flags = TINY + ["--data", shards, "--max-steps", "4", "--eval-every", "2", "--moe",
+                    "--n-experts", "64", "--active-experts", "1", "--balance-rate", "0.01"]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "modern.py"), *map(str, flags + ["--out-dir", tmp_path / "ddp"])],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 rank(s), 1 micro-step(s)" in ddp.stdout
+    modern.main(modern.parse_args([str(a) for a in flags + ["--out-dir", tmp_path / "one",
+                                                           "--eval-batches", "4"]]))
+    a, b = (read_log(tmp_path / d / "log.jsonl") for d in ("ddp", "one"))
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([r[key] for r in a if key in r], [r[key] for r in b if key in r],
+                                   atol=1e-5, rtol=0)
+    loads = [[r["expert_load"] for r in log if "expert_load" in r] for log in (a, b)]
+    assert loads[0] == loads[1] and min(loads[0][0][0]) == 0  # idle experts, the same counts
+
+
+@pytest.mark.slow
+# torch.compile imports torch/utils/mkldnn.py, whose 14 @torch.jit.script_method warn: torch's own
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_trains_like_eager(tmp_path):
+    """--compile: the same losses as eager to float tolerance, with every modern change on
+    (RoPE, QK-norm, ReLU², soft-cap, Muon), MoE's data-dependent routing and MTP's block."""
+    shards = write_shards(tmp_path / "shards")
+    common = TINY + ["--data", shards, "--max-steps", "3", "--eval-every", "2", "--moe", "--mtp"]
+    logs = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        modern.main(modern.parse_args([str(a) for a in common + extra + ["--out-dir",
+                                                                         tmp_path / name]]))
+        logs.append(read_log(tmp_path / name / "log.jsonl"))
+    metrics = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    assert metrics["compile"] is True
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(*([r[key] for r in log if key in r] for log in logs),
+                                   atol=1e-4, rtol=0)
 
 def test_mistakes_are_one_line(tmp_path, capsys):
     """A user's mistake: one line, exit 2 (a gpt2.py checkpoint is not a modern.py one)."""
