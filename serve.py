@@ -247,8 +247,9 @@ class Engine:
         work, are read once per step for prefills and decodes together, and a short prompt
         does not run alone through matrices built for many tokens. Only attention tells the
         slots apart (attend, below). A prompt that an earlier starting slot of this step holds
-        too (rl.py's G replies to one question, n samples of one prompt) is computed once: its
-        twin copies the keys, values and logits, as vLLM's prefix caching shares a prefix."""
+        too (rl.py's G replies to one question, clients sending one prompt together) is
+        computed once: its twin copies the keys, values and logits, as vLLM's prefix caching
+        shares a prefix."""
         transformer, device, nh = self.model.transformer, self.k.device, self.model.config.n_head
         owner = {}  # prompt -> the first starting slot that holds it
         for slot in range(running, n):
