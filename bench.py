@@ -367,6 +367,10 @@ def add_train_arguments(parser):
                         help="torch.compile both (default: on with CUDA)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the reference (default: on)")
+    parser.add_argument("--modern", action="store_true",
+                        help="also time modern.py's step (its model with every change on, Muon "
+                        "and AdamW) on the same shape and batches: stage 9's speed beside "
+                        "gpt2.py's")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="GPU peak for MFU (default: gpt2.py's table)")
 
@@ -415,6 +419,21 @@ def train_steppers(args, device, dtype, config):
         reference_fn = torch.compile(reference) if args.compile else reference
         steps["reference"] = lambda: reference_train_step(reference_fn, reference_opt, batches,
                                                           autocast)
+    if args.modern:
+        import modern
+        flags = modern.parse_args(["--preset", "gpt2" if device.type == "cuda" else "cpu"])
+        shape = {k: getattr(config, k) for k in ("block_size", "vocab_size", "n_layer", "n_head",
+                                                  "n_embd")}
+        torch.manual_seed(args.seed)
+        modern_model = modern.ModernGPT(modern.ModernConfig(**{**modern.model_config(flags),
+                                                                **shape}))
+        modern_model.to(device)
+        modern_opt = modern.configure_optimizer(modern_model, flags, device)
+        _, modern_train_model = modern.training_models(modern_model, device, dtype, args.compile)
+        modern_loader = Batches(batches)
+        steps["modern"] = lambda: gpt2.train_step(modern_train_model, modern_opt, scaler,
+                                                  modern_loader, args.grad_accum, device,
+                                                  autocast, 1.0, False)[0]
     return ours, steps
 
 
@@ -447,21 +466,26 @@ def run_train(args):
         result[f"{name}_tokens_per_s"] = round(rate, 1)
         result[f"first_loss_{name}"] = first_loss[name]
         result[f"{name}_rounds"] = [round(tokens * args.steps / wall, 1) for _, wall, _ in rounds]
-        rows.append([{"ours": "gpt2.py", "reference": "reference"}[name], f"{rate:,.0f}",
+        rows.append([{"ours": "gpt2.py", "reference": "reference", "modern": "modern.py"}[name],
+                     f"{rate:,.0f}",
                      f"{1000 * tokens / rate:.1f}", f"{first_loss[name]:.6f}"])
         if peak:
             result[f"{name}_mfu"] = model.estimate_mfu(rate, args.seq_len, peak)
             rows[-1].append(f"{100 * result[f'{name}_mfu']:.1f}%")
     if peak:
         result["mfu"] = result["ours_mfu"]
+    ratios = []
     if args.reference:
         result["speedup"] = result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
+        ratios.append(f"gpt2.py / reference: {result['speedup']:.2f}x")
+    if args.modern:  # MFU above counts GPT-2's FLOPs a token; modern.py's are about the same
+        result["modern_over_gpt2"] = result["modern_tokens_per_s"] / result["ours_tokens_per_s"]
+        ratios.append(f"modern.py / gpt2.py: {result['modern_over_gpt2']:.2f}x")
     return report(args, f"training, {config}, micro-batch {args.batch_size} x {args.seq_len} x "
                   f"{args.grad_accum} micro-steps, {args.rounds} rounds of {args.steps} steps "
                   f"(median), {result['device']}, {result['dtype']}, compile {args.compile}",
                   ["implementation", "tokens/s", "ms/step", "first loss"] + ["MFU"] * bool(peak),
-                  rows, args.reference and f"gpt2.py / reference: {result['speedup']:.2f}x",
-                  result)
+                  rows, "; ".join(ratios) or None, result)
 
 
 # --- sample: the KV cache against recomputing the whole text for every token

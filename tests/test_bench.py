@@ -59,6 +59,21 @@ def test_train_times_accumulation_like_gpt2_py(capsys):
     assert any("x 3 micro-steps" in line for line in out)
 
 
+
+def test_train_times_modern_py_beside_gpt2_py(capsys):
+    """--modern: modern.py's step (its model, Muon and AdamW) on the same shape and batches is
+    timed in the same rounds, with its ratio to gpt2.py's; its first loss is ln(vocab), as a
+    zero-initialised output layer gives."""
+    result, out = run(["train", *TINY, "--seq-len", "16", "--batch-size", "2", "--steps", "2",
+                       "--rounds", "2", "--modern", "--no-reference"], capsys)
+    assert result["first_loss_modern"] == pytest.approx(math.log(50304), abs=1e-4)
+    assert len(result["modern_rounds"]) == len(result["ours_rounds"]) == 2
+    assert result["modern_over_gpt2"] == pytest.approx(
+        result["modern_tokens_per_s"] / result["ours_tokens_per_s"])
+    assert "reference_tokens_per_s" not in result
+    assert any(line.strip().startswith("modern.py") for line in out)
+    assert "modern.py / gpt2.py:" in out[-2]
+
 def test_sample_reports_kv_cache_speedup_with_identical_tokens(capsys):
     result, _ = run(["sample", *TINY, "--new-tokens", "24", "--prompt-tokens", "4"], capsys)
     assert result["same_tokens"] is True
