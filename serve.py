@@ -251,10 +251,10 @@ class Engine:
         computed once: its twin copies the keys, values and logits, as vLLM's prefix caching
         shares a prefix."""
         transformer, device, nh = self.model.transformer, self.k.device, self.model.config.n_head
-        owner = {}  # prompt -> the first starting slot that holds it
+        owner, source = {}, {}  # prompt -> its first starting slot; starting slot -> that slot
         for slot in range(running, n):
-            owner.setdefault(tuple(self.slots[slot].prompt), slot)
-        fed = sorted(owner.values())  # the starting slots whose prompts this pass computes
+            source[slot] = owner.setdefault(tuple(self.slots[slot].prompt), slot)
+        fed = list(owner.values())  # the starting slots whose prompts this pass computes
         prompts = [self.slots[slot].prompt for slot in fed]
         tokens = [self.slots[slot].output[-1] for slot in range(running)] + sum(prompts, [])
         positions = self.pos[:running] + [t for p in prompts for t in range(len(p))]
@@ -279,14 +279,12 @@ class Engine:
         # each slot's last row: a running slot's one token, a prompt's last token (its twin's)
         last = dict(zip(fed, (running - 1 + end for end in
                               itertools.accumulate(len(p) for p in prompts))))
-        for slot in range(running, n):
-            prompt, first = self.slots[slot].prompt, owner[tuple(self.slots[slot].prompt)]
-            self.pos[slot], T = len(prompt), len(prompt)
+        for slot, first in source.items():
+            T = self.pos[slot] = len(self.slots[slot].prompt)
             if slot != first:  # a twin: the keys and values its prompt's first slot computed
                 self.k[:, slot, :, :T] = self.k[:, first, :, :T]  # (L, nh, T, hs)
                 self.v[:, slot, :, :T] = self.v[:, first, :, :T]
-        rows = list(range(running)) + [last[owner[tuple(self.slots[slot].prompt)]]
-                                       for slot in range(running, n)]
+        rows = list(range(running)) + [last[first] for first in source.values()]
         return self.model.lm_head(transformer.ln_f(x[rows])).float()  # (n, V)
 
     def attend(self, layer, q, k, v, positions, mask, prompts):
