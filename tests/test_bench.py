@@ -43,7 +43,9 @@ def test_train_compares_with_the_reference_on_the_same_math(capsys):
     result, out = run(["train", *TINY, "--seq-len", "16", "--batch-size", "2", "--steps", "1",
                        "--rounds", "2"], capsys)
     assert result["bench"] == "train"
-    assert result["first_loss_ours"] == pytest.approx(result["first_loss_reference"], abs=1e-5)
+    # float32 sums in another order (chunked logits against full ones): about 1e-6 apart, once
+    # 1.3e-5 in a whole-suite run; a real difference in the math is far larger
+    assert result["first_loss_ours"] == pytest.approx(result["first_loss_reference"], abs=1e-4)
     assert len(result["ours_rounds"]) == len(result["reference_rounds"]) == 2
     assert (result["batch_size"], result["grad_accum"], result["seq_len"]) == (2, 1, 16)
     assert any(line.strip().startswith("reference") for line in out)
@@ -55,7 +57,7 @@ def test_train_times_accumulation_like_gpt2_py(capsys):
     result, out = run(["train", *TINY, "--seq-len", "16", "--batch-size", "2", "--grad-accum",
                        "3", "--steps", "1", "--rounds", "1"], capsys)
     assert result["grad_accum"] == 3
-    assert result["first_loss_ours"] == pytest.approx(result["first_loss_reference"], abs=1e-5)
+    assert result["first_loss_ours"] == pytest.approx(result["first_loss_reference"], abs=1e-4)
     assert any("x 3 micro-steps" in line for line in out)
 
 
