@@ -294,12 +294,17 @@ def read_jsonl(path):
 def read_hub(name, split):
     """A dataset through Hugging Face `datasets` (a hub name such as HuggingFaceTB/smol-smoltalk,
     downloaded once into its cache): rows with a "messages" column, as in a .jsonl file."""
+    offline = fineweb.hub_offline()  # unreachable: datasets reads its cache, without retries
     try:
         import datasets
         rows = datasets.load_dataset(name, split=split)
     except ImportError:
         die(f"--data {name} needs the datasets package (pip install datasets), or pass a .jsonl")
     except Exception as err:  # datasets raises many kinds: offline, not found, bad split
+        if offline:
+            die(f"cannot load --data {name}: the Hugging Face hub cannot be reached ({offline}) "
+                "and this machine's cache has no copy; connect once (the download is kept) or "
+                "pass a .jsonl")
         die(f"cannot load --data {name} split {split} through datasets ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160] if str(err) else ''}); check the name and --split")
     return rows_to_conversations(rows, lambda i: f"{name} ({split}) row {i + 1}")

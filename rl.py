@@ -448,6 +448,7 @@ def read_rows(args):
                 except json.JSONDecodeError as err:
                     die(f"{path} row {number} is not valid JSON ({err.msg}); fix or remove it")
     else:
+        offline = fineweb.hub_offline()  # unreachable: datasets reads its cache, no retries
         try:
             import datasets
             config = args.config or ("main" if str(args.data) == GSM8K else None)
@@ -455,6 +456,10 @@ def read_rows(args):
         except ImportError:
             die(f"--data {args.data} needs the datasets package (pip install datasets)")
         except Exception as err:  # datasets raises many kinds: offline, not found, bad split
+            if offline:
+                die(f"cannot load --data {args.data}: the Hugging Face hub cannot be reached "
+                    f"({offline}) and this machine's cache has no copy; connect once (the "
+                    "download is kept) or pass a .jsonl")
             die(f"cannot load --data {args.data} split {args.split} through datasets "
                 f"({type(err).__name__}); check the name, --config and --split, or pass a .jsonl")
         raw = [(f"{args.data} row {i + 1}", row) for i, row in enumerate(hub)]

@@ -569,3 +569,13 @@ def test_an_unreachable_hub_is_gpt2_pys_one_line(tmp_path, script):
     result = run_script(script, "--init-from", "gpt2", "--device", "cpu", env=env)
     assert_user_error(result, "--init-from gpt2", "hub cannot be reached", "local checkpoint")
     assert "such as gpt2" not in result.stderr
+
+
+def test_a_hub_dataset_without_network_is_one_line_at_once(tmp_path, base_checkpoint):
+    """--data owner/name with the hub unreachable and nothing cached: one line saying so, at
+    once (datasets is switched to its cache, not left to retry for half a minute)."""
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    result = run_script("chat.py", "--init-from", base_checkpoint, "--out-dir", tmp_path / "o",
+                        "--data", "nobody/no-such-set", env=env, timeout=20)
+    assert_user_error(result, "--data nobody/no-such-set", "hub cannot be reached", ".jsonl")
