@@ -18,6 +18,15 @@ def run_script(script, *args, timeout=300, env=None):
     )
 
 
+def offline_env(tmp_path):
+    """The environment of a machine without network: the hub's address refuses at once, and
+    the Hugging Face caches are empty."""
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    return {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
+            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "NO_PROXY": "127.0.0.1",
+            "no_proxy": "127.0.0.1"}
+
+
 def save_checkpoint(path, checkpoint):
     """A checkpoint file as the stages write theirs: torch.save, atomically."""
     import common

@@ -14,7 +14,7 @@ import torch
 
 import chat
 import gpt2
-from conftest import ROOT, assert_user_error, run_script, signal_after
+from conftest import ROOT, assert_user_error, offline_env, run_script, signal_after
 
 TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Hi there"},
@@ -563,9 +563,7 @@ def test_fine_tuning_on_a_gpu_with_bf16_and_compile(tmp_path, base_checkpoint):
 def test_an_unreachable_hub_is_gpt2_pys_one_line(tmp_path, script):
     """--init-from gpt2 without network and without a cached copy: gpt2.py's own words (the hub
     cannot be reached, what to pass instead), not a suggestion of the name that just failed."""
-    dead = "http://127.0.0.1:9"  # nothing listens there
-    env = {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    env = offline_env(tmp_path)
     result = run_script(script, "--init-from", "gpt2", "--device", "cpu", env=env)
     assert_user_error(result, "--init-from gpt2", "hub cannot be reached", "local checkpoint")
     assert "such as gpt2" not in result.stderr
@@ -574,8 +572,6 @@ def test_an_unreachable_hub_is_gpt2_pys_one_line(tmp_path, script):
 def test_a_hub_dataset_without_network_is_one_line_at_once(tmp_path, base_checkpoint):
     """--data owner/name with the hub unreachable and nothing cached: one line saying so, at
     once (datasets is switched to its cache, not left to retry for half a minute)."""
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     result = run_script("chat.py", "--init-from", base_checkpoint, "--out-dir", tmp_path / "o",
-                        "--data", "nobody/no-such-set", env=env, timeout=20)
+                        "--data", "nobody/no-such-set", env=offline_env(tmp_path), timeout=20)
     assert_user_error(result, "--data nobody/no-such-set", "hub cannot be reached", ".jsonl")

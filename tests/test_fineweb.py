@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, offline_env, run_script
 
 sys.path.insert(0, str(ROOT))
 import fineweb  # noqa: E402
@@ -246,23 +246,14 @@ def test_a_missing_path_is_a_missing_file_not_a_hub_dataset(tmp_path, capsys, mo
     assert not (tmp_path / "out").exists()
 
 
-def offline(tmp_path):
-    """The environment of a machine without network: the hub's address refuses at once, and
-    the Hugging Face caches are empty."""
-    dead = "http://127.0.0.1:9"  # nothing listens there
-    return {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
-            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "NO_PROXY": "127.0.0.1",
-            "no_proxy": "127.0.0.1"}
-
-
 def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
     """Without network fineweb.py says so in one line (no half minute of retries on stderr),
     names the fix, and suggests a local file whose name matches (data/shakespeare.txt)."""
-    result = run_script("fineweb.py", "--out-dir", tmp_path / "out", env=offline(tmp_path))
+    result = run_script("fineweb.py", "--out-dir", tmp_path / "out", env=offline_env(tmp_path))
     assert_user_error(result, "cannot reach the Hugging Face hub", "HuggingFaceFW/fineweb-edu",
                       "sample-10BT", "local cache", "--dataset")
     result = run_script("fineweb.py", "--dataset", "shakespeare", "--out-dir", tmp_path / "out",
-                        env=offline(tmp_path))
+                        env=offline_env(tmp_path))
     assert_user_error(result, "cannot reach", "--dataset data/shakespeare.txt")
     assert "sample-10BT" not in result.stderr  # FineWeb's configuration is FineWeb's only
     assert not (tmp_path / "out").exists()

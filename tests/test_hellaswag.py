@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, offline_env, run_script
 
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402  (the plain scorer, score_example, is the benchmark's reference)
@@ -285,9 +285,7 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
     """--hf-model gpt2 without network and without a cached copy: one line at once that names
     the fix, instead of half a minute of retries."""
     data = write_examples(tmp_path / "mine.jsonl")
-    dead = "http://127.0.0.1:9"  # nothing listens there
-    env = {"HF_ENDPOINT": dead, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    env = offline_env(tmp_path)
     result = run_script("hellaswag.py", "--hf-model", "gpt2", "--data", data, "--device", "cpu",
                         "--out-dir", tmp_path / "out", env=env)
     assert_user_error(result, "--hf-model gpt2", "cannot reach the Hugging Face hub",

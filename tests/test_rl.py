@@ -14,7 +14,7 @@ import chat
 import gpt2
 import rl
 import serve
-from conftest import ROOT, assert_user_error, run_script, signal_after
+from conftest import ROOT, assert_user_error, offline_env, run_script, signal_after
 
 
 def tiny_gpt(seed=0):
@@ -215,10 +215,8 @@ def test_nonsense_flags_are_one_line(tmp_path, chat_checkpoint, extra, words):
 def test_a_hub_dataset_without_network_is_one_line_at_once(tmp_path, chat_checkpoint):
     """--data owner/name with the hub unreachable and nothing cached: one line saying so, at
     once (datasets is switched to its cache, not left to retry for half a minute)."""
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     result = run_script("rl.py", "--init-from", chat_checkpoint, "--out-dir", tmp_path / "o",
-                        "--data", "nobody/no-such-set", env=env, timeout=20)
+                        "--data", "nobody/no-such-set", env=offline_env(tmp_path), timeout=20)
     assert_user_error(result, "--data nobody/no-such-set", "hub cannot be reached", ".jsonl")
 
 def test_a_base_model_and_a_bad_task_file_are_one_line(tmp_path, chat_checkpoint):
