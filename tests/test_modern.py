@@ -364,3 +364,91 @@ def test_user_error_from_the_command_line(tmp_path):
     result = run_script("modern.py", "--data", tmp_path / "nowhere", "--preset", "cpu-tiny",
                         "--out-dir", tmp_path / "o")
     assert_user_error(result, "fineweb.py")
+
+
+# --- on a CUDA GPU (python -m pytest -m gpu): the paths a CPU never takes
+
+def on_the_gpu(*flags):
+    """TINY on cuda, a little longer, with GPT-2's vocabulary over shards of 1,000 tokens: the
+    zero-initialised head starts at ln(50,304), so the loss has room to fall."""
+    argv = [str(f) for f in TINY + ["--max-steps", "30", "--warmup-steps", "5",
+                                    "--eval-every", "10", "--seq-len", "32", "--batch-size", "8",
+                                    "--total-batch-size", "512", *flags]]
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--vocab-size") + 1] = "50304"
+    return argv
+
+
+def gpu_shards(tmp_path):
+    return write_shards(tmp_path / "shards", sizes=(20000, 30000, 30000), vocab=1000)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_every_change_with_moe_and_mtp_trains_in_bf16_compiled(tmp_path):
+    """`python modern.py` on CUDA with its defaults there (bf16 autocast, torch.compile, Muon's
+    Newton-Schulz in bf16) and --moe --mtp: the loss falls, the experts' load is logged, and
+    --sample reads the checkpoint on the GPU."""
+    out = tmp_path / "out"
+    result = run_script("modern.py", *on_the_gpu("--data", gpu_shards(tmp_path), "--out-dir",
+                                                 out, "--moe", "--mtp"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"] == "cuda:0" and metrics["compile"] is True
+    assert metrics["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    log = read_log(out / "log.jsonl")
+    losses = [r["train_loss"] for r in log if "train_loss" in r]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    loads = [r["expert_load"] for r in log if "expert_load" in r]
+    assert len(loads) == 30 and all(sum(layer) > 0 for layer in loads[-1])
+    sampled = run_script("modern.py", "--sample", "--init-from", out, "--prompt", "Hello",
+                         "--num-samples", "2", "--sample-tokens", "20", "--device", "cuda")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.count("--- sample") == 2 and "device cuda:0" in sampled.stdout
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_torchrun_one_process_nccl_with_moe(tmp_path):
+    """Under torchrun with NCCL: DDP over the Muon and AdamW groups and the routed experts."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         str(ROOT / "modern.py"), *on_the_gpu("--data", gpu_shards(tmp_path), "--out-dir", out,
+                                              "--moe", "--max-steps", "10")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 rank(s)" in result.stdout
+    losses = [r["train_loss"] for r in read_log(out / "log.jsonl") if "train_loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_muon_orthogonalises_in_bf16():
+    """On CUDA the Newton-Schulz iteration runs in bf16: the update is still near-orthogonal
+    and points along U V^T of the gradient, and the weight keeps its own dtype."""
+    torch.manual_seed(0)
+    rows, cols = 768, 3072  # the 124M shape's MLP matrix, wide
+    u, _ = torch.linalg.qr(torch.randn(rows, rows))
+    v, _ = torch.linalg.qr(torch.randn(cols, rows))
+    # Singular values over one order of magnitude: with 768 of them the Frobenius norm that the
+    # iteration divides by is ~13x the largest, so the smallest start near 1/130.
+    grad = (u @ torch.diag(torch.logspace(0, -1, rows)) @ v.T).cuda()  # (rows, cols)
+    update = modern.orthogonalize(grad)
+    assert update.dtype == torch.float32 and update.is_cuda
+    s = torch.linalg.svdvals(update.float())
+    assert s.min() > 0.55 and s.max() < 1.3, (s.min(), s.max())  # bf16 on a CPU: 0.68, 1.14
+    polar = (u @ v.T).cuda()
+    assert (update * polar).sum() / (update.norm() * polar.norm()) > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [[], ["--moe", "--mtp", "--no-rope"]], ids=["rope", "others"])
+def test_on_a_gpu_kv_cache_generation_equals_full_recomputation_in_fp32(flags):
+    model = tiny_model(*flags, block=24).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    with gpt2.variable_length_attention():
+        cached = model.generate(prompt, 30, temperature=0, use_cache=True)  # past the block
+        full = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)

@@ -303,3 +303,29 @@ def test_bench_rl_compares_engine_and_generate_on_the_same_greedy_tokens(capsys)
     assert result["same_tokens_greedy"] is True
     assert result["engine_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "rl"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_cold_start_and_rl_steps_run_in_bf16(tmp_path):
+    """On CUDA: the cold start and the policy steps under bf16 autocast, rollouts through the
+    engine on the GPU (its slots' cache there too), rewards that mix right and wrong, and a
+    checkpoint that chat.py answers from on the GPU."""
+    data = tmp_path / "love.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Say love {i}", "answer": "#### love"})
+                            + "\n" for i in range(30)))
+    out = tmp_path / "out"
+    metrics = rl.main(rl.parse_args([str(a) for a in (
+        "--init-from", answering_checkpoint(tmp_path / "love.pt"), "--data", data,
+        "--out-dir", out, "--task-n", 4, "--sft-examples", 8, "--sft-steps", 2,
+        "--questions-per-step", 4, "--group", 4, "--batch-size", 4, "--max-steps", 4,
+        "--lr", 1e-3, "--k", 2, "--max-new-tokens", 3, "--eval-every", 2, "--device", "cuda")]))
+    assert metrics["device"] == "cuda:0" and metrics["steps_done"] == 4
+    assert metrics["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    records = [json.loads(line) for line in (out / "log.jsonl").open()]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    assert len(rewards) == 4 and 0 < sum(rewards) < 4
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    result = run_script("chat.py", "--prompt", "Say love 1", "--init-from", out / "checkpoint.pt",
+                        "--device", "cuda", "--max-new-tokens", 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device cuda" in result.stdout and "assistant: " in result.stdout
