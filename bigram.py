@@ -229,9 +229,9 @@ def draw_count_table(path, counts, vocab):
     V = vocab.size
     fig, ax = plt.subplots(figsize=(0.6 * V, 0.6 * V))
     ax.imshow(counts.numpy(), cmap="Blues")
-    for i, j in itertools.product(range(V), repeat=2):
+    for i, j in itertools.product(range(V), repeat=2):  # parse_math: "$$" is a pair, not TeX
         ax.text(j, i, vocab.label(i) + vocab.label(j), ha="center", va="bottom", color="gray",
-                fontsize=7)
+                fontsize=7, parse_math=False)
         ax.text(j, i, str(counts[i, j].item()), ha="center", va="top", color="gray", fontsize=7)
     ax.set_title("bigram counts on the training names: row = current, column = next character")
     ax.axis("off")

@@ -812,7 +812,8 @@ def export(args):
         die(f"{source} is a base model, not fine-tuned by chat.py; export it with gpt2.py "
             "--export-hf, or fine-tune it first")
     check_format(source, chat_format)
-    gpt2.write_hf_gpt2(args.export_hf, model.state_dict(), vars(model.config), chat=hf_chat(model))
+    gpt2.write_hf_gpt2(args.export_hf, model.state_dict(), vars(model.config), chat=hf_chat(model),
+                       overwrite=args.overwrite)
     return {"export_hf": str(args.export_hf)}
 
 
@@ -1087,7 +1088,8 @@ def parse_args(argv=None):
                             "%(default)s)")
     parser.add_argument_group("export (no training)").add_argument(
         "--export-hf", type=Path, metavar="DIR", help="write the model, GPT-2's tokenizer with the "
-        "chat tokens and the chat template as a folder that transformers and vLLM load")
+        "chat tokens and the chat template as a folder that transformers and vLLM load (into a "
+        "folder that holds files only with --overwrite)")
     args = parser.parse_args(argv)
     given = args.init_from  # --chat, --prompt, --export-hf: the fine-tuned model, not the base
     args = common.use_preset(args, PRESETS)

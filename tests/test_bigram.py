@@ -108,6 +108,15 @@ def test_end_to_end_run_writes_outputs(names_file, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
+def test_characters_that_matplotlib_reads_as_tex_are_drawn_as_text(tmp_path):
+    """A "$" in the data (Shakespeare has some) makes "$$" pairs, which matplotlib would parse
+    as TeX and fail on after training: each cell's label is plain text."""
+    data = tmp_path / "dollars.txt"
+    data.write_text("".join(f"{name}\n" for name in ["jo$h", "$am", "an$$", "ava", "emma"] * 6))
+    metrics = run_main("--data", data, "--out-dir", tmp_path / "out", *FAST)
+    assert metrics["figure"] and (tmp_path / "out" / "bigram_counts.png").exists()
+
+
 def test_same_seed_same_results(names_file, tmp_path, capsys):
     """The same --seed gives the same split, losses and samples; another seed does not."""
     def run(seed, name):

@@ -225,6 +225,30 @@ def test_export_hf_to_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys)
                "not a directory")
 
 
+
+def test_export_hf_replaces_nothing_without_overwrite_and_shares_its_files(tmp_path, capsys):
+    """A second export into the same folder, or one into a training run's folder, stops with one
+    line unless --overwrite; model.safetensors gets the json files' mode (safetensors alone
+    would make it private to its owner)."""
+    pytest.importorskip("safetensors")
+    model = tiny_model(vocab=300)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(ckpt, {"stage": "gpt2", "model": model.state_dict(),
+                         "config": vars(model.config).copy()})
+    export = tmp_path / "export"
+    train(["--init-from", ckpt, "--export-hf", export])
+    modes = {f.name: f.stat().st_mode & 0o777 for f in export.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+    before = (export / "config.json").read_text()
+    (export / "config.json").write_text("mine")
+    user_error(capsys, ["--init-from", ckpt, "--export-hf", export], "--overwrite")
+    user_error(capsys, ["--init-from", ckpt, "--export-hf", ckpt.parent], "--overwrite")
+    assert (export / "config.json").read_text() == "mine"
+    assert sorted(os.listdir(ckpt.parent)) == ["checkpoint.pt"]
+    train(["--init-from", ckpt, "--export-hf", export, "--overwrite"])
+    assert (export / "config.json").read_text() == before
+
 # --- training helpers
 
 def test_learning_rate_schedule_warmup_peak_end():
