@@ -209,12 +209,19 @@ def main(args):
         documents = open_documents(args.dataset, args.text_field, args.config, args.split,
                                    args.streaming)
         documents = itertools.islice(documents, start_document, None)
-        first = next(documents, None)  # read the first document before touching the output folder
+        head = []  # read up to the first document with text before touching the output folder
+        for document in documents:
+            head.append(document)
+            if document.strip():
+                break
     except SourceError as error:
         die(str(error))
-    if first is None:
+    if not head:
         die(f"no documents in {args.dataset}"
             + (f" after document {start_document}" if shards else ""))
+    if not shards and not head[-1].strip():  # else a val shard of lone EOT tokens
+        die(f"{args.dataset} holds no text (its documents are all empty or whitespace); pass "
+            "--dataset a file or folder with text")
 
     writer = ShardWriter(out_dir, args.prefix, args.shard_size, command, shards)
     limit = args.max_tokens or None
@@ -224,7 +231,7 @@ def main(args):
     start = time.perf_counter()
     new_tokens = 0
     try:
-        for tokens in tokenize_in_order(itertools.chain([first], documents), args.workers):
+        for tokens in tokenize_in_order(itertools.chain(head, documents), args.workers):
             if skip_tokens:
                 tokens, skip_tokens = tokens[skip_tokens:], max(0, skip_tokens - len(tokens))
             if limit is not None:
@@ -512,6 +519,8 @@ def write_manifest(out_dir, command, complete, shards):
 def read_manifest(out_dir, command):
     """Shards of an earlier run of the same command that are still intact, and whether it
     finished."""
+    if out_dir.exists() and not out_dir.is_dir():
+        die(f"--out-dir {out_dir} exists and is not a directory; choose another --out-dir")
     path = out_dir / MANIFEST
     if not path.exists():
         if out_dir.exists() and any(out_dir.glob("*.npy")):

@@ -188,6 +188,7 @@ def main(args):
            "on a machine with network access and pass it with --data FILE")
     examples = examples_or_die(args.data, fix, args.limit, args.split, args.cache_dir)
     model = load_model(args.hf_model, device)
+    prepare_outputs(args.out_dir, args.predictions)  # a bad path fails now, not after scoring
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     results = score_examples(model, examples, device, batch_size=args.batch_size,
                              autocast_dtype=dtype, progress=True)
@@ -200,7 +201,6 @@ def main(args):
         print(f"reference for OpenAI {Path(args.hf_model).name} on all 10,042 val examples: "
               f"acc {reference['acc']:.4f}  acc_norm {reference['acc_norm']:.4f}  "
               f"acc_norm_chars {reference['acc_norm_chars']:.4f}")
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     common.write_json(Path(args.out_dir) / "metrics.json",
                       {**metrics, "model": args.hf_model, "data": source})
     if args.predictions:
@@ -354,6 +354,17 @@ def load_model(name_or_dir, device):
 
 # --- command line
 
+def prepare_outputs(out_dir, predictions):
+    """--out-dir and the folder of --predictions, made as the stages make --out-dir."""
+    common.prepare_out_dir(out_dir)
+    if predictions:
+        folder = Path(predictions).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file where a folder should be, no permission
+            die(f"cannot create {folder} for --predictions ({err.strerror}); choose another file")
+
+
 def parse_args(argv=None):
     # This file imports no stage, so a gpt2.py checkpoint is scored by gpt2.py: the help says how.
     parser = argparse.ArgumentParser(
@@ -373,6 +384,8 @@ def parse_args(argv=None):
     add("--out-dir", default="out/hellaswag",
         help="where metrics.json is written (default: %(default)s)")
     add("--predictions", help="also write one JSON line per example to this file (default: none)")
+    add("--overwrite", action="store_true",
+        help="replace an existing --predictions file (never replaced without this flag)")
     add("--limit", type=int, default=0,
         help="score only the first N examples (default: 0, all)")
     add("--batch-size", type=int, default=32,
@@ -389,8 +402,22 @@ def parse_args(argv=None):
         die(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.data is not None and not Path(args.data).is_file():
         die(f"--data {args.data}: no such file")
-    if args.hf_model.startswith((".", "/")) and not Path(args.hf_model).is_dir():
-        die(f"--hf-model {args.hf_model}: no such folder")
+    if args.hf_model.startswith("~"):  # quoted, so not expanded: transformers takes it as is
+        args.hf_model = os.path.expanduser(args.hf_model)
+    model = Path(args.hf_model)
+    if model.exists() and not model.is_dir():  # this file imports no stage to read a checkpoint
+        die(f"--hf-model {args.hf_model} is a file (a gpt2.py checkpoint?), not a Hugging Face "
+            "model folder; score a gpt2.py checkpoint with `python gpt2.py --eval-hellaswag "
+            f"--init-from {args.hf_model}`")
+    # Only what is clearly a path: a hub id (owner/name) holds a '/' too.
+    if not model.exists() and (args.hf_model.startswith((".", "/")) or model.suffix == ".pt"):
+        die(f"--hf-model {args.hf_model} does not exist; pass a Hugging Face model folder or a hub "
+            "name such as gpt2")
+    if args.predictions and Path(args.predictions).is_dir():
+        die(f"--predictions {args.predictions} is a folder; pass a file name")
+    if args.predictions and Path(args.predictions).exists() and not args.overwrite:
+        die(f"--predictions {args.predictions} already exists; pass --overwrite to replace it, "
+            "or choose another file")
     return args
 
 

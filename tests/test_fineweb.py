@@ -226,6 +226,34 @@ def test_every_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
         assert not out.exists(), flags
 
 
+def test_a_corpus_without_text_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Empty or whitespace-only documents and nothing else (an empty .txt file, a folder of
+    them, blank rows) are a mistake, not a val shard of lone end-of-text tokens."""
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n\t\n", encoding="utf-8")
+    (tmp_path / "blank" / "b.txt").write_text("", encoding="utf-8")
+    blank_rows = write_jsonl(tmp_path / "blank.jsonl", ["", " ", "\n"])
+    for dataset in (tmp_path / "empty.txt", tmp_path / "blank", blank_rows):
+        result = run_user_error(capsys, "--dataset", dataset, "--out-dir", tmp_path / "out")
+        assert_user_error(result, str(dataset), "holds no text", "--dataset")
+        assert not (tmp_path / "out").exists(), dataset
+    # Blank documents before one with text are still documents: each keeps its EOT.
+    (tmp_path / "blank" / "c.txt").write_text("some text at last", encoding="utf-8")
+    run("--dataset", tmp_path / "blank", "--out-dir", tmp_path / "out")
+    tokens = np.load(shards(tmp_path / "out")[0]).tolist()
+    assert tokens == expected_tokens(["  \n\t\n", "", "some text at last"])
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single document", encoding="utf-8")
+    mine = tmp_path / "mine"
+    mine.write_text("not a folder", encoding="utf-8")
+    result = run_user_error(capsys, "--dataset", tmp_path / "one.txt", "--out-dir", mine)
+    assert_user_error(result, f"--out-dir {mine}", "not a directory")
+    assert mine.read_text(encoding="utf-8") == "not a folder"
+
+
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     # The same rule through the real command line: exit 2, one line, no traceback.
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")

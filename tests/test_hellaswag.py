@@ -348,7 +348,7 @@ def test_cli_user_errors(tmp_path, capsys):
         (["--data", str(bad), "--hf-model", "gpt2"], ["bad.jsonl:2"]),
         (["--data", str(tmp_path / "none.jsonl"), "--hf-model", "gpt2"],
          ["--data", "no such file"]),
-        (["--hf-model", str(tmp_path / "none")], ["--hf-model", "no such folder"]),
+        (["--hf-model", str(tmp_path / "none")], ["--hf-model", "does not exist"]),
         (["--data", str(bad)], ["--hf-model", "required"]),
         (["--checkpoint", str(ckpt), "--hf-model", "gpt2"],
          ["unrecognized arguments: --checkpoint"]),
@@ -362,6 +362,98 @@ def test_cli_user_errors(tmp_path, capsys):
         captured = capsys.readouterr()
         assert_user_error(SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out,
                                           stderr=captured.err), *words)
+
+
+def main_user_error(capsys, *argv):
+    """hellaswag.main in this process; its one-line error, like run_script's result."""
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(hellaswag.parse_args([str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out,
+                           stderr=captured.err)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """--hf-model gpt2 loads a tiny local model instead (no transformers, no network)."""
+    monkeypatch.setattr(hellaswag, "load_model", lambda name, device: TinyCausalLM().eval())
+
+
+def no_scoring(monkeypatch):
+    monkeypatch.setattr(hellaswag, "score_examples",
+                        lambda *a, **k: pytest.fail("scored before the outputs were checked"))
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_before_scoring(tmp_path, tiny_model, monkeypatch,
+                                                              capsys):
+    mine = tmp_path / "mine"
+    mine.write_text("not a folder", encoding="utf-8")
+    no_scoring(monkeypatch)
+    result = main_user_error(capsys, "--hf-model", "gpt2", "--data", write_examples(
+        tmp_path / "d.jsonl"), "--device", "cpu", "--out-dir", mine)
+    assert_user_error(result, f"--out-dir {mine}", "not a directory")
+    assert mine.read_text(encoding="utf-8") == "not a folder"
+
+
+def test_predictions_get_their_folder_and_a_bad_path_is_refused_before_scoring(tmp_path,
+                                                                               tiny_model,
+                                                                               monkeypatch,
+                                                                               capsys):
+    """--predictions in a folder not made yet is written there, as --out-dir is; a path that
+    cannot be written ends the run in one line before any scoring."""
+    args = ["--hf-model", "gpt2", "--data", write_examples(tmp_path / "d.jsonl"),
+            "--device", "cpu", "--out-dir", tmp_path / "out"]
+    new = tmp_path / "new" / "sub" / "p.jsonl"
+    hellaswag.main(hellaswag.parse_args([str(a) for a in args + ["--predictions", new]]))
+    assert [json.loads(line)["ind"] for line in new.read_text().splitlines()] == [0, 1, 2]
+    capsys.readouterr()
+    no_scoring(monkeypatch)
+    (tmp_path / "file").write_text("mine", encoding="utf-8")
+    for path, words in [(tmp_path / "file" / "p.jsonl", ["cannot create", "--predictions"]),
+                        (tmp_path / "new", ["--predictions", "is a folder"])]:
+        assert_user_error(main_user_error(capsys, *args, "--predictions", path), *words)
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
+
+
+def test_an_existing_predictions_file_is_replaced_only_with_overwrite(tmp_path, tiny_model,
+                                                                      monkeypatch, capsys):
+    """--predictions onto a file the user made (say a model's config.json) stops before scoring
+    and names --overwrite; with --overwrite the file is replaced."""
+    config = tmp_path / "config.json"
+    config.write_text('{"n_layer": 12}\n', encoding="utf-8")
+    args = ["--hf-model", "gpt2", "--data", write_examples(tmp_path / "d.jsonl"),
+            "--device", "cpu", "--out-dir", tmp_path / "out", "--predictions", config]
+    with monkeypatch.context() as patch:
+        no_scoring(patch)
+        assert_user_error(main_user_error(capsys, *args), str(config), "already exists",
+                          "--overwrite")
+    assert config.read_text(encoding="utf-8") == '{"n_layer": 12}\n'
+    assert not (tmp_path / "out").exists()
+    hellaswag.main(hellaswag.parse_args([str(a) for a in args] + ["--overwrite"]))
+    assert len(config.read_text(encoding="utf-8").splitlines()) == len(EXAMPLES)
+
+
+def test_a_checkpoint_file_or_a_missing_path_is_not_sent_to_the_hub(tmp_path, monkeypatch,
+                                                                    capsys):
+    """--hf-model with a local file (a gpt2.py checkpoint) names gpt2.py's command for it, and
+    a path that does not exist says so; neither asks the hub. owner/name stays a hub id."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hellaswag, "load_model",
+                        lambda name, device: pytest.fail("asked the hub"))
+    (tmp_path / "out" / "gpt2").mkdir(parents=True)
+    (tmp_path / "out" / "gpt2" / "checkpoint.pt").write_bytes(b"a gpt2.py checkpoint")
+    data = write_examples(tmp_path / "d.jsonl")
+    for model in ("out/gpt2/checkpoint.pt", str(tmp_path / "out" / "gpt2" / "checkpoint.pt")):
+        result = main_user_error(capsys, "--hf-model", model, "--data", data)
+        assert_user_error(result, "not a Hugging Face model folder",
+                          f"python gpt2.py --eval-hellaswag --init-from {model}")
+    for model in ("out/gpt2/lost.pt", "./lost", "../lost/model", "~/lost"):
+        result = main_user_error(capsys, "--hf-model", model, "--data", data)
+        assert_user_error(result, model.removeprefix("~"), "does not exist")
+        assert "cannot reach" not in result.stderr
+    for name in ("gpt2", "openai-community/gpt2"):
+        assert hellaswag.parse_args(["--hf-model", name]).hf_model == name
 
 
 def test_cli_bad_line_in_a_real_process(tmp_path):
