@@ -229,13 +229,15 @@ def model_from_checkpoint(checkpoint, path):
     return model
 
 
-def load_chat_model(source, device="cpu"):
+def load_chat_model(source, device="cpu", fix=LOAD_HINT):
     """(model in eval mode, chat format) from a chat.py or rl.py checkpoint (its format), or
     (model, None) from a base model: a gpt2.py checkpoint, a Hugging Face GPT-2 folder or a hub
     name, padded to 50,304 rows with the special tokens' rows initialised by init_special_rows.
-    A file, or a folder holding checkpoint.pt; anything else dies in one line."""
+    A file, or a folder holding checkpoint.pt; anything else dies in one line (`fix` its end)."""
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
+    if not path.exists() and str(source) not in gpt2.HUB:
+        die(f"{source} does not exist; {fix}")
     if path.is_file():
         checkpoint = read_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path)
@@ -734,10 +736,18 @@ def check_format(source, chat_format):
             f"version {chat_format.get('version')}); fine-tune it again with this chat.py")
 
 
+def fine_tuned(args, device="cpu"):
+    """(source, model, chat format) for --chat, --prompt and --export-hf: --init-from, by default
+    the model that training wrote, <out-dir>/checkpoint.pt."""
+    source = args.init_from or args.out_dir / "checkpoint.pt"
+    fix = LOAD_HINT if args.init_from else (f"fine-tune a model first with `python chat.py "
+                                            f"--out-dir {args.out_dir}`, or {LOAD_HINT}")
+    return (source, *load_chat_model(source, device, fix))
+
+
 def talk(args, device):
     """--chat and --prompt: the fine-tuned model (--init-from, default <out-dir>/checkpoint.pt)."""
-    source = args.init_from or args.out_dir / "checkpoint.pt"
-    model, chat_format = load_chat_model(source, device)
+    source, model, chat_format = fine_tuned(args, device)
     if chat_format is None:
         print(f"note: {source} is a base model, not fine-tuned by chat.py: expect text, not "
               "answers")
@@ -806,8 +816,7 @@ def hf_chat(model):
 def export(args):
     """--export-hf: a chat.py model (--init-from, default <out-dir>/checkpoint.pt) as a folder
     that transformers and vLLM load, with this chat format."""
-    source = args.init_from or args.out_dir / "checkpoint.pt"
-    model, chat_format = load_chat_model(source)
+    source, model, chat_format = fine_tuned(args)
     if chat_format is None:
         die(f"{source} is a base model, not fine-tuned by chat.py; export it with gpt2.py "
             "--export-hf, or fine-tune it first")
@@ -849,7 +858,9 @@ def start_from(args):
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
                                             "cannot resume; drop --resume to start afresh")
         return checkpoint, model_from_checkpoint(checkpoint, args.resume).train()
-    model, chat_format = load_chat_model(args.init_from)
+    model, chat_format = load_chat_model(args.init_from, fix="pre-train a base model first "
+                                         "(README's CPU quick start for gpt2.py writes "
+                                         "out/gpt2/checkpoint.pt), or " + LOAD_HINT)
     if chat_format is not None and chat_format != FORMAT:
         die(f"--init-from {args.init_from} was fine-tuned with another chat format; start from "
             "its base model")
@@ -887,7 +898,7 @@ def main(args):
             f"ranks = {args.batch_size} x {world_size}; change one of them")
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args)
-    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    end_step = gpt2.last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return {**gpt2.already_done(args, checkpoint["step"]), "stage": STAGE, "complete": True}
     train_set, val_set, tasks, counts = open_data(args, model.config.block_size)
@@ -973,6 +984,7 @@ def main(args):
                 break
     log.close()
     steps_done = start_step + len(timer.rates)
+    stopped = stopped or gpt2.paused(args, steps_done)
     # The lesson's measure: the held-out tasks answered after fine-tuning, once, at the end.
     final = evaluate_tasks() if tasks and steps_done == args.max_steps else None
     if final:

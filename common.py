@@ -44,8 +44,8 @@ def make_parser(stage, description, data, data_help, seed):
         "no checkpoint rewrite their outputs anyway)")
     add("--device", default="auto",
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
-    add("--threads", type=int, default=0, help="torch's CPU threads (default: 0, one per core; "
-        "on a machine that other jobs keep busy, fewer threads can run much faster)")
+    add("--threads", type=int, default=0, help="torch's CPU threads (default: %(default)s, one "
+        "per core; on a machine that other jobs keep busy, fewer threads can run much faster)")
     add("--seed", type=int, default=seed,
         help="seed of everything random in the run (default: %(default)s)")
     return parser

@@ -118,7 +118,11 @@ class ShardWriter:
 
     def flush(self, complete=False):
         """Write the buffer as the next shard (if not empty), then the manifest."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no folder
+        try:  # only now: a bad input leaves no folder
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # no permission, a read-only disk
+            die(f"cannot create --out-dir {self.out_dir} ({err.strerror}); choose another "
+                "--out-dir")
         if self.fill:
             index = len(self.shards)
             split = "val" if index == 0 else "train"
@@ -127,8 +131,9 @@ class ShardWriter:
             write_atomic(path, lambda file: np.save(file, shard))  # never seen half-written
             self.shards.append(shard_entry(path, shard, self.shards))
             starts = self.shards[-1]["documents"]
-            tqdm.write(f"wrote {path.name}: {self.fill:,} tokens, {plural(starts, 'document')} "
-                       f"{'starts' if starts == 1 else 'start'} in it", file=sys.stdout)
+            tqdm.write(f"wrote {path.name}: {plural(self.fill, 'token')}, "
+                       f"{plural(starts, 'document')} {'starts' if starts == 1 else 'start'} in it",
+                       file=sys.stdout)
             self.tokens += self.fill
             self.fill = 0
         write_manifest(self.out_dir, self.command, complete, self.shards)

@@ -594,7 +594,7 @@ def main(args, recipe=None):
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args, recipe)
-    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    end_step = last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return already_done(args, checkpoint["step"], recipe.stage)  # nothing on disk changes
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
@@ -694,6 +694,7 @@ def main(args, recipe=None):
             if stop:  # no evaluation now: a machine that is going away gives a minute or two
                 stopped = stop_and_save(signals, save, step + 1, args.out_dir)
                 break
+    stopped = stopped or paused(args, start_step + len(timer.rates))
     log.close()
     metrics = {"stage": recipe.stage, "preset": args.preset, "config": asdict(model.config),
                "params": sum(p.numel() for p in model.parameters()), "stopped": stopped,
@@ -814,6 +815,13 @@ def start_from(args, recipe):
                                             recipe.stage,
                                             "cannot resume; drop --resume to start afresh")
         model = recipe.model(checkpoint["config"])  # restore_training loads its weights
+        if args.init_from is None:  # else the shape came from --init-from's model, not the flags
+            flags, saved = recipe.config(args), checkpoint["config"]
+            differ = [f"{key} {saved[key]} (the flags: {flags[key]})" for key in saved
+                      if key in flags and flags[key] != saved[key]]
+            if differ:
+                die(f"cannot resume: the checkpoint's model has {', '.join(differ)}; resume "
+                    "with the run's own --preset and model flags, or drop --resume")
     elif args.init_from is not None:
         model = recipe.load_model(args.init_from).train()
     else:
@@ -849,6 +857,24 @@ def set_rng_state(state):  # an older checkpoint's "python" and "numpy" states a
     torch.set_rng_state(state["torch"])
     for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(cuda_state, index)
+
+
+def last_step(args):
+    """Where this run's loop ends: --max-steps, or an earlier --stop-step (--resume goes on)."""
+    if args.stop_step and args.stop_step > args.max_steps:
+        die(f"--stop-step {args.stop_step} is beyond --max-steps {args.max_steps}, where the run "
+            "ends anyway; lower it or drop it")
+    return min(args.max_steps, args.stop_step or args.max_steps)
+
+
+def paused(args, step):
+    """After the loop: a run that ended at --stop-step says how to go on and returns
+    "--stop-step" for metrics.json's `stopped`; a finished one returns None."""
+    if step >= args.max_steps:
+        return None
+    print0(f"stopped at --stop-step {step} of --max-steps {args.max_steps}: the same command "
+           "with --resume (and a later --stop-step, or none) continues")
+    return "--stop-step"
 
 
 def already_done(args, step, stage=STAGE):

@@ -415,6 +415,10 @@ def parse_args(argv=None):
             "name such as gpt2")
     if args.predictions and Path(args.predictions).is_dir():
         die(f"--predictions {args.predictions} is a folder; pass a file name")
+    if args.predictions and Path(args.predictions).resolve() == (Path(args.out_dir)
+                                                                 / "metrics.json").resolve():
+        die(f"--predictions {args.predictions} is where --out-dir's metrics.json goes; choose "
+            "another file")
     if args.predictions and Path(args.predictions).exists() and not args.overwrite:
         die(f"--predictions {args.predictions} already exists; pass --overwrite to replace it, "
             "or choose another file")

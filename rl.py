@@ -282,7 +282,7 @@ def main(args):
                 f"{world_size} ranks; change it")
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args)
-    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    end_step = gpt2.last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return {**gpt2.already_done(args, checkpoint["step"], STAGE), "complete": True}
     labelled, questions, heldout = open_data(args, model.config.block_size)
@@ -387,6 +387,7 @@ def main(args):
                 break
     log.close()
     steps_done = start_step + len(timer.rates)
+    stopped = stopped or gpt2.paused(args, steps_done)
     evals = [r for r in log.records if "heldout_pass1" in r]
     final = evals[-1] if evals and evals[-1]["step"] == args.max_steps else None
     metrics = {"stage": STAGE, "method": args.method, "preset": args.preset,
@@ -419,7 +420,9 @@ def start_from(args):
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
                                             "cannot resume; drop --resume to start afresh")
         return checkpoint, chat.model_from_checkpoint(checkpoint, args.resume).train()
-    model, chat_format = chat.load_chat_model(args.init_from)
+    fix = ("rl.py starts from a chat model: fine-tune one with `python chat.py` (it writes "
+           "out/chat/checkpoint.pt) or pass --init-from with a chat.py or rl.py checkpoint")
+    model, chat_format = chat.load_chat_model(args.init_from, fix=fix)
     if chat_format != chat.FORMAT:
         die(f"--init-from {args.init_from} is not a chat model (a checkpoint written by "
             "chat.py); fine-tune it with chat.py first")

@@ -317,6 +317,8 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, base_checkpoint)
 def test_resume_is_exact_and_a_finished_run_stays_as_it_is(tmp_path, base_checkpoint, capsys):
     train(tiny_args(base_checkpoint, tmp_path / "whole"))
     train(tiny_args(base_checkpoint, tmp_path / "split", "--stop-step", 3))
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["stopped"] == \
+        "--stop-step"
     train(tiny_args(base_checkpoint, tmp_path / "split", "--resume"))
     key = lambda r: (r["step"], r.get("train_loss"), r.get("val_loss"))  # noqa: E731
     assert [key(r) for r in read_log(tmp_path / "split" / "log.jsonl")] == \
@@ -470,6 +472,11 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
         assert_user_error(result, *words)
         assert not out.exists()  # checked before anything is written
     assert_user_error(run_chat("--chat", "--init-from", tmp_path / "nothing"), "--init-from")
+    # Talking before fine-tuning: the fix is to fine-tune (into that --out-dir), then to talk.
+    assert_user_error(run_chat("--chat", "--out-dir", tmp_path / "never"),
+                      "never/checkpoint.pt does not exist", "fine-tune a model first")
+    assert_user_error(run_script("chat.py", "--init-from", tmp_path / "no-base.pt", "--out-dir",
+                                 out), "no-base.pt does not exist", "pre-train a base model")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, base_checkpoint, monkeypatch,

@@ -4,6 +4,7 @@ of checkpoints, atomic writes, the log and the metrics' summary."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,8 +113,11 @@ def test_every_stage_has_overwrite(stage, capsys):
     assert module.parse_args([]).overwrite is False
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
-    assert "start afresh in an --out-dir that holds a checkpoint" in \
-        " ".join(capsys.readouterr().out.split())
+    text = capsys.readouterr().out
+    assert "start afresh in an --out-dir that holds a checkpoint" in " ".join(text.split())
+    # The names stages add each default to its help: the shared flags must not say it twice.
+    flags = re.split(r"\n  -", text)  # each flag's entry starts a line with two spaces and -
+    assert all(flag.count("(default:") <= 1 for flag in flags), text
 
 
 def test_threads_flag_sets_the_run_and_shows_in_its_header(names_file, tmp_path):

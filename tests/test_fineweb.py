@@ -251,6 +251,9 @@ def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     mine.write_text("not a folder", encoding="utf-8")
     result = run_user_error(capsys, "--dataset", tmp_path / "one.txt", "--out-dir", mine)
     assert_user_error(result, f"--out-dir {mine}", "not a directory")
+    # A file further up: the folder cannot be made (as with no permission), and that is one line.
+    result = run_user_error(capsys, "--dataset", tmp_path / "one.txt", "--out-dir", mine / "sub")
+    assert_user_error(result, f"cannot create --out-dir {mine / 'sub'}")
     assert mine.read_text(encoding="utf-8") == "not a folder"
 
 

@@ -384,17 +384,40 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, shards):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_resume_is_exact(tmp_path, shards):
+def test_resume_is_exact(tmp_path, shards, capsys):
     """2N steps in one go log the same losses as N steps, a stop, and a resumed N steps."""
     common = TINY + ["--data", shards, "--max-steps", "8", "--shuffle"]
     train(common + ["--out-dir", tmp_path / "whole"])
-    train(common + ["--out-dir", tmp_path / "split", "--stop-step", "4"])
+    capsys.readouterr()
+    assert train(common + ["--out-dir", tmp_path / "split", "--stop-step", "4"])["stopped"] == \
+        "--stop-step"  # metrics.json says why the run ended early, and the run says what next
+    assert "stopped at --stop-step 4 of --max-steps 8" in capsys.readouterr().out
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")[:4]
-    train(common + ["--out-dir", tmp_path / "split", "--resume"])
+    assert train(common + ["--out-dir", tmp_path / "split", "--resume"])["stopped"] is None
     whole = read_log(tmp_path / "whole" / "log.jsonl")
     split = read_log(tmp_path / "split" / "log.jsonl")
     key = lambda r: (r["step"], r.get("train_loss"), r.get("val_loss"))  # noqa: E731
     assert [key(r) for r in split] == [key(r) for r in whole]
+
+
+def test_a_resume_that_contradicts_its_flags_is_one_line(tmp_path, shards, capsys):
+    """--resume builds the checkpoint's model: a model flag that says otherwise, or a
+    --stop-step past --max-steps, would be silently ignored; each is a user's mistake."""
+    run = TINY + ["--data", shards, "--out-dir", tmp_path / "run"]
+    train(run + ["--stop-step", "2"])
+    for argv, words in ((["--resume", "--n-layer", "3"], ["cannot resume", "n_layer 2",
+                                                          "(the flags: 3)"]),
+                        (["--resume", "--stop-step", "7"], ["--stop-step 7", "--max-steps 6"]),
+                        (["--stop-step", "9", "--overwrite"], ["--stop-step 9"])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            train(run + argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+    saved = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt", "gpt2", "")
+    assert saved["step"] == 2  # nothing was changed
+    assert train(run + ["--resume"])["steps_done"] == 6  # the run's own flags go on
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -410,7 +410,10 @@ def test_predictions_get_their_folder_and_a_bad_path_is_refused_before_scoring(t
     no_scoring(monkeypatch)
     (tmp_path / "file").write_text("mine", encoding="utf-8")
     for path, words in [(tmp_path / "file" / "p.jsonl", ["cannot create", "--predictions"]),
-                        (tmp_path / "new", ["--predictions", "is a folder"])]:
+                        (tmp_path / "new", ["--predictions", "is a folder"]),
+                        # one file for both would lose the metrics (it does not exist yet)
+                        (tmp_path / "out" / "metrics.json",
+                         ["--predictions", "metrics.json goes"])]:
         assert_user_error(main_user_error(capsys, *args, "--predictions", path), *words)
     assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
 

@@ -156,7 +156,8 @@ def test_a_run_writes_metrics_and_resumes_exactly(tmp_path, chat_checkpoint, mon
     records = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").open()]
     assert {"reward", "reply_tokens", "pass1"} <= set(records[0])
     assert all(r["grad_norm"] > 0 for r in records if "grad_norm" in r)
-    rl.main(tiny_args(chat_checkpoint, tmp_path / "parts", "--stop-step", 2))
+    assert rl.main(tiny_args(chat_checkpoint, tmp_path / "parts", "--stop-step", 2))[
+        "stopped"] == "--stop-step"
     rl.main(tiny_args(chat_checkpoint, tmp_path / "parts", "--resume"))
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
@@ -226,6 +227,10 @@ def test_a_base_model_and_a_bad_task_file_are_one_line(tmp_path, chat_checkpoint
                base)
     assert_user_error(run_script("rl.py", "--init-from", base, "--out-dir", tmp_path / "o"),
                       "not a chat model")
+    # No checkpoint at all: the fix names chat.py, not the base models that rl.py refuses.
+    assert_user_error(run_script("rl.py", "--init-from", tmp_path / "none.pt", "--out-dir",
+                                 tmp_path / "o"), "none.pt does not exist",
+                      "fine-tune one with `python chat.py`")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "2+2?", "answer": "#### 4"}\n{"question": "x"}\n')
     assert_user_error(run_script("rl.py", "--init-from", chat_checkpoint, "--data", bad,
