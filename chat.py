@@ -752,15 +752,18 @@ def talk(args, device):
         print(f"note: {source} is a base model, not fine-tuned by chat.py: expect text, not "
               "answers")
     check_format(source, chat_format)
+    block_size = model.config.block_size
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if system and fit_history(system + [{"role": "user", "content": "?"}], block_size,
+                              min(args.max_new_tokens, block_size // 4))[0] is None:
+        die(f"--system: {too_long(block_size, args)}")  # no question would ever fit beside it
     if args.prompt is None:
         common.print_header(device)
         typing = sys.stdin.isatty()  # a person at a terminal, not a pipe
         return chat(model, args, device, typed_lines() if typing else sys.stdin, echo=not typing)
-    history = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
-    if fit_history(history, model.config.block_size,
-                   min(args.max_new_tokens, model.config.block_size // 4))[0] is None:
-        die(f"--prompt: {too_long(model.config.block_size, args)}")
+    history = system + [{"role": "user", "content": args.prompt}]
+    if fit_history(history, block_size, min(args.max_new_tokens, block_size // 4))[0] is None:
+        die(f"--prompt: {too_long(block_size, args)}")
     common.print_header(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     return {"reply": reply_to(model, history, args, generator)}
@@ -828,20 +831,24 @@ def export(args):
 
 # --- main: fine-tune
 
-def open_data(args, block_size):
-    """(train examples, val examples, held-out tasks or None, counts for the log), all checked
-    before anything is written."""
+def read_data(args):
+    """(train conversations, val conversations, held-out tasks or None) of --data, read before
+    the model loads: a mistake in --data is one line before a download of weights."""
     if str(args.data) == "tasks":
         train, tasks = task_mix(args.seed, args.train_examples, args.task_n)
         val = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                for _, q, a in tasks]
-    else:
-        conversations = read_conversations(args.data, args.split)
-        if len(conversations) < 2:
-            die(f"--data {args.data} holds {len(conversations)} conversation(s); training needs "
-                "at least 2 (one is kept for validation)")
-        train, val = split_off_val(conversations, args.val_fraction, args.seed)
-        tasks = None
+        return train, val, tasks
+    conversations = read_conversations(args.data, args.split)
+    if len(conversations) < 2:
+        die(f"--data {args.data} holds {len(conversations)} conversation(s); training needs "
+            "at least 2 (one is kept for validation)")
+    return *split_off_val(conversations, args.val_fraction, args.seed), None
+
+
+def fit_data(args, train, val, block_size):
+    """(train examples, val examples, counts for the log): the conversations that fit the
+    model's context, all checked before anything is written."""
     train_examples, cut, dropped = fit_to_context(train, block_size)
     val_examples, val_cut, val_dropped = fit_to_context(val, block_size)
     if not train_examples or not val_examples:
@@ -849,7 +856,7 @@ def open_data(args, block_size):
             "tokens, even cut after its first answer; use shorter conversations")
     counts = {"train_conversations": len(train_examples), "val_conversations": len(val_examples),
               "cut": cut + val_cut, "dropped": dropped + val_dropped}
-    return train_examples, val_examples, tasks, counts
+    return train_examples, val_examples, counts
 
 
 def start_from(args):
@@ -897,13 +904,13 @@ def main(args):
         die(f"--examples-per-step {args.examples_per_step} is not a multiple of --batch-size x "
             f"ranks = {args.batch_size} x {world_size}; change one of them")
     torch.manual_seed(args.seed)
+    train_talks, val_talks, tasks = read_data(args)  # conversations, not yet tokens
     checkpoint, model = start_from(args)
     end_step = gpt2.last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return {**gpt2.already_done(args, checkpoint["step"]), "stage": STAGE, "complete": True}
-    train_set, val_set, tasks, counts = open_data(args, model.config.block_size)
-    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
-                           resume_flag=True)
+    train_set, val_set, counts = fit_data(args, train_talks, val_talks, model.config.block_size)
+    gpt2.prepare_run_dir(args, checkpoint)
     if ddp:  # join the other ranks: NCCL moves gradients GPU to GPU, gloo is the CPU's backend
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -1099,9 +1106,9 @@ def parse_args(argv=None):
                             help="sample among the k likeliest tokens (0: all; default: "
                             "%(default)s)")
     parser.add_argument_group("export (no training)").add_argument(
-        "--export-hf", type=Path, metavar="DIR", help="write the model, GPT-2's tokenizer with the "
-        "chat tokens and the chat template as a folder that transformers and vLLM load (into a "
-        "folder that holds files only with --overwrite)")
+        "--export-hf", type=common.path_flag, metavar="DIR", help="write the model, GPT-2's "
+        "tokenizer with the chat tokens and the chat template as a folder that transformers and "
+        "vLLM load (into a folder that holds files only with --overwrite)")
     args = parser.parse_args(argv)
     given = args.init_from  # --chat, --prompt, --export-hf: the fine-tuned model, not the base
     args = common.use_preset(args, PRESETS)
@@ -1119,6 +1126,8 @@ def parse_args(argv=None):
         die("--chat, --prompt and --export-hf are separate modes; give one of them")
     if args.prompt is not None and not args.prompt.strip():
         die("--prompt is empty; give the message to answer")
+    if args.system is not None and not args.system.strip():
+        die("--system is empty; give the system message or drop the flag")
     return args
 
 

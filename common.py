@@ -30,15 +30,23 @@ def die(message):
     sys.exit(2)
 
 
+def path_flag(text):
+    """argparse's type for a file or folder flag: an empty string, which Path would read as the
+    current folder (`--export-hf ""` writing a model there), is a mistake."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return Path(text)
+
+
 def make_parser(stage, description, data, data_help, seed):
     """The flags every stage has; argparse's own complaints end through die() like any mistake."""
     parser = argparse.ArgumentParser(prog=f"{stage}.py", description=description)
     parser.error = die
     add = parser.add_argument
-    add("--data", type=Path, default=data and Path(data),  # None: the --preset's
+    add("--data", type=path_flag, default=data and Path(data),  # None: the --preset's
         help=data_help + (" (default: %(default)s)" if data else ""))
-    add("--out-dir", type=Path, default=Path("out") / stage, help="where log.jsonl, metrics.json, "
-        "the figure and any checkpoint go (default: %(default)s)")
+    add("--out-dir", type=path_flag, default=Path("out") / stage, help="where log.jsonl, "
+        "metrics.json, the figure and any checkpoint go (default: %(default)s)")
     add("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a "
         "checkpoint, replacing it (a run never replaces one without this flag; stages that keep "
         "no checkpoint rewrite their outputs anyway)")

@@ -541,8 +541,7 @@ def pick_dtype(name, device):
             return torch.float32
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if name == "float16" and device.type != "cuda":
-        die("--dtype float16 needs a CUDA GPU (it trains with a gradient scaler); "
-            "use --dtype bfloat16 or float32")
+        die("--dtype float16 needs a CUDA GPU; use --dtype bfloat16 or float32")
     return getattr(torch, name)
 
 
@@ -600,8 +599,7 @@ def main(args, recipe=None):
     enc, prompt, decode = (tokenizer(args, model.config.vocab_size, args.sample_every) if
                            args.sample_every or args.hellaswag_every else (None, None, None))
     examples = load_hellaswag(args) if args.hellaswag_every else None
-    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
-                           resume_flag=True)
+    prepare_run_dir(args, checkpoint)
     if ddp:  # join the other ranks: NCCL moves gradients GPU to GPU, gloo is the CPU's backend
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -805,6 +803,19 @@ def save_checkpoint(args, model, optimizer, scaler, loader, step, stage=STAGE,
         checkpoint["token_losses"] = token_losses.state_dict()
     # Written beside its final name, then renamed: a crash mid-write leaves the old one whole.
     common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
+
+
+def prepare_run_dir(args, checkpoint):
+    """Create --out-dir. A run resumed from <out-dir>/checkpoint.pt goes on writing it; one
+    resumed from another folder's checkpoint, like a new run, replaces this folder's only with
+    --overwrite (it may be another run's hours)."""
+    own = args.out_dir / "checkpoint.pt"
+    if (checkpoint is not None and not args.overwrite and own.is_file()
+            and Path(args.resume or own).resolve() != own.resolve()):
+        die(f"--out-dir {args.out_dir} holds a checkpoint.pt of its own, which the run resumed "
+            f"from {args.resume} would replace; choose another --out-dir or pass --overwrite")
+    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
+                           resume_flag=True)
 
 
 def start_from(args, recipe):
@@ -1016,6 +1027,12 @@ def read_hf_gpt2(name_or_dir):
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"{directory} holds neither a gpt2.py checkpoint.pt nor a Hugging Face "
                          "GPT-2 config.json; pass --init-from with one of them") from None
+    bad = [theirs for ours, theirs in HF_CONFIG.items()
+           if type(config[ours]) is not int or config[ours] < 1]  # bool is not an int here
+    if bad:
+        raise ValueError(f"{directory}/config.json gives {', '.join(f'{k}={hf[k]!r}' for k in bad)}"
+                         ", where a positive integer is due; fix the file or pass --init-from "
+                         "with another model")
     gpt2 = dict(model_type=("gpt2",), layer_norm_epsilon=(1e-5,), scale_attn_weights=(True,),
                 scale_attn_by_inverse_layer_idx=(False,), n_inner=(None, 4 * config["n_embd"]),
                 activation_function=("gelu_new", "gelu_pytorch_tanh", None))  # GPT-2's values
@@ -1365,7 +1382,7 @@ def make_parser(stage, description, presets, preset_names, hf=True):
     evals.add_argument("--val-batches", type=int, dest="eval_batches", help=argparse.SUPPRESS)
     evals.add_argument("--hellaswag-every", type=int, help="steps between HellaSwag "
                        "evaluations, 0: off " + preset("hellaswag_every"))
-    evals.add_argument("--hellaswag-data", type=Path,
+    evals.add_argument("--hellaswag-data", type=common.path_flag,
                        help="HellaSwag's val .jsonl (default: downloaded into data/hellaswag)")
     evals.add_argument("--hellaswag-limit", type=int, help="score only its first N examples")
     evals.add_argument("--sample-every", type=int,
@@ -1391,8 +1408,9 @@ def make_parser(stage, description, presets, preset_names, hf=True):
     modes.add_argument("--sample", action="store_true", help="generate text")
     modes.add_argument("--eval-hellaswag", action="store_true", help="score HellaSwag")
     if hf:
-        modes.add_argument("--export-hf", type=Path, help="write a folder for GPT2LMHeadModel "
-                           "(into a folder that holds files only with --overwrite)")
+        modes.add_argument("--export-hf", type=common.path_flag, help="write a folder for "
+                           "GPT2LMHeadModel (into a folder that holds files only with "
+                           "--overwrite)")
     parser.set_defaults(export_hf=None)  # without hf: never asked for
     return parser
 

@@ -379,9 +379,9 @@ def parse_args(argv=None):
         help="official split to download and score; test has no labels (default: %(default)s)")
     add("--data", help="score this local .jsonl file instead (default: the official split, "
         "downloaded once into --cache-dir)")
-    add("--cache-dir", default="data/hellaswag",
+    add("--cache-dir", type=common.path_flag, default="data/hellaswag",
         help="where downloads are kept (default: %(default)s)")
-    add("--out-dir", default="out/hellaswag",
+    add("--out-dir", type=common.path_flag, default="out/hellaswag",
         help="where metrics.json is written (default: %(default)s)")
     add("--predictions", help="also write one JSON line per example to this file (default: none)")
     add("--overwrite", action="store_true",

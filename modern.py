@@ -585,7 +585,8 @@ def parse_args(argv=None):
                          help="cap the logits at softcap * tanh(logits / softcap) (0: off; "
                          "default: %(default)s)")
     changes.add_argument("--muon", **on,
-                         help="Muon for the blocks' matrices (off: AdamW at --adam-lr)")
+                         help="Muon for the blocks' matrices, without weight decay (off: AdamW "
+                         "at --adam-lr, with --weight-decay, which acts only then)")
     opt = parser.add_argument_group("learning rates (--lr is Muon's; each group follows its "
                                     "warmup and cosine, scaled to its own peak)")
     opt.add_argument("--embedding-lr", type=float, help="AdamW's for wte " + preset("embedding_lr"))
@@ -595,7 +596,8 @@ def parse_args(argv=None):
                      "matrices with --no-muon " + preset("adam_lr"))
     opt.add_argument("--momentum", type=float, default=0.95,
                      help="Muon's momentum (default: %(default)s)")
-    v3 = parser.add_argument_group("DeepSeek-V3's ideas (off by default)")
+    v3 = parser.add_argument_group("DeepSeek-V3's ideas (off by default; the experts' flags act "
+                                   "with --moe, --mtp-weight with --mtp)")
     v3.add_argument("--moe", action="store_true",
                     help="a shared expert and routed experts in place of each MLP")
     v3.add_argument("--n-experts", type=int, default=8,

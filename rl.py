@@ -281,13 +281,13 @@ def main(args):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a multiple of the "
                 f"{world_size} ranks; change it")
     torch.manual_seed(args.seed)
+    rows = read_rows(args)  # first: a mistake in --data is one line before a model loads
     checkpoint, model = start_from(args)
     end_step = gpt2.last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return {**gpt2.already_done(args, checkpoint["step"], STAGE), "complete": True}
-    labelled, questions, heldout = open_data(args, model.config.block_size)
-    common.prepare_out_dir(args.out_dir, "checkpoint.pt", args.overwrite or checkpoint is not None,
-                           resume_flag=True)
+    labelled, questions, heldout = open_data(args, rows, model.config.block_size)
+    gpt2.prepare_run_dir(args, checkpoint)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -423,9 +423,10 @@ def start_from(args):
     fix = ("rl.py starts from a chat model: fine-tune one with `python chat.py` (it writes "
            "out/chat/checkpoint.pt) or pass --init-from with a chat.py or rl.py checkpoint")
     model, chat_format = chat.load_chat_model(args.init_from, fix=fix)
-    if chat_format != chat.FORMAT:
+    if chat_format is None:
         die(f"--init-from {args.init_from} is not a chat model (a checkpoint written by "
             "chat.py); fine-tune it with chat.py first")
+    chat.check_format(args.init_from, chat_format)  # a chat model in another format
     return None, model.train()
 
 
@@ -475,10 +476,10 @@ def read_rows(args):
     return rows
 
 
-def open_data(args, block_size):
+def open_data(args, rows, block_size):
     """(labelled examples for the cold start, RL questions as (question, final answer), held-out
-    ones): --task-n held out first, then --sft-examples labelled, the rest RL questions."""
-    rows = read_rows(args)
+    ones) of read_rows' rows: --task-n held out first, then --sft-examples labelled, the rest RL
+    questions."""
     if str(args.data) != "tasks":
         random.Random(args.seed).shuffle(rows)
     need = args.task_n + args.sft_examples + 1
@@ -498,6 +499,9 @@ def open_data(args, block_size):
                 for q, a in rows[args.task_n:args.task_n + args.sft_examples]]
     examples, _, _ = chat.fit_to_context(labelled, block_size)
     room = block_size - args.max_new_tokens
+    if room < len(chat.render_prompt([{"role": "user", "content": "?"}])):  # the shortest question
+        die(f"--max-new-tokens {args.max_new_tokens} leaves {max(room, 0)} of the model's context "
+            f"of {block_size} tokens for a question; lower it")
     fits = [(q, a) for q, a in finals if len(chat.render_prompt(
         [{"role": "user", "content": q}])) <= room]
     if len(fits) < len(finals):
@@ -575,8 +579,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu",
                         help="defaults: cpu (chat.py's cpu checkpoint, the bundled task) or gpt2 "
                         "(chat.py's gpt2 checkpoint, GSM8K; a GPU) (default: cpu)")
-    parser.add_argument("--init-from", help="the chat model to train: a chat.py checkpoint "
-                        + preset("init_from"))
+    parser.add_argument("--init-from", help="the chat model to train: a chat.py (or rl.py) "
+                        "checkpoint " + preset("init_from"))
     parser.add_argument("--method", choices=("rl", "sft"), default="rl",
                         help="rl, or sft: the comparison, more supervised steps on the labelled "
                         "examples in the same loop (default: rl)")
@@ -644,6 +648,12 @@ def parse_args(argv=None):
         die("--sft-steps needs labelled examples; give --sft-examples or --sft-steps 0")
     if args.group < 2 and args.method == "rl":
         die("--group must be at least 2: the advantage compares replies within a group")
+    if args.method == "rl" and (args.temperature == 0 or args.top_k == 1):
+        die(f"--{'temperature 0' if args.temperature == 0 else 'top-k 1'} gives every reply of "
+            "a group the same tokens, so every advantage is 0 and nothing is learned; sample "
+            "(--temperature above 0, --top-k 0 or above 1)")
+    if args.method == "sft" and not args.sft_examples:
+        die("--method sft trains on labelled examples; give --sft-examples")
     return args
 
 

@@ -507,9 +507,10 @@ async def embeddings(http: HttpRequest):
         raise ApiError(400, "encoding_format must be float or base64", "encoding_format")
     inputs = token_inputs(body.get("input"), "input")
     for tokens in inputs:
-        if not tokens or len(tokens) > engine.block_size or max(tokens) >= engine.vocab_size:
+        if (not tokens or len(tokens) > engine.block_size or min(tokens) < 0
+                or max(tokens) >= engine.vocab_size):
             raise ApiError(400, f"each input must be 1 to {engine.block_size} tokens with "
-                           f"ids below {engine.vocab_size}", "input")
+                           f"ids from 0 to {engine.vocab_size - 1}", "input")
     # In a worker thread: the event loop stays free. The model is only read, so this is safe
     # beside the engine's thread.
     vectors = await asyncio.to_thread(embed, engine.model, inputs)
@@ -619,6 +620,9 @@ def sampling(body, max_tokens):
     if (not isinstance(stop, list) or len(stop) > 4
             or not all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, "stop must be a non-empty string or a list of at most 4", "stop")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ApiError(400, "stream_options must be an object, such as "
+                       '{"include_usage": true}', "stream_options")
     return dict(max_tokens=number(body, "max_tokens", max_tokens, 1, 1 << 20, integer=True),
                 temperature=number(body, "temperature", 1.0, 0, 2),
                 top_p=number(body, "top_p", 1.0, 0, 1, open_low=True),
@@ -747,7 +751,9 @@ def model_name(source):
     path = Path(source)
     if path.name == "checkpoint.pt":
         return path.resolve().parent.name
-    return path.stem if path.is_file() else path.name
+    if path.is_file():
+        return path.stem
+    return path.resolve().name if path.exists() else path.name  # "." is its folder's name
 
 
 def main(args):
@@ -860,7 +866,7 @@ def parse_args(argv=None):
                         "a new one at each start)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="weights' dtype; auto: float32 on CPU, bfloat16 on "
-                        "GPUs that have it (default: %(default)s)")
+                        "GPUs that have it, float16 on older ones (default: %(default)s)")
     args = parser.parse_args(argv)
     common.check_args(args, positive=("max_batch", "step_tokens", "max_queue", "max_body"),
                       non_negative=("drain_seconds",), ranges=(("port", 0, 65535),))

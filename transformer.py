@@ -523,7 +523,7 @@ def parse_args(argv=None):
     modes = parser.add_argument_group("mode without training (the weights: --init-from, "
                                       "default <out-dir>/checkpoint.pt)")
     modes.add_argument("--sample", action="store_true", help="generate text")
-    modes.add_argument("--init-from", "--checkpoint", type=Path,
+    modes.add_argument("--init-from", "--checkpoint", type=common.path_flag,
                        help="the checkpoint --sample reads")
     args = common.use_preset(parser.parse_args(argv), PRESETS)
     common.check_args(

@@ -445,6 +445,13 @@ def test_prompt_answers_once_and_a_too_long_prompt_is_one_line(chat_checkpoint):
     assert again.stdout == result.stdout  # the same seed, the same reply
     assert_user_error(run_chat("--prompt", "cat " * 80, "--init-from", chat_checkpoint),
                       "--prompt", "longer than the model's context of 64 tokens")
+    # A system message is checked too: blank is a mistake (it was a traceback), and one that
+    # leaves no room for any question is named, not the short --prompt beside it.
+    for mode in (["--prompt", "hi"], ["--chat"]):
+        assert_user_error(run_chat(*mode, "--init-from", chat_checkpoint, "--system", "  "),
+                          "--system is empty")
+        assert_user_error(run_chat(*mode, "--init-from", chat_checkpoint, "--system",
+                                   "cat " * 80, stdin="hi\n"), "--system:", "longer")
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
@@ -472,6 +479,10 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, base_checkpoint):
         assert_user_error(result, *words)
         assert not out.exists()  # checked before anything is written
     assert_user_error(run_chat("--chat", "--init-from", tmp_path / "nothing"), "--init-from")
+    # --data is read before any model loads: a typo costs no download of weights.
+    assert_user_error(run_script("chat.py", "--init-from", "gpt2-xl", "--data",
+                                 tmp_path / "typo.jsonl", "--out-dir", out), "typo.jsonl",
+                      "does not exist")
     # Talking before fine-tuning: the fix is to fine-tune (into that --out-dir), then to talk.
     assert_user_error(run_chat("--chat", "--out-dir", tmp_path / "never"),
                       "never/checkpoint.pt does not exist", "fine-tune a model first")

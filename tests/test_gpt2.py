@@ -186,6 +186,14 @@ def test_from_pretrained_refuses_missing_or_unknown_weights(tmp_path, monkeypatc
         monkeypatch.setattr(gpt2, "read_hf_gpt2", lambda name: (config, broken))
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             gpt2.GPT.from_pretrained(str(directory))
+    monkeypatch.undo()
+    # A config.json whose sizes are not positive integers: ValueError too (the loaders' one
+    # line), not a TypeError from nn.Embedding.
+    hf_config = json.loads((directory / "config.json").read_text())
+    for value in ("x", 0, 2.5, True):
+        (directory / "config.json").write_text(json.dumps({**hf_config, "n_positions": value}))
+        with pytest.raises(ValueError, match="n_positions=.*a positive integer is due"):
+            gpt2.read_hf_gpt2(str(directory))
 
 
 def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path):
@@ -415,6 +423,14 @@ def test_a_resume_that_contradicts_its_flags_is_one_line(tmp_path, shards, capsy
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+    # Resumed from another folder's checkpoint, the run may not replace this folder's own.
+    train(run + ["--out-dir", tmp_path / "mine", "--max-steps", "3"])
+    elsewhere = run + ["--resume", tmp_path / "run" / "checkpoint.pt", "--out-dir"]
+    with pytest.raises(SystemExit):
+        train(elsewhere + [tmp_path / "mine"])
+    assert "holds a checkpoint.pt of its own" in capsys.readouterr().err
+    assert common.load_checkpoint(tmp_path / "mine" / "checkpoint.pt", "gpt2", "")["step"] == 3
+    assert train(elsewhere + [tmp_path / "new"])["steps_done"] == 6  # a new folder is free
     saved = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt", "gpt2", "")
     assert saved["step"] == 2  # nothing was changed
     assert train(run + ["--resume"])["steps_done"] == 6  # the run's own flags go on

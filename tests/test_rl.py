@@ -134,7 +134,7 @@ def test_the_bundled_task_is_seeded_distinct_and_held_out_questions_stay_out():
         assert 6 <= len(words) <= 10 and set(words) <= set(chat.WORDS)
         assert answer == f"There are {len(words)}."
     args = rl.parse_args(["--task-n", "50", "--sft-examples", "30", "--train-questions", "200"])
-    labelled, questions, heldout = rl.open_data(args, 64)
+    labelled, questions, heldout = rl.open_data(args, rl.read_rows(args), 64)
     asked = {q for q, _ in heldout}
     assert len(heldout) == 50 and len(labelled) == 30 and len(questions) == 200
     assert not asked & {q for q, _ in questions}
@@ -205,7 +205,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, chat_checkpoint):
     (("--group", "1"), ["--group", "at least 2"]),
     (("--temperature", "-1"), ["--temperature"]),
     (("--questions-per-step", "0"), ["--questions-per-step", "positive"]),
-    (("--lr", "nan"), ["--lr"])])
+    (("--lr", "nan"), ["--lr"]),
+    # Greedy replies are all alike: every advantage 0, a run that learns nothing.
+    (("--temperature", "0"), ["--temperature 0", "every advantage is 0"]),
+    (("--top-k", "1"), ["--top-k 1", "every advantage is 0"]),
+    # sft without examples had nothing to draw a batch from (it hung).
+    (("--method", "sft", "--sft-examples", "0", "--sft-steps", "0"),
+     ["--method sft", "--sft-examples"]),
+    (("--max-new-tokens", "64"), ["--max-new-tokens 64", "context of 64"])])
 def test_nonsense_flags_are_one_line(tmp_path, chat_checkpoint, extra, words):
     result = run_script("rl.py", "--init-from", chat_checkpoint, "--out-dir", tmp_path / "o",
                         *extra)
@@ -227,6 +234,11 @@ def test_a_base_model_and_a_bad_task_file_are_one_line(tmp_path, chat_checkpoint
                base)
     assert_user_error(run_script("rl.py", "--init-from", base, "--out-dir", tmp_path / "o"),
                       "not a chat model")
+    other = tmp_path / "other.pt"  # a chat model, in a chat format this chat.py does not speak
+    torch.save({**torch.load(chat_checkpoint, weights_only=True),
+                "chat_format": {"name": "elsewhere", "version": 9}}, other)
+    assert_user_error(run_script("rl.py", "--init-from", other, "--out-dir", tmp_path / "o"),
+                      "another chat format", "elsewhere")
     # No checkpoint at all: the fix names chat.py, not the base models that rl.py refuses.
     assert_user_error(run_script("rl.py", "--init-from", tmp_path / "none.pt", "--out-dir",
                                  tmp_path / "o"), "none.pt does not exist",
@@ -241,6 +253,10 @@ def test_a_base_model_and_a_bad_task_file_are_one_line(tmp_path, chat_checkpoint
     assert_user_error(run_script("rl.py", "--init-from", chat_checkpoint, "--data",
                                  tmp_path / "missing.jsonl", "--out-dir", tmp_path / "o"),
                       "does not exist")
+    # --data is read before any model loads: a typo costs no download of weights.
+    assert_user_error(run_script("rl.py", "--init-from", "gpt2-xl", "--data",
+                                 tmp_path / "missing.jsonl", "--out-dir", tmp_path / "o"),
+                      "--data", "missing.jsonl does not exist")
 
 
 def test_a_gsm8k_file_trains_offline(tmp_path, chat_checkpoint):

@@ -507,6 +507,11 @@ ERRORS = [  # (path, body, status, the error's param or code, words of its messa
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, 400,
      "top_p", "(0, 1]"),
     ("/v1/embeddings", {"input": ""}, 400, "input", "1 to 1024"),
+    ("/v1/embeddings", {"input": [-1, 3]}, 400, "input", "ids from 0 to"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": "yes"}, 400,
+     "stream_options", "must be an object"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True,
+                              "stream_options": [1]}, 400, "stream_options", "an object"),
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format", "base64"),
     ("/v1/completions", {"prompt": "x" * 200000}, 413, "request_too_large", "larger than"),
     ("/v1/nothing", {}, 404, 404, "Not Found"),
@@ -656,6 +661,19 @@ def test_requests_cut_when_the_drain_runs_out_end_cleanly(checkpoints):
         assert server.lines[-1] == "stopped (4 requests unfinished: --drain-seconds ran out)\n"
     finally:
         server.stop()
+
+
+def test_model_name_is_the_checkpoints_folder_or_the_files_name(tmp_path, monkeypatch):
+    """What /v1/models lists, and what clients then send as "model"."""
+    run = tmp_path / "chat"
+    run.mkdir()
+    (run / "checkpoint.pt").write_text("x")
+    (run / "best.pt").write_text("x")
+    monkeypatch.chdir(run)
+    assert serve.model_name(run / "checkpoint.pt") == "chat"
+    assert serve.model_name(run / "best.pt") == "best"
+    assert serve.model_name(".") == serve.model_name(run) == "chat"  # never "" for "."
+    assert serve.model_name("gpt2") == "gpt2"  # a hub name
 
 
 def test_command_line_mistakes_are_one_line(tmp_path, capsys):
