@@ -287,6 +287,8 @@ def main(args):
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return {**gpt2.already_done(args, checkpoint["step"], STAGE), "complete": True}
     labelled, questions, heldout = open_data(args, rows, model.config.block_size)
+    serve.kv_cache_or_die(model.config, args.rollout_batch, device, torch.float32,
+                          "--rollout-batch")  # the rollouts' cache holds the float32 weights'
     gpt2.prepare_run_dir(args, checkpoint)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -756,6 +756,23 @@ def model_name(source):
     return path.resolve().name if path.exists() else path.name  # "." is its folder's name
 
 
+def kv_cache_or_die(config, slots, device, dtype, flag):
+    """die() naming `flag` if the engine's KV cache for `slots` would not fit in the device's
+    memory (a GPU's free memory, else the machine's RAM): one line now rather than an
+    out-of-memory traceback, or a kill once the cache fills."""
+    need = 2 * config.n_layer * slots * config.block_size * config.n_embd * dtype.itemsize
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if need > have:
+        die(f"{flag} {slots}: the KV cache of {slots} contexts of {config.block_size} tokens "
+            f"needs {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device}'s "
+            f"memory; lower {flag}")
+
+
 def main(args):
     device = common.pick_device(args.device, threads=args.threads)
     dtype = gpt2.pick_dtype(args.dtype, device)
@@ -763,6 +780,7 @@ def main(args):
     common.print_header(device)
     model, chat_format = chat.load_chat_model(args.init_from, device)
     model.to(dtype)  # inference only: the weights themselves in bf16 on a GPU, no autocast
+    kv_cache_or_die(model.config, args.max_batch, device, dtype, "--max-batch")
     name = args.model_name or model_name(args.init_from)
     engine = Engine(model, args.max_batch, args.max_queue, seed=args.seed,
                     step_tokens=args.step_tokens)

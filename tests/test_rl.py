@@ -212,7 +212,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, chat_checkpoint):
     # sft without examples had nothing to draw a batch from (it hung).
     (("--method", "sft", "--sft-examples", "0", "--sft-steps", "0"),
      ["--method sft", "--sft-examples"]),
-    (("--max-new-tokens", "64"), ["--max-new-tokens 64", "context of 64"])])
+    (("--max-new-tokens", "64"), ["--max-new-tokens 64", "context of 64"]),
+    (("--rollout-batch", "10000000000"), ["--rollout-batch 10000000000", "GiB", "lower"])])
 def test_nonsense_flags_are_one_line(tmp_path, chat_checkpoint, extra, words):
     result = run_script("rl.py", "--init-from", chat_checkpoint, "--out-dir", tmp_path / "o",
                         *extra)

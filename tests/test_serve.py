@@ -679,6 +679,7 @@ def test_model_name_is_the_checkpoints_folder_or_the_files_name(tmp_path, monkey
 def test_command_line_mistakes_are_one_line(tmp_path, capsys):
     """A bad flag or a checkpoint that is not one: one line on stderr naming the fix, exit 2."""
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    write_checkpoint(tmp_path / "tiny.pt", tiny_model())
     taken = socket.create_server(("127.0.0.1", 0))
     for argv, words in ((["--init-from", "x", "--max-batch", "0"], "--max-batch"),
                         (["--init-from", "x", "--port", str(taken.getsockname()[1])],
@@ -688,6 +689,8 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
                         (["--init-from", "x", "--host", "256.1.1.1"],
                          "--host 256.1.1.1 is not a valid address"),
                         (["--init-from", "x", "--out-dir", "y"], "unrecognized arguments"),
+                        (["--init-from", str(tmp_path / "tiny.pt"), "--max-batch", "10000000000",
+                          "--port", "0"], "--max-batch 10000000000: the KV cache"),
                         (["--init-from", str(tmp_path / "junk.pt")], "--init-from")):
         with pytest.raises(SystemExit) as exit_info:
             serve.main(serve.parse_args(argv))
