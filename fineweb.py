@@ -594,7 +594,7 @@ def open_shards(data_dir, split, window):
                    f"them, e.g. --data {inside[0]}")
     if not paths:
         common.die(f"no {split} shards (*_{split}_*.npy) in {data_dir}; {SHARD_HINT}")
-    shards = []
+    shards, short = [], []
     for path in paths:
         try:
             tokens = np.load(path, mmap_mode="r")  # pages come from disk when read, not now
@@ -603,11 +603,14 @@ def open_shards(data_dir, split, window):
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             common.die(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not a 1-D "
                        f"uint16 token array; {SHARD_HINT}")
-        if len(tokens) < window:
-            common.die(f"shard {path} has {len(tokens):,} tokens, fewer than one batch window "
-                       f"of {window:,} (batch-size x seq-len x ranks + 1); lower --batch-size "
-                       f"or --seq-len, or make longer shards: {SHARD_HINT}")
-        shards.append(tokens)
+        (shards if len(tokens) >= window else short).append(tokens)
+    if not shards:
+        common.die(f"every {split} shard in {data_dir} has fewer tokens than one batch window of "
+                   f"{window:,} (batch-size x seq-len x ranks + 1); lower --batch-size or "
+                   f"--seq-len, or make longer shards: {SHARD_HINT}")
+    if short and int(os.environ.get("RANK", "0")) == 0:  # the corpus's tail, typically
+        print(f"note: {len(short)} {split} shard(s) in {data_dir} hold fewer tokens than one "
+              f"batch window of {window:,} and are left out ({sum(map(len, short)):,} tokens)")
     return shards
 
 

@@ -359,7 +359,9 @@ def orthogonalize(g, steps=5):
     (Jordan et al. 2024) push every singular value toward 1 as fast as possible rather than
     exactly: they end in about [0.7, 1.2], which trains as well."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()  # bf16 is enough on GPUs, CPUs lack fast bf16
+    # bf16 is enough, on GPUs with bf16 tensor cores (Ampere on); CPUs and older GPUs lack them
+    fast = g.is_cuda and torch.cuda.get_device_capability(g.device)[0] >= 8
+    x = g.bfloat16() if fast else g.float()
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T  # (small, large): x @ x.T is the small square

@@ -610,8 +610,18 @@ def test_bad_data_directories(tmp_path, capsys):
     garbage = write_shards(tmp_path / "garbage")
     (garbage / "test_train_000002.npy").write_bytes(b"not numpy at all")
     user_error(capsys, base + ["--data", garbage], "not a readable .npy", out_dir=out)
-    short = write_shards(tmp_path / "short", sizes=(2000, 1500, 20))
-    user_error(capsys, base + ["--data", short], "fewer than one batch window", out_dir=out)
+    short = write_shards(tmp_path / "short", sizes=(2000, 20, 30))
+    user_error(capsys, base + ["--data", short], "every train shard", "fewer tokens than one "
+               "batch window", out_dir=out)
+
+
+def test_a_short_last_shard_is_left_out_with_a_note(tmp_path, capsys):
+    """fineweb.py's last shard holds the corpus's tail: shorter than a batch window, it is left
+    out (it has no window to read), and the run says so."""
+    data = write_shards(tmp_path / "tail", sizes=(2000, 1500, 20))
+    metrics = train(TINY + ["--data", data, "--out-dir", tmp_path / "out"])
+    assert metrics["steps_done"] == 6
+    assert "note: 1 train shard(s)" in capsys.readouterr().out
 
 
 def test_bad_flags(tmp_path, shards, capsys):
