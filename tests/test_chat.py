@@ -442,7 +442,9 @@ def test_prompt_answers_once_and_a_too_long_prompt_is_one_line(chat_checkpoint):
     assert result.stdout.count("assistant: ") == 1
     again = run_chat("--prompt", "Repeat: cat dog", "--init-from", chat_checkpoint,
                      "--max-new-tokens", 3, "--seed", 1)
-    assert again.stdout == result.stdout  # the same seed, the same reply
+    reply = [line for line in result.stdout.splitlines() if line.startswith("assistant: ")]
+    # the same seed, the same reply (the header's note on a busy machine may come and go)
+    assert [line for line in again.stdout.splitlines() if line.startswith("assistant: ")] == reply
     assert_user_error(run_chat("--prompt", "cat " * 80, "--init-from", chat_checkpoint),
                       "--prompt", "longer than the model's context of 64 tokens")
     # A system message is checked too: blank is a mistake (it was a traceback), and one that
