@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, pick_device, prepare_out_dir, print_header,
-                    pyplot, read_text, save_figure, warn_unless_names, write_json)
+from common import (Log, check_args, check_loss, die, make_parser, pick_device, prepare_out_dir,
+                    print_header, pyplot, read_text, save_figure, warn_unless_names, write_json)
 
 STAGE = "bigram"
 
@@ -196,6 +196,7 @@ def train(model, splits, args, count_losses, started):
         else:
             idx = torch.randint(0, len(X), (args.batch_size,), generator=batch_gen).to(X.device)
             loss = model.loss(X[idx], Y[idx], args.l2)
+        check_loss(loss.item(), step)
         model.zero_grad(set_to_none=True)
         loss.backward()
         model.descend(args.lr)

@@ -863,7 +863,8 @@ def start_from(args):
     """(resume checkpoint or None, model on the CPU in training mode)."""
     if args.resume is not None:
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
-                                            "cannot resume; drop --resume to start afresh")
+                                            "cannot resume; drop --resume to start afresh",
+                                            needs=("config", "model", "step", "rng"))
         return checkpoint, model_from_checkpoint(checkpoint, args.resume).train()
     model, chat_format = load_chat_model(args.init_from, fix="pre-train a base model first "
                                          "(README's CPU quick start for gpt2.py writes "

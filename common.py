@@ -38,6 +38,15 @@ def path_flag(text):
     return Path(text)
 
 
+def check_loss(loss, step):
+    """A NaN or infinite training loss (a learning rate too high) ends the run in one line, exit
+    status 1: what would follow (evaluations, a checkpoint, samples) would only carry the NaN."""
+    if not math.isfinite(loss):
+        print(f"{Path(sys.argv[0]).name}: error: the training loss is {loss} at step {step}: "
+              "training diverged; run again with a lower --lr", file=sys.stderr)
+        sys.exit(1)
+
+
 def make_parser(stage, description, data, data_help, seed):
     """The flags every stage has; argparse's own complaints end through die() like any mistake."""
     parser = argparse.ArgumentParser(prog=f"{stage}.py", description=description)

@@ -593,6 +593,7 @@ def main(args, recipe=None):
     train_loader, val_loader, grad_accum = open_data(args, rank, world_size)
     torch.manual_seed(args.seed)
     checkpoint, model = start_from(args, recipe)
+    check_vocab(args, model.config.vocab_size, train_loader, val_loader)
     end_step = last_step(args)
     if checkpoint is not None and checkpoint["step"] >= end_step:
         return already_done(args, checkpoint["step"], recipe.stage)  # nothing on disk changes
@@ -805,6 +806,17 @@ def save_checkpoint(args, model, optimizer, scaler, loader, step, stage=STAGE,
     common.write_atomic(args.out_dir / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 
+def check_vocab(args, vocab_size, *loaders):
+    """die() if the shards hold token ids the model has no embedding row for (a --vocab-size
+    below GPT-2's 50,257): looked for in the first million tokens of each split's first shard
+    (every fineweb.py document starts with <|endoftext|>, 50,256), not met as an IndexError in
+    the first step."""
+    top = max(int(loader.shards[0][:1 << 20].max()) for loader in loaders if loader)
+    if top >= vocab_size:
+        die(f"--data {args.data} holds token {top:,}, beyond the model's vocabulary of "
+            f"{vocab_size:,}; raise --vocab-size (GPT-2's tokens need at least 50,257)")
+
+
 def prepare_run_dir(args, checkpoint):
     """Create --out-dir. A run resumed from <out-dir>/checkpoint.pt goes on writing it; one
     resumed from another folder's checkpoint, like a new run, replaces this folder's only with
@@ -824,7 +836,8 @@ def start_from(args, recipe):
     if args.resume is not None:  # default: <out-dir>/checkpoint.pt
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt",
                                             recipe.stage,
-                                            "cannot resume; drop --resume to start afresh")
+                                            "cannot resume; drop --resume to start afresh",
+                                            needs=("config", "model", "step", "rng"))
         model = recipe.model(checkpoint["config"])  # restore_training loads its weights
         if args.init_from is None:  # else the shape came from --init-from's model, not the flags
             flags, saved = recipe.config(args), checkpoint["config"]
@@ -971,7 +984,7 @@ def load_model(source, device="cpu"):
         except ValueError as err:  # its message says what is wrong and how to fix it
             die(f"cannot load --init-from {source}: {err}")
         return model.to(device).eval()
-    checkpoint = common.load_checkpoint(path, STAGE, hint)
+    checkpoint = common.load_checkpoint(path, STAGE, hint, needs=("config", "model"))
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
@@ -1434,6 +1447,8 @@ def finish_args(args, presets):
     if args.seq_len > args.block_size and args.init_from is None:
         die(f"--seq-len {args.seq_len} is longer than --block-size {args.block_size}; "
             "lower --seq-len or raise --block-size")
+    if args.init_from is not None and not args.init_from.strip():
+        die("--init-from is empty; give a checkpoint, a Hugging Face folder or a hub name")
     if sum([args.sample, args.eval_hellaswag, args.export_hf is not None]) > 1:
         die("--sample, --eval-hellaswag and --export-hf are separate modes; give one of them")
     return args

@@ -420,7 +420,8 @@ def start_from(args):
     """(resume checkpoint or None, model on the CPU in training mode): a chat model only."""
     if args.resume is not None:
         checkpoint = common.load_checkpoint(args.resume or args.out_dir / "checkpoint.pt", STAGE,
-                                            "cannot resume; drop --resume to start afresh")
+                                            "cannot resume; drop --resume to start afresh",
+                                            needs=("config", "model", "step", "rng"))
         return checkpoint, chat.model_from_checkpoint(checkpoint, args.resume).train()
     fix = ("rl.py starts from a chat model: fine-tune one with `python chat.py` (it writes "
            "out/chat/checkpoint.pt) or pass --init-from with a chat.py or rl.py checkpoint")

@@ -378,6 +378,7 @@ def main(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             train_loss = train_step(model, optimizer, train_loader, device, args.grad_clip).item()
+            common.check_loss(train_loss, step)  # before a NaN model could be saved as the best
             log({"step": step, "train_loss": train_loss, "lr": lr, **timer.stop(step)})
     log.close()
     metrics = {"stage": STAGE, "preset": args.preset, "config": asdict(model.config),
@@ -447,7 +448,8 @@ def load_model(source, device="cpu"):
     path = Path(source)
     path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path
     hint = "pass --init-from with the checkpoint.pt of a transformer.py run"
-    checkpoint = common.load_checkpoint(path, STAGE, hint, needs=("model", "config", "vocab"))
+    checkpoint = common.load_checkpoint(path, STAGE, hint,
+                                        needs=("model", "config", "vocab", "step", "val_loss"))
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
@@ -537,6 +539,9 @@ def parse_args(argv=None):
             "(each head gets n_embd / n_head channels)")
     if not args.prompt:
         die("--prompt must not be empty; give at least one character to start from")
+    if args.init_from is not None and not args.sample:  # training starts from scratch
+        die("--init-from is the checkpoint --sample reads; training always starts afresh "
+            "(add --sample, or drop --init-from)")
     return args
 
 

@@ -43,8 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Log, check_args, die, make_parser, pick_device, plot_curves, prepare_out_dir,
-                    print_header, pyplot, read_text, save_figure, warn_unless_names, write_json)
+from common import (Log, check_args, check_loss, die, make_parser, pick_device, plot_curves,
+                    prepare_out_dir, print_header, pyplot, read_text, save_figure,
+                    warn_unless_names, write_json)
 
 STAGE = "wavenet"
 
@@ -258,6 +259,7 @@ def train(model, optimizer, splits, batch_gen, args, started):
         loss.backward()
         optimizer.step()
         step_losses.append(loss.item())
+        check_loss(step_losses[-1], step)
     final = evaluate(args.max_steps)
     log.close()
     return step_losses, log.records, {"train": final["train_loss"], "val": final["val_loss"]}

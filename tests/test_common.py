@@ -120,6 +120,19 @@ def test_every_stage_has_overwrite(stage, capsys):
     assert all(flag.count("(default:") <= 1 for flag in flags), text
 
 
+@pytest.mark.parametrize("stage, lr", [("bigram", "1e30"), ("mlp", "1000"), ("wavenet", "1e4")])
+def test_a_diverging_run_ends_in_one_line(stage, lr, names_file, tmp_path):
+    """A learning rate that sends the loss to NaN or inf: one line and exit status 1, where the
+    run went on to a traceback in sampling."""
+    result = run_script(f"{stage}.py", "--data", names_file, "--out-dir", tmp_path / "out",
+                        "--lr", lr, "--max-steps", 40, "--eval-every", 0, "--device", "cpu",
+                        "--threads", 1)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged" in lines[0] and "lower --lr" in lines[0], lines
+    assert "Traceback" not in result.stderr
+
+
 def test_threads_flag_sets_the_run_and_shows_in_its_header(names_file, tmp_path):
     """--threads N is torch's thread count for the whole run, and the header says so."""
     before = torch.get_num_threads()

@@ -610,6 +610,9 @@ def test_bad_data_directories(tmp_path, capsys):
     garbage = write_shards(tmp_path / "garbage")
     (garbage / "test_train_000002.npy").write_bytes(b"not numpy at all")
     user_error(capsys, base + ["--data", garbage], "not a readable .npy", out_dir=out)
+    wide = write_shards(tmp_path / "wide", vocab=VOCAB * 4)  # ids the model has no row for
+    user_error(capsys, base + ["--data", wide], "beyond the model's vocabulary", "--vocab-size",
+               out_dir=out)
     short = write_shards(tmp_path / "short", sizes=(2000, 20, 30))
     user_error(capsys, base + ["--data", short], "every train shard", "fewer tokens than one "
                "batch window", out_dir=out)

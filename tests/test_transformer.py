@@ -256,6 +256,33 @@ def assert_nothing_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_diverging_run_stops_before_saving_a_nan_model(tmp_path, play_file, capsys,
+                                                        monkeypatch):
+    """A loss gone to NaN (a learning rate too high: `--preset quick --lr 10`) ends the run in
+    one line, exit status 1, before a NaN model is evaluated and saved as the best (before, the
+    sample from it was a traceback)."""
+    step = tf.train_step
+    losses = iter([None, None, float("nan")])  # two real steps, then the third diverges
+
+    def diverging(*args):
+        loss, bad = step(*args), next(losses, float("nan"))
+        if bad is not None:
+            with torch.no_grad():
+                for p in args[0].parameters():
+                    p.fill_(bad)  # what a diverged update leaves
+        return loss if bad is None else loss * bad
+
+    monkeypatch.setattr(tf, "train_step", diverging)
+    with pytest.raises(SystemExit) as exit_info:
+        tf.main(tf.parse_args([str(a) for a in TINY + [
+            "--data", play_file, "--out-dir", tmp_path / "out", "--eval-every", "1"]]))
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "the training loss is nan at step 2" in lines[0], lines
+    saved = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2 and math.isfinite(saved["val_loss"])  # the last good one
+
+
 def assert_user_error_in_process(capsys, argv, *words):
     """The same contract as assert_user_error, without the cost of a fresh interpreter."""
     with pytest.raises(SystemExit) as exit_info:
@@ -369,6 +396,9 @@ def test_sample_mode_errors(tmp_path, checkpoint, capsys):
              (mismatched, ["does not match"])]
     for path, words in cases:
         assert_user_error_in_process(capsys, ["--sample", "--checkpoint", path], *words)
+    # Without --sample the flag would be ignored (training starts afresh): a mistake.
+    assert_user_error_in_process(capsys, ["--init-from", tmp_path / "nope.pt"],
+                                 "--init-from is the checkpoint --sample reads")
 
 
 def test_checkpoint_with_code_is_refused(tmp_path, capsys):
