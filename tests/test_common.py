@@ -120,6 +120,18 @@ def test_every_stage_has_overwrite(stage, capsys):
     assert all(flag.count("(default:") <= 1 for flag in flags), text
 
 
+def test_an_empty_path_flag_is_refused(capsys):
+    """Path("") is the current folder: `--export-hf ""` wrote a model there, `--out-dir ""` a run."""
+    import chat
+    import gpt2
+    for parse, argv in ((gpt2.parse_args, ["--out-dir", ""]), (gpt2.parse_args, ["--data", " "]),
+                        (chat.parse_args, ["--export-hf", ""])):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        assert exit_info.value.code == 2
+        assert "an empty path" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage, lr", [("bigram", "1e30"), ("mlp", "1000"), ("wavenet", "1e4")])
 def test_a_diverging_run_ends_in_one_line(stage, lr, names_file, tmp_path):
     """A learning rate that sends the loss to NaN or inf: one line and exit status 1, where the

@@ -433,6 +433,11 @@ def test_a_resume_that_contradicts_its_flags_is_one_line(tmp_path, shards, capsy
     assert train(elsewhere + [tmp_path / "new"])["steps_done"] == 6  # a new folder is free
     saved = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt", "gpt2", "")
     assert saved["step"] == 2  # nothing was changed
+    # A checkpoint without the RNG states (made by hand, or cut short) is one line, not KeyError.
+    torch.save({k: v for k, v in saved.items() if k != "rng"}, tmp_path / "no_rng.pt")
+    with pytest.raises(SystemExit):
+        train(run + ["--resume", tmp_path / "no_rng.pt", "--out-dir", tmp_path / "other"])
+    assert "incomplete (no rng)" in capsys.readouterr().err
     assert train(run + ["--resume"])["steps_done"] == 6  # the run's own flags go on
 
 
