@@ -121,7 +121,7 @@ def test_every_stage_has_overwrite(stage, capsys):
 
 
 def test_an_empty_path_flag_is_refused(capsys):
-    """Path("") is the current folder: `--export-hf ""` wrote a model there, `--out-dir ""` a run."""
+    """Path("") is the current folder: `--export-hf ""` wrote a model there."""
     import chat
     import gpt2
     for parse, argv in ((gpt2.parse_args, ["--out-dir", ""]), (gpt2.parse_args, ["--data", " "]),
